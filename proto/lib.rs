@@ -1,0 +1,43 @@
+//! replikv wire protocol.
+//!
+//! - [`kv`]: the public client API (`replikv.v1`, `proto/kv.proto`).
+//! - [`peer`]: the server-to-server protocol and the fault-injection admin
+//!   service (`replikv.peer.v1`, `proto/peer.proto`).
+//! - Header names and limits every crate agrees on.
+//!
+//! Generated code stays at the edge: the server converts these types into its
+//! own domain types in one module and never passes prost types inward.
+
+/// Generated modules, nested as the protobuf packages are so that
+/// cross-package references resolve.
+mod generated {
+    pub mod replikv {
+        pub mod v1 {
+            tonic::include_proto!("replikv.v1");
+        }
+        pub mod peer {
+            pub mod v1 {
+                tonic::include_proto!("replikv.peer.v1");
+            }
+        }
+    }
+}
+
+pub use generated::replikv::peer::v1 as peer;
+pub use generated::replikv::v1 as kv;
+
+/// Metadata header on `UNAVAILABLE` naming the rank of the primary the server
+/// knows of, so a client can go there directly.
+pub const PRIMARY_RANK_HEADER: &str = "replikv-primary";
+/// Metadata header on `UNAVAILABLE` naming the address of that primary.
+pub const PRIMARY_ADDR_HEADER: &str = "replikv-primary-addr";
+/// Metadata header set to `"unknown"` when a write failed at a point where it
+/// may still have taken effect (a retry with the same request id is safe).
+pub const OUTCOME_HEADER: &str = "replikv-outcome";
+
+/// Default largest key, in bytes.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
+/// Default largest value, in bytes.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// gRPC message size limit: the largest value plus room for the envelope.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
