@@ -31,9 +31,15 @@ pub use generated::replikv::v1 as kv;
 pub const PRIMARY_RANK_HEADER: &str = "replikv-primary";
 /// Metadata header on `UNAVAILABLE` naming the address of that primary.
 pub const PRIMARY_ADDR_HEADER: &str = "replikv-primary-addr";
-/// Metadata header set to `"unknown"` when a write failed at a point where it
-/// may still have taken effect (a retry with the same request id is safe).
+/// Metadata header on a failed write: [`OUTCOME_UNKNOWN`] when it may still
+/// have taken effect (a retry with the same request id is safe),
+/// [`OUTCOME_NONE`] when the server is sure it did not. A client that sees
+/// neither must assume the outcome is unknown.
 pub const OUTCOME_HEADER: &str = "replikv-outcome";
+/// See [`OUTCOME_HEADER`].
+pub const OUTCOME_UNKNOWN: &str = "unknown";
+/// See [`OUTCOME_HEADER`].
+pub const OUTCOME_NONE: &str = "none";
 
 /// Default largest key, in bytes.
 pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;

@@ -1,0 +1,1 @@
+//! LocalCluster: N real replikv-server processes on loopback.

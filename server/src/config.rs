@@ -1,0 +1,383 @@
+//! Server options: command-line flags (clap), environment, or a TOML file via `--config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// How a member makes an applied batch durable before it acknowledges it (DESIGN.md §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// One flush per applied batch (group commit) before acking.
+    #[default]
+    Always,
+    /// sled's background flush; durability comes from replication.
+    None,
+}
+
+impl SyncMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Always => "always",
+            SyncMode::None => "none",
+        }
+    }
+}
+
+/// `replikv-server` options.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "replikv-server", version, about = "A replikv replica")]
+pub struct Opt {
+    /// TOML file with any of the options below (flags given on the command line win).
+    #[arg(long, env = "REPLIKV_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This server's index in --peers.
+    #[arg(long, env = "REPLIKV_RANK")]
+    pub rank: Option<u32>,
+    /// The static, ranked peer list, identical on every server: host:port,host:port,...
+    #[arg(long, env = "REPLIKV_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Directory of the sled database.
+    #[arg(long, env = "REPLIKV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on (default: this server's entry in --peers).
+    #[arg(long, env = "REPLIKV_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// always: flush each applied batch before acking; none: rely on replication.
+    #[arg(long, value_enum)]
+    pub sync: Option<SyncMode>,
+    /// Lease length L in milliseconds (DESIGN.md §2).
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// Heartbeat interval H in milliseconds (default L/5).
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// A member that has not acknowledged an append for this long is dropped.
+    #[arg(long)]
+    pub ack_timeout_ms: Option<u64>,
+    /// Largest key in bytes.
+    #[arg(long)]
+    pub max_key_bytes: Option<usize>,
+    /// Largest value in bytes.
+    #[arg(long)]
+    pub max_value_bytes: Option<usize>,
+    /// Serve the Admin fault-injection service (tests only).
+    #[arg(long)]
+    pub enable_fault_injection: bool,
+}
+
+/// The same options as read from a `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    rank: Option<u32>,
+    peers: Option<Vec<String>>,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    sync: Option<SyncMode>,
+    lease_ms: Option<u64>,
+    heartbeat_ms: Option<u64>,
+    ack_timeout_ms: Option<u64>,
+    max_key_bytes: Option<usize>,
+    max_value_bytes: Option<usize>,
+    enable_fault_injection: Option<bool>,
+}
+
+/// Validated server configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub rank: u32,
+    pub peers: Vec<String>,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub sync: SyncMode,
+    pub timing: Timing,
+    pub limits: Limits,
+    pub fault_injection: bool,
+}
+
+/// The protocol's clocks (DESIGN.md §2, §4, §5).
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// L: lease length.
+    pub lease: Duration,
+    /// H: heartbeat interval.
+    pub heartbeat: Duration,
+    /// How long a member may leave an append unacknowledged before it is dropped.
+    pub ack_timeout: Duration,
+}
+
+impl Timing {
+    /// L * (1 + eps): how long to wait for every lease granted earlier to have run out,
+    /// allowing 10 % clock-rate drift.
+    pub fn lease_guard(&self) -> Duration {
+        self.lease + self.lease / 10
+    }
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            lease: Duration::from_millis(500),
+            heartbeat: Duration::from_millis(100),
+            ack_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Input limits; anything larger is INVALID_ARGUMENT and stores nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_key_bytes: replikv_proto::DEFAULT_MAX_KEY_BYTES,
+            max_value_bytes: replikv_proto::DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+}
+
+impl Opt {
+    /// Merges the config file (if any) under the flags and validates the result.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!("cannot read config file {}: {e}", path.display()))
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| {
+                    ConfigError(format!(
+                        "config file {}: {}",
+                        path.display(),
+                        e.message().trim()
+                    ))
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let peers = if self.peers.is_empty() {
+            file.peers.unwrap_or_default()
+        } else {
+            self.peers.clone()
+        };
+        if peers.is_empty() {
+            return Err(ConfigError(
+                "--peers is required (host:port,host:port,...)".into(),
+            ));
+        }
+        for (i, p) in peers.iter().enumerate() {
+            validate_peer(p).map_err(|e| ConfigError(format!("peer {i} ({p:?}): {e}")))?;
+        }
+        let rank = self
+            .rank
+            .or(file.rank)
+            .ok_or_else(|| ConfigError("--rank is required".into()))?;
+        if rank as usize >= peers.len() {
+            return Err(ConfigError(format!(
+                "--rank {rank} is out of range: --peers lists {} servers (ranks 0..{})",
+                peers.len(),
+                peers.len() - 1
+            )));
+        }
+        let data_dir = self
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .ok_or_else(|| ConfigError("--data-dir is required".into()))?;
+        let listen = match self.listen.or(file.listen) {
+            Some(a) => a,
+            None => resolve_addr(&peers[rank as usize]).map_err(|e| {
+                ConfigError(format!(
+                    "cannot listen on peer {rank} ({}): {e}",
+                    peers[rank as usize]
+                ))
+            })?,
+        };
+        let lease_ms = self.lease_ms.or(file.lease_ms).unwrap_or(500);
+        if !(10..=60_000).contains(&lease_ms) {
+            return Err(ConfigError(format!(
+                "--lease-ms {lease_ms} must be within 10..=60000"
+            )));
+        }
+        let heartbeat_ms = self
+            .heartbeat_ms
+            .or(file.heartbeat_ms)
+            .unwrap_or(lease_ms / 5);
+        if heartbeat_ms == 0 || heartbeat_ms * 2 > lease_ms {
+            return Err(ConfigError(format!(
+                "--heartbeat-ms {heartbeat_ms} must be at least 1 and at most half the lease ({lease_ms} ms)"
+            )));
+        }
+        let ack_timeout_ms = self.ack_timeout_ms.or(file.ack_timeout_ms).unwrap_or(250);
+        if ack_timeout_ms == 0 {
+            return Err(ConfigError("--ack-timeout-ms must be positive".into()));
+        }
+        let limits = Limits {
+            max_key_bytes: self
+                .max_key_bytes
+                .or(file.max_key_bytes)
+                .unwrap_or(replikv_proto::DEFAULT_MAX_KEY_BYTES),
+            max_value_bytes: self
+                .max_value_bytes
+                .or(file.max_value_bytes)
+                .unwrap_or(replikv_proto::DEFAULT_MAX_VALUE_BYTES),
+        };
+        if limits.max_key_bytes == 0 || limits.max_key_bytes > 64 * 1024 {
+            return Err(ConfigError(
+                "--max-key-bytes must be within 1..=65536".into(),
+            ));
+        }
+        if limits.max_value_bytes > 32 * 1024 * 1024 {
+            return Err(ConfigError(
+                "--max-value-bytes must be at most 33554432".into(),
+            ));
+        }
+        Ok(Config {
+            rank,
+            peers,
+            data_dir,
+            listen,
+            sync: self.sync.or(file.sync).unwrap_or_default(),
+            timing: Timing {
+                lease: std::time::Duration::from_millis(lease_ms),
+                heartbeat: std::time::Duration::from_millis(heartbeat_ms),
+                ack_timeout: std::time::Duration::from_millis(ack_timeout_ms),
+            },
+            limits,
+            fault_injection: self.enable_fault_injection
+                || file.enable_fault_injection.unwrap_or(false),
+        })
+    }
+}
+
+fn validate_peer(p: &str) -> Result<(), String> {
+    let (host, port) = p.rsplit_once(':').ok_or("expected host:port")?;
+    if host.is_empty() {
+        return Err("empty host".into());
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("port {port:?} is not a number in 0..=65535"))?;
+    Ok(())
+}
+
+fn resolve_addr(p: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    p.to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| "address resolves to nothing".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opt(args: &[&str]) -> Opt {
+        Opt::parse_from(std::iter::once("replikv-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn flags_resolve_with_defaults() {
+        let c = opt(&[
+            "--rank",
+            "1",
+            "--peers",
+            "127.0.0.1:1,127.0.0.1:2",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.rank, 1);
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.timing.lease.as_millis(), 500);
+        assert_eq!(c.timing.heartbeat.as_millis(), 100);
+        assert_eq!(c.sync, SyncMode::Always);
+    }
+
+    #[test]
+    fn rank_out_of_range_is_an_error() {
+        let e = opt(&[
+            "--rank",
+            "2",
+            "--peers",
+            "127.0.0.1:1,127.0.0.1:2",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(e.0.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn malformed_peer_is_an_error() {
+        let e = opt(&[
+            "--rank",
+            "0",
+            "--peers",
+            "127.0.0.1",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(e.0.contains("host:port"), "{e}");
+    }
+
+    #[test]
+    fn config_file_wrong_type_is_one_clear_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "rank = \"zero\"\npeers = [\"127.0.0.1:1\"]\ndata_dir = \"/tmp/x\"\n",
+        )
+        .unwrap();
+        let e = opt(&["--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(e.0.contains("invalid type"), "{e}");
+        assert!(!e.0.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn config_file_unknown_field_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "rank = 0\npeers = [\"127.0.0.1:1\"]\ndata_dir = \"/x\"\nbogus = 1\n",
+        )
+        .unwrap();
+        let e = opt(&["--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(e.0.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn config_file_supplies_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "rank = 0\npeers = [\"127.0.0.1:7000\"]\ndata_dir = \"/x\"\nsync = \"none\"\nlease_ms = 1000\n",
+        )
+        .unwrap();
+        let c = opt(&["--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.sync, SyncMode::None);
+        assert_eq!(c.timing.heartbeat.as_millis(), 200);
+    }
+}
