@@ -1,1 +1,548 @@
 //! LocalCluster: N real replikv-server processes on loopback.
+//!
+//! Tests, the load generator and tools use it to run a whole cluster on one
+//! machine: it picks free ports, gives every server its own data directory and
+//! log file, delivers the faults of DESIGN.md §8 that are process-level
+//! (SIGKILL, SIGTERM, SIGSTOP/SIGCONT, restart), and watches the cluster through
+//! the public `Status` RPC only. It knows nothing of the replica's internals, so
+//! what it observes is what a client could observe.
+//!
+//! Every child is killed and reaped when the [`LocalCluster`] is dropped,
+//! including during a panic; a panicking test also keeps the base directory and
+//! prints the tail of every server's log, since that is usually the only
+//! evidence of what went wrong.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use replikv_proto::kv::kv_client::KvClient;
+use replikv_proto::kv::{StatusRequest, StatusResponse};
+use tonic::transport::Endpoint;
+
+/// Deadline of one `Status` probe, connection included.
+const STATUS_DEADLINE: Duration = Duration::from_millis(500);
+/// Pause between two rounds of probes while waiting for a condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long [`LocalCluster::terminate`] lets a server shut down cleanly.
+const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+/// Lines of each server log printed when a cluster is dropped during a panic.
+const LOG_TAIL_LINES: usize = 30;
+
+/// How to run the server binary: a program and the arguments that come before
+/// the server flags (so a wrapper such as `valgrind` or `cargo run --` fits).
+#[derive(Clone, Debug)]
+pub struct ServerCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl ServerCommand {
+    pub fn new(program: impl Into<PathBuf>, args: Vec<String>) -> Self {
+        ServerCommand {
+            program: program.into(),
+            args,
+        }
+    }
+
+    /// Finds `replikv-server`: `$REPLIKV_SERVER_BIN`, else next to the current
+    /// executable, else in its parent directory (integration tests and
+    /// examples run from `target/<profile>/deps` or `.../examples`, while the
+    /// binary lives in `target/<profile>`).
+    pub fn locate() -> io::Result<Self> {
+        if let Some(bin) = std::env::var_os("REPLIKV_SERVER_BIN") {
+            return Ok(ServerCommand::new(bin, Vec::new()));
+        }
+        let name = format!("replikv-server{}", std::env::consts::EXE_SUFFIX);
+        let exe = std::env::current_exe()?;
+        let found = exe
+            .parent()
+            .into_iter()
+            .flat_map(|dir| [Some(dir), dir.parent()])
+            .flatten()
+            .map(|dir| dir.join(&name))
+            .find(|candidate| candidate.is_file());
+        found
+            .map(|p| ServerCommand::new(p, Vec::new()))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "{name} not found next to {} nor in its parent directory; \
+                     run `cargo build -p replikv-server` or set REPLIKV_SERVER_BIN",
+                        exe.display()
+                    ),
+                )
+            })
+    }
+}
+
+/// What [`LocalCluster::start`] runs.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Number of servers (ranks `0..servers`).
+    pub servers: usize,
+    /// `--sync` mode: `"always"` or `"none"`.
+    pub sync: String,
+    /// Passes `--enable-fault-injection`, which serves the Admin service.
+    pub fault_injection: bool,
+    /// Appended to every server's flags, e.g. `["--lease-ms", "300"]`.
+    pub extra_args: Vec<String>,
+    /// `None` runs [`ServerCommand::locate`].
+    pub command: Option<ServerCommand>,
+    /// Where data directories and logs go; `None` uses a temporary directory
+    /// that is removed when the cluster is dropped.
+    pub base_dir: Option<PathBuf>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            servers: 3,
+            sync: "always".to_string(),
+            fault_injection: false,
+            extra_args: Vec::new(),
+            command: None,
+            base_dir: None,
+        }
+    }
+}
+
+/// One server slot: its child process while it runs.
+#[derive(Default)]
+struct Slot {
+    child: Option<Child>,
+    /// Stopped with SIGSTOP and not yet continued.
+    paused: bool,
+}
+
+/// N `replikv-server` processes on `127.0.0.1`, one per rank.
+pub struct LocalCluster {
+    opts: ClusterOptions,
+    command: ServerCommand,
+    ports: Vec<u16>,
+    base: PathBuf,
+    /// Owns `base` when it is temporary; taken (kept on disk) during a panic.
+    temp: Option<tempfile::TempDir>,
+    slots: Vec<Slot>,
+}
+
+impl LocalCluster {
+    /// Picks `opts.servers` free loopback ports and spawns one server per rank.
+    ///
+    /// Returns once every process has been spawned, not once the cluster
+    /// serves: use [`LocalCluster::wait_for_primary`] for that.
+    pub fn start(opts: ClusterOptions) -> io::Result<Self> {
+        if opts.servers == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a cluster needs at least one server",
+            ));
+        }
+        let command = match &opts.command {
+            Some(c) => c.clone(),
+            None => ServerCommand::locate()?,
+        };
+        let (base, temp) = match &opts.base_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                (dir.clone(), None)
+            }
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("replikv-cluster-")
+                    .tempdir()?;
+                (temp.path().to_path_buf(), Some(temp))
+            }
+        };
+        let ports = free_ports(opts.servers)?;
+        let mut cluster = LocalCluster {
+            slots: (0..opts.servers).map(|_| Slot::default()).collect(),
+            opts,
+            command,
+            ports,
+            base,
+            temp,
+        };
+        // On an error part-way, dropping `cluster` kills the servers already started.
+        for rank in 0..cluster.len() {
+            cluster.spawn(rank)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    /// Always false: a cluster has at least one server.
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+
+    /// Every server's address, by rank: the `--peers` list.
+    pub fn addrs(&self) -> Vec<String> {
+        (0..self.len()).map(|rank| self.addr(rank)).collect()
+    }
+
+    /// Panics if `rank` is out of range, like indexing.
+    pub fn addr(&self, rank: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[rank])
+    }
+
+    /// The directory that holds every data directory and log.
+    pub fn base_dir(&self) -> &Path {
+        &self.base
+    }
+
+    pub fn data_dir(&self, rank: usize) -> PathBuf {
+        self.base.join(format!("data-{rank}"))
+    }
+
+    /// The server's stdout and stderr, appended to across restarts.
+    pub fn log_path(&self, rank: usize) -> PathBuf {
+        self.base.join(format!("server-{rank}.log"))
+    }
+
+    /// SIGKILL and reap (a crash: nothing is flushed). Does nothing if the
+    /// server is not running.
+    pub fn kill(&mut self, rank: usize) -> io::Result<()> {
+        let slot = self.slot(rank)?;
+        slot.paused = false;
+        if let Some(mut child) = slot.child.take() {
+            // SIGKILL also ends a stopped process, so no SIGCONT is needed.
+            signal(&child, libc::SIGKILL)?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Kills every server; errors are ignored since the goal is that none runs.
+    pub fn kill_all(&mut self) {
+        for rank in 0..self.len() {
+            let _ = self.kill(rank);
+        }
+    }
+
+    /// SIGTERM (a clean shutdown), then SIGKILL if the server is still running
+    /// after 5 s. Blocks the calling thread while it waits.
+    pub fn terminate(&mut self, rank: usize) -> io::Result<()> {
+        let slot = self.slot(rank)?;
+        let Some(child) = slot.child.as_mut() else {
+            return Ok(());
+        };
+        signal(child, libc::SIGTERM)?;
+        if slot.paused {
+            // A stopped process only acts on SIGTERM once it runs again.
+            signal(child, libc::SIGCONT)?;
+            slot.paused = false;
+        }
+        let deadline = Instant::now() + TERMINATE_GRACE;
+        while Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                slot.child = None;
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill(rank)
+    }
+
+    /// SIGSTOP: the process keeps its sockets but answers nothing, like a long
+    /// GC pause or a frozen VM.
+    pub fn pause(&mut self, rank: usize) -> io::Result<()> {
+        let slot = self.slot(rank)?;
+        let child = running_child(slot, rank)?;
+        signal(child, libc::SIGSTOP)?;
+        slot.paused = true;
+        Ok(())
+    }
+
+    /// SIGCONT after [`LocalCluster::pause`].
+    pub fn resume(&mut self, rank: usize) -> io::Result<()> {
+        let slot = self.slot(rank)?;
+        let child = running_child(slot, rank)?;
+        signal(child, libc::SIGCONT)?;
+        slot.paused = false;
+        Ok(())
+    }
+
+    /// Kills the server if it runs, then starts it again on the same port
+    /// with the same data directory; its log is appended to.
+    pub fn restart(&mut self, rank: usize) -> io::Result<()> {
+        self.kill(rank)?;
+        self.spawn(rank)
+    }
+
+    /// Whether the process is alive (paused counts as alive). A server that
+    /// exited by itself is reaped here.
+    pub fn is_running(&mut self, rank: usize) -> bool {
+        let Ok(slot) = self.slot(rank) else {
+            return false;
+        };
+        let exited = match slot.child.as_mut().map(Child::try_wait) {
+            None => return false,
+            Some(Ok(None)) => false,
+            Some(Ok(Some(_)) | Err(_)) => true,
+        };
+        if exited {
+            slot.child = None;
+            slot.paused = false;
+        }
+        !exited
+    }
+
+    /// One `Status` RPC to `rank` with a 500 ms deadline, connection included;
+    /// `None` if it did not answer in time or the rank does not exist.
+    pub async fn status(&self, rank: usize) -> Option<StatusResponse> {
+        if rank >= self.len() {
+            return None;
+        }
+        let uri = format!("http://{}", self.addr(rank));
+        let probe = async {
+            let channel = Endpoint::from_shared(uri)
+                .ok()?
+                .connect_timeout(STATUS_DEADLINE)
+                .timeout(STATUS_DEADLINE)
+                .connect()
+                .await
+                .ok()?;
+            let response = KvClient::new(channel).status(StatusRequest {}).await.ok()?;
+            Some(response.into_inner())
+        };
+        tokio::time::timeout(STATUS_DEADLINE, probe)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Polls `Status` on every running server until one reports role
+    /// `"primary"` and `serving`; returns its rank and status. If two claim it
+    /// (an old primary that has not yet noticed it was deposed), the higher
+    /// epoch wins, as it does in the protocol (DESIGN.md §2).
+    pub async fn wait_for_primary(
+        &self,
+        timeout: Duration,
+    ) -> Result<(usize, StatusResponse), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let statuses = self.poll_live().await;
+            let primary = statuses
+                .iter()
+                .filter_map(|(rank, s)| s.as_ref().map(|s| (*rank, s)))
+                .filter(|(_, s)| s.role == "primary" && s.serving)
+                .max_by_key(|(_, s)| epoch(s));
+            if let Some((rank, status)) = primary {
+                return Ok((rank, status.clone()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no serving primary within {timeout:?}; last seen: {}; logs in {}",
+                    describe(&statuses),
+                    self.base.display()
+                ));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Waits until every running, unpaused server answers, serves, is in the
+    /// same view epoch and has applied the same lsn: the replicas have
+    /// converged (e.g. after a restarted server caught up).
+    pub async fn wait_converged(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let statuses = self.poll_live().await;
+            let answered: Vec<&StatusResponse> =
+                statuses.iter().filter_map(|(_, s)| s.as_ref()).collect();
+            let converged = !statuses.is_empty()
+                && answered.len() == statuses.len()
+                && answered.iter().all(|s| s.serving)
+                && answered
+                    .windows(2)
+                    .all(|w| w[0].applied == w[1].applied && epoch(w[0]) == epoch(w[1]));
+            if converged {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "servers did not converge within {timeout:?}; last seen: {}; logs in {}",
+                    describe(&statuses),
+                    self.base.display()
+                ));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// `Status` of every server that runs and is not paused, probed concurrently.
+    async fn poll_live(&self) -> Vec<(usize, Option<StatusResponse>)> {
+        let live: Vec<usize> = (0..self.len())
+            .filter(|&r| self.slots[r].child.is_some() && !self.slots[r].paused)
+            .collect();
+        let statuses = futures::future::join_all(live.iter().map(|&r| self.status(r))).await;
+        live.into_iter().zip(statuses).collect()
+    }
+
+    fn slot(&mut self, rank: usize) -> io::Result<&mut Slot> {
+        let len = self.slots.len();
+        self.slots.get_mut(rank).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("rank {rank} is out of range: the cluster has {len} servers"),
+            )
+        })
+    }
+
+    fn spawn(&mut self, rank: usize) -> io::Result<()> {
+        let data_dir = self.data_dir(rank);
+        std::fs::create_dir_all(&data_dir)?;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(rank))?;
+        // A marker line so a log appended to across restarts reads as separate lives.
+        writeln!(log, "--- LocalCluster: starting rank {rank} ---")?;
+
+        let mut cmd = Command::new(&self.command.program);
+        cmd.args(&self.command.args)
+            .arg("--rank")
+            .arg(rank.to_string())
+            .arg("--peers")
+            .arg(self.addrs().join(","))
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--sync")
+            .arg(&self.opts.sync);
+        if self.opts.fault_injection {
+            cmd.arg("--enable-fault-injection");
+        }
+        cmd.args(&self.opts.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = cmd.spawn().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot start {}: {e}", self.command.program.display()),
+            )
+        })?;
+        let slot = self.slot(rank)?;
+        slot.child = Some(child);
+        slot.paused = false;
+        Ok(())
+    }
+
+    /// Prints the end of every server log, for a test that is failing.
+    fn print_log_tails(&self) {
+        for rank in 0..self.len() {
+            let path = self.log_path(rank);
+            match tail(&path, LOG_TAIL_LINES) {
+                Ok(text) => eprintln!("--- last lines of {} ---\n{text}", path.display()),
+                Err(e) => eprintln!("--- cannot read {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for slot in &mut self.slots {
+            if let Some(mut child) = slot.child.take() {
+                // A stopped process dies of SIGKILL too; SIGCONT first anyway so
+                // that nothing depends on that subtlety.
+                if slot.paused {
+                    let _ = signal(&child, libc::SIGCONT);
+                }
+                let _ = signal(&child, libc::SIGKILL);
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            self.print_log_tails();
+            if let Some(temp) = self.temp.take() {
+                eprintln!("cluster files kept in {}", temp.keep().display());
+            }
+        }
+    }
+}
+
+/// Sends `sig` to a child that has not been reaped yet, so its pid cannot
+/// have been reused by another process.
+fn signal(child: &Child, sig: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(child.id())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn running_child(slot: &mut Slot, rank: usize) -> io::Result<&mut Child> {
+    slot.child.as_mut().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("server {rank} is not running"),
+        )
+    })
+}
+
+/// Distinct free ports on 127.0.0.1. All listeners stay bound until every
+/// port is chosen, so the kernel cannot hand out the same one twice; there is
+/// still a small window between release and the server's bind.
+fn free_ports(n: usize) -> io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
+fn epoch(s: &StatusResponse) -> u64 {
+    s.view.as_ref().map_or(0, |v| v.epoch)
+}
+
+/// One line per probe for error messages: what each server said, or that it did not answer.
+fn describe(statuses: &[(usize, Option<StatusResponse>)]) -> String {
+    if statuses.is_empty() {
+        return "no server is running".to_string();
+    }
+    statuses
+        .iter()
+        .map(|(rank, s)| match s {
+            Some(s) => format!(
+                "[rank {rank}: {} epoch {} serving {} applied {} committed {}]",
+                s.role,
+                epoch(s),
+                s.serving,
+                s.applied,
+                s.committed
+            ),
+            None => format!("[rank {rank}: no answer]"),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The last `lines` lines of a file, reading at most its last 64 KiB.
+fn tail(path: &Path, lines: usize) -> io::Result<String> {
+    const MAX_BYTES: u64 = 64 * 1024;
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES)))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    Ok(all[all.len().saturating_sub(lines)..].join("\n"))
+}
