@@ -1,0 +1,506 @@
+//! The async [`Client`]: one lazy channel per server and the retry loop.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use replikv_proto::kv::kv_client::KvClient;
+use replikv_proto::kv::{DeleteRequest, GetRequest, PutRequest, StatusRequest, StatusResponse};
+use replikv_proto::MAX_MESSAGE_BYTES;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tracing::debug;
+
+use crate::backoff::Backoff;
+use crate::config::ClientConfig;
+use crate::error::{AttemptFailure, Error, Next};
+use crate::routing::{OpKind, Router};
+use crate::session::Session;
+
+/// Room left in a gRPC message for everything but the key and value.
+const ENVELOPE_BYTES: usize = 4096;
+
+/// Counters of one client (shared by its clones).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Attempts beyond each request's first.
+    pub retries: u64,
+    /// Get, put and delete requests started.
+    pub requests: u64,
+}
+
+/// A replikv client: cheap to clone (clones share channels, routing state and
+/// the write session), `Send + Sync`.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    servers: Vec<String>,
+    /// One per server, built once: a tonic `Channel` multiplexes every
+    /// request over one HTTP/2 connection and reconnects by itself.
+    stubs: Vec<KvClient<Channel>>,
+    config: ClientConfig,
+    router: Router,
+    session: Session,
+    retries: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("servers", &self.inner.servers)
+            .field("client_id", &self.client_id())
+            .field("route", &self.inner.config.route)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a request needs to know to classify its failure.
+struct RequestSpec {
+    op: &'static str,
+    kind: OpKind,
+}
+
+impl Client {
+    /// Validates the configuration and prepares one channel per server. Does
+    /// no network I/O: connections open on first use, so a client can be
+    /// built while servers are still starting. Must run inside a tokio
+    /// runtime (the channels start their background tasks on it).
+    pub async fn connect(config: ClientConfig) -> Result<Client, Error> {
+        let servers = config.validate()?;
+        let stubs = servers
+            .iter()
+            .map(|addr| {
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| Error::Config(format!("bad server address {addr:?}: {e}")))?
+                    .connect_timeout(config.connect_timeout)
+                    .tcp_nodelay(true);
+                Ok(KvClient::new(endpoint.connect_lazy())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let client_id = config.client_id.unwrap_or_else(random_client_id);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                router: Router::new(config.route, servers.len()),
+                session: Session::new(client_id),
+                servers,
+                stubs,
+                config,
+                retries: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Reads `key`: `None` when it is absent.
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, Error> {
+        let key = key.into();
+        check_input(&key, 0)?;
+        let spec = RequestSpec {
+            op: "get",
+            kind: OpKind::Read,
+        };
+        let reply = self
+            .request(spec, |mut stub, timeout| {
+                let req = with_timeout(GetRequest { key: key.clone() }, timeout);
+                async move { stub.get(req).await }
+            })
+            .await?;
+        Ok(reply.found.then_some(reply.value))
+    }
+
+    /// Stores `value` under `key`; returns the value it replaced. Applied
+    /// exactly once however many attempts it takes.
+    pub async fn put(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<Option<Bytes>, Error> {
+        let (key, value) = (key.into(), value.into());
+        check_input(&key, value.len())?;
+        let ticket = self.inner.session.begin();
+        let id = Some(ticket.id());
+        let spec = RequestSpec {
+            op: "put",
+            kind: OpKind::Write,
+        };
+        let reply = self
+            .request(spec, |mut stub, timeout| {
+                let req = with_timeout(
+                    PutRequest {
+                        key: key.clone(),
+                        value: value.clone(),
+                        id,
+                    },
+                    timeout,
+                );
+                async move { stub.put(req).await }
+            })
+            .await?;
+        drop(ticket);
+        Ok(reply.had_old.then_some(reply.old_value))
+    }
+
+    /// Removes `key`; returns the value it removed. Applied exactly once
+    /// however many attempts it takes.
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, Error> {
+        let key = key.into();
+        check_input(&key, 0)?;
+        let ticket = self.inner.session.begin();
+        let id = Some(ticket.id());
+        let spec = RequestSpec {
+            op: "delete",
+            kind: OpKind::Write,
+        };
+        let reply = self
+            .request(spec, |mut stub, timeout| {
+                let req = with_timeout(
+                    DeleteRequest {
+                        key: key.clone(),
+                        id,
+                    },
+                    timeout,
+                );
+                async move { stub.delete(req).await }
+            })
+            .await?;
+        drop(ticket);
+        Ok(reply.had_old.then_some(reply.old_value))
+    }
+
+    /// Asks server number `server` (an index into [`Client::servers`]) for
+    /// its status: one attempt, no retry. A server that says it is the
+    /// primary is remembered as such.
+    pub async fn status(&self, server: usize) -> Result<StatusResponse, Error> {
+        let Some(stub) = self.inner.stubs.get(server) else {
+            return Err(Error::InvalidArgument(format!(
+                "no server number {server}; there are {}",
+                self.inner.servers.len()
+            )));
+        };
+        let addr = &self.inner.servers[server];
+        let timeout = self.inner.config.attempt_timeout;
+        let mut stub = stub.clone();
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(
+            timeout,
+            stub.status(with_timeout(StatusRequest {}, timeout)),
+        )
+        .await;
+        match outcome {
+            Ok(Ok(reply)) => {
+                let reply = reply.into_inner();
+                self.inner.router.record_latency(server, started.elapsed());
+                if reply.role == "primary" {
+                    self.inner.router.set_primary(server);
+                }
+                Ok(reply)
+            }
+            Ok(Err(status)) => {
+                let failure = AttemptFailure::from_status(&status);
+                Err(Error::Unavailable(format!("{addr}: {}", failure.detail)))
+            }
+            Err(_) => Err(Error::Unavailable(format!(
+                "{addr}: {}",
+                AttemptFailure::timed_out(timeout).detail
+            ))),
+        }
+    }
+
+    /// Asks every server for its status, concurrently. Results are in
+    /// [`Client::servers`] order.
+    pub async fn status_all(&self) -> Vec<(String, Result<StatusResponse, Error>)> {
+        let replies = join_all((0..self.inner.servers.len()).map(|i| self.status(i))).await;
+        self.inner.servers.iter().cloned().zip(replies).collect()
+    }
+
+    /// Waits until some server answers `Status`, or `timeout` passes.
+    pub async fn wait_for_any(&self, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new();
+        let mut last = String::from("no attempt finished");
+        loop {
+            let round = tokio::time::timeout_at(deadline, self.status_all()).await;
+            match round {
+                Ok(replies) => {
+                    let mut errors = Vec::new();
+                    for (_, reply) in replies {
+                        match reply {
+                            Ok(_) => return Ok(()),
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                    }
+                    last = errors.join("; ");
+                }
+                Err(_) => break,
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            tokio::time::sleep(backoff.next_delay().min(deadline - now)).await;
+        }
+        Err(Error::Unavailable(format!(
+            "no server answered within {}: {last}",
+            humantime::format_duration(timeout)
+        )))
+    }
+
+    /// The servers, normalised to `host:port`, in configuration order.
+    pub fn servers(&self) -> &[String] {
+        &self.inner.servers
+    }
+
+    /// This client's session id.
+    pub fn client_id(&self) -> u64 {
+        self.inner.session.client_id()
+    }
+
+    /// Request and retry counters so far.
+    pub fn stats(&self) -> ClientStats {
+        ClientStats {
+            retries: self.inner.retries.load(Ordering::Relaxed),
+            requests: self.inner.requests.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs one request: attempts on one server after another, with backoff,
+    /// until one succeeds, one says the input is bad, or the request deadline
+    /// passes (DESIGN.md §6).
+    async fn request<T, F, Fut>(&self, spec: RequestSpec, mut attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(KvClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let inner = &*self.inner;
+        inner.requests.fetch_add(1, Ordering::Relaxed);
+        let request_timeout = inner.config.request_timeout;
+        let deadline = Instant::now() + request_timeout;
+        let mut plan = inner.router.plan(spec.kind);
+        let mut backoff = Backoff::new();
+        let mut attempts = 0u32;
+        // Whether some write attempt may have been applied: once set, the
+        // request can only end in success or `OutcomeUnknown`.
+        let mut may_have_applied = false;
+        // Whether the last server that answered at all said it is overloaded.
+        let mut overloaded = false;
+        let mut last = String::from("no attempt was made");
+
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let server = plan.next_server();
+            let addr = &inner.servers[server];
+            if attempts > 0 {
+                inner.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            attempts += 1;
+            let timeout = inner.config.attempt_timeout.min(deadline - now);
+            let started = Instant::now();
+            let outcome =
+                tokio::time::timeout(timeout, attempt(inner.stubs[server].clone(), timeout)).await;
+            let failure = match outcome {
+                Ok(Ok(reply)) => {
+                    if spec.kind == OpKind::Read {
+                        // Writes are forwarded to the primary, so only reads
+                        // measure the distance to the contacted server.
+                        inner.router.record_latency(server, started.elapsed());
+                    }
+                    return Ok(reply.into_inner());
+                }
+                Ok(Err(status)) => AttemptFailure::from_status(&status),
+                Err(_) => AttemptFailure::timed_out(timeout),
+            };
+            last = format!("{addr}: {}", failure.detail);
+            if spec.kind == OpKind::Write {
+                may_have_applied |= failure.may_have_applied;
+            }
+            if failure.answered {
+                overloaded = failure.overloaded;
+            }
+            debug!(
+                op = spec.op,
+                server = %addr,
+                attempt = attempts,
+                may_have_applied,
+                error = %failure.detail,
+                "attempt failed"
+            );
+            match failure.next {
+                Next::Retry => inner
+                    .router
+                    .record_failure(server, inner.config.attempt_timeout),
+                Next::GiveUpInvalid if !may_have_applied => {
+                    return Err(Error::InvalidArgument(last));
+                }
+                Next::GiveUpConfig if !may_have_applied => {
+                    return Err(Error::Config(format!("{last} (is this a replikv server?)")));
+                }
+                Next::GiveUpInvalid | Next::GiveUpConfig => {
+                    return Err(Error::OutcomeUnknown(format!(
+                        "{}: an earlier attempt may have been applied; then {last}",
+                        spec.op
+                    )));
+                }
+            }
+            self.follow_redirect(server, &failure, &mut plan);
+
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            tokio::time::sleep(backoff.next_delay().min(deadline - now)).await;
+        }
+
+        let summary = format!(
+            "{} did not succeed within {} ({attempts} attempts); last error: {last}",
+            spec.op,
+            humantime::format_duration(request_timeout),
+        );
+        Err(if may_have_applied {
+            Error::OutcomeUnknown(summary)
+        } else if overloaded {
+            Error::Overloaded(summary)
+        } else {
+            Error::Unavailable(summary)
+        })
+    }
+
+    /// Acts on a failed attempt's primary hint: try the primary next and
+    /// remember it. Without a hint, a remembered primary that just failed is
+    /// forgotten, so `Route::Primary` stops sending writes to a dead server.
+    fn follow_redirect(
+        &self,
+        failed: usize,
+        failure: &AttemptFailure,
+        plan: &mut crate::routing::Plan,
+    ) {
+        let router = &self.inner.router;
+        let hinted = failure
+            .primary_addr
+            .as_deref()
+            .and_then(|addr| self.server_index(addr));
+        match hinted {
+            Some(primary) => {
+                router.set_primary(primary);
+                if primary != failed {
+                    plan.put_first(primary);
+                }
+            }
+            None => {
+                if let Some(addr) = &failure.primary_addr {
+                    debug!(primary = %addr, "redirect to a server not in the client's list");
+                }
+                router.forget_primary(failed);
+            }
+        }
+    }
+
+    /// Index of `addr` in the server list, comparing normalised forms.
+    fn server_index(&self, addr: &str) -> Option<usize> {
+        let addr = crate::config::parse_server_addr(addr).ok()?;
+        self.inner.servers.iter().position(|s| *s == addr)
+    }
+}
+
+/// Client-side input checks. The servers enforce the real (configurable)
+/// limits; these only catch what no server could accept.
+fn check_input(key: &[u8], value_len: usize) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::InvalidArgument("key must not be empty".into()));
+    }
+    let size = key.len().saturating_add(value_len);
+    if size > MAX_MESSAGE_BYTES - ENVELOPE_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "key and value take {size} bytes; the protocol allows at most {}",
+            MAX_MESSAGE_BYTES - ENVELOPE_BYTES
+        )));
+    }
+    Ok(())
+}
+
+/// Wraps a message in a request that tells the server how long the client
+/// will wait (`grpc-timeout`), so it can give up on work nobody awaits.
+fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(timeout);
+    req
+}
+
+fn random_client_id() -> u64 {
+    loop {
+        let id = rand::random::<u64>();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_keys_and_oversized_messages_are_rejected_locally() {
+        assert!(matches!(
+            check_input(b"", 0),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(check_input(b"k", 1024).is_ok());
+        assert!(matches!(
+            check_input(b"k", MAX_MESSAGE_BYTES),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            check_input(b"k", usize::MAX),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn random_client_ids_are_non_zero_and_differ() {
+        let a = random_client_id();
+        let b = random_client_id();
+        assert!(a != 0 && b != 0 && a != b);
+    }
+
+    #[tokio::test]
+    async fn connect_validates_without_network_io() {
+        // Nothing listens on port 1; connect must still succeed (lazily).
+        let client = Client::connect(ClientConfig::new(["127.0.0.1:1", "http://localhost:2"]))
+            .await
+            .unwrap();
+        assert_eq!(client.servers(), ["127.0.0.1:1", "localhost:2"]);
+        assert_ne!(client.client_id(), 0);
+        let err = Client::connect(ClientConfig::new(["nope"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)));
+        let fixed = Client::connect(ClientConfig::new(["a:1"]).with_client_id(9))
+            .await
+            .unwrap();
+        assert_eq!(fixed.client_id(), 9);
+    }
+
+    #[tokio::test]
+    async fn status_of_a_server_out_of_range_is_invalid_argument() {
+        let client = Client::connect(ClientConfig::new(["127.0.0.1:1"]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            client.status(5).await,
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}

@@ -1,0 +1,244 @@
+//! Client configuration and server-address parsing.
+
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// Which server a request goes to first (DESIGN.md §6). Whatever the route, a
+/// request that fails there moves on to the other servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Route {
+    /// Every request starts at a server picked at random (the classic policy).
+    #[default]
+    Random,
+    /// Writes start at the primary last learned of (from an `UNAVAILABLE`
+    /// redirect or a `Status` call); reads are random.
+    Primary,
+    /// Reads start at the server with the lowest observed latency; writes are
+    /// random.
+    Nearest,
+}
+
+/// How a [`crate::Client`] finds and talks to the cluster.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Server addresses, `host:port` or `http://host:port`. An entry may also
+    /// be a comma-separated list.
+    pub servers: Vec<String>,
+    /// Budget for one whole request, retries included.
+    pub request_timeout: Duration,
+    /// Budget for one RPC attempt on one server.
+    pub attempt_timeout: Duration,
+    /// Budget for opening a TCP connection to one server.
+    pub connect_timeout: Duration,
+    /// Which server a request tries first.
+    pub route: Route,
+    /// Session id for exactly-once writes; `None` picks a random non-zero id.
+    /// Two live clients must never share an id: the servers would take one's
+    /// writes for retries of the other's.
+    pub client_id: Option<u64>,
+}
+
+/// Default [`ClientConfig::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`ClientConfig::attempt_timeout`].
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default [`ClientConfig::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl ClientConfig {
+    /// A configuration with default timeouts and random routing.
+    pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(servers: I) -> Self {
+        Self {
+            servers: servers.into_iter().map(Into::into).collect(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            route: Route::default(),
+            client_id: None,
+        }
+    }
+
+    /// Sets [`ClientConfig::route`].
+    pub fn with_route(mut self, route: Route) -> Self {
+        self.route = route;
+        self
+    }
+
+    /// Sets [`ClientConfig::request_timeout`].
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ClientConfig::attempt_timeout`].
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ClientConfig::connect_timeout`].
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ClientConfig::client_id`].
+    pub fn with_client_id(mut self, client_id: u64) -> Self {
+        self.client_id = Some(client_id);
+        self
+    }
+
+    /// Checks the timeouts and the client id, and returns the normalised
+    /// (`host:port`) server list.
+    pub(crate) fn validate(&self) -> Result<Vec<String>, Error> {
+        for (name, value) in [
+            ("request timeout", self.request_timeout),
+            ("attempt timeout", self.attempt_timeout),
+            ("connect timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(Error::Config(format!("{name} must be positive")));
+            }
+        }
+        if self.client_id == Some(0) {
+            // 0 is what an unset proto3 field reads as, so it cannot name a
+            // session.
+            return Err(Error::Config("client id must be non-zero".into()));
+        }
+        parse_servers(&self.servers)
+    }
+}
+
+/// Normalises a list of server addresses (each entry may hold several,
+/// comma-separated) into `host:port` strings.
+///
+/// Duplicates are rejected rather than merged: they would silently give one
+/// server a double share of random picks, and [`crate::Client::status`]
+/// indexes this list.
+pub fn parse_servers<I, S>(entries: I) -> Result<Vec<String>, Error>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut out: Vec<String> = Vec::new();
+    for entry in entries {
+        for part in entry.as_ref().split(',') {
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            let addr = parse_server_addr(part)?;
+            if out.contains(&addr) {
+                return Err(Error::Config(format!("server {addr} is listed twice")));
+            }
+            out.push(addr);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Config("no servers given".into()));
+    }
+    Ok(out)
+}
+
+/// Parses one server address, `host:port` or `http://host:port` (IPv6 hosts
+/// in brackets), into its `host:port` form.
+pub fn parse_server_addr(input: &str) -> Result<String, Error> {
+    let bad = |why: &str| Error::Config(format!("bad server address {input:?}: {why}"));
+    let s = input.trim();
+    if s.starts_with("https://") {
+        return Err(bad(
+            "TLS is not supported; use host:port or http://host:port",
+        ));
+    }
+    let s = s.strip_prefix("http://").unwrap_or(s);
+    let s = s.strip_suffix('/').unwrap_or(s);
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected host:port"))?;
+    if host.is_empty() {
+        return Err(bad("missing host"));
+    }
+    if host.contains(['/', '@', '?', '#', ' ']) {
+        return Err(bad("expected host:port"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(bad("IPv6 hosts must be in brackets, as in [::1]:7000"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| bad("port must be a number from 1 to 65535"))?;
+    if port == 0 {
+        return Err(bad("port must be a number from 1 to 65535"));
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_plain_and_http_addresses() {
+        assert_eq!(
+            parse_server_addr("127.0.0.1:7000").unwrap(),
+            "127.0.0.1:7000"
+        );
+        assert_eq!(
+            parse_server_addr("http://localhost:7001/").unwrap(),
+            "localhost:7001"
+        );
+        assert_eq!(parse_server_addr(" [::1]:7002 ").unwrap(), "[::1]:7002");
+    }
+
+    #[test]
+    fn rejects_bad_addresses_with_config_errors() {
+        for bad in [
+            "",
+            "localhost",
+            ":7000",
+            "host:",
+            "host:0",
+            "host:70000",
+            "host:port",
+            "::1:7000",
+            "https://host:7000",
+            "http://user@host:7000",
+            "host/path:7000",
+        ] {
+            assert!(
+                matches!(parse_server_addr(bad), Err(Error::Config(_))),
+                "{bad:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn server_lists_split_on_commas_and_reject_duplicates() {
+        assert_eq!(
+            parse_servers(["a:1,b:2", " c:3 ", ""]).unwrap(),
+            vec!["a:1", "b:2", "c:3"]
+        );
+        assert!(matches!(
+            parse_servers(["a:1", "http://a:1"]),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            parse_servers(Vec::<String>::new()),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(parse_servers([" , "]), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn validate_rejects_zero_timeouts_and_zero_client_id() {
+        let ok = ClientConfig::new(["a:1"]);
+        assert!(ok.validate().is_ok());
+        assert!(ok
+            .clone()
+            .with_attempt_timeout(Duration::ZERO)
+            .validate()
+            .is_err());
+        assert!(ok.clone().with_client_id(0).validate().is_err());
+    }
+}
