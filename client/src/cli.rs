@@ -1,0 +1,441 @@
+//! The `replikv` command line: options, commands, output and exit codes.
+//! The binary only calls [`main`].
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use replikv_proto::kv::StatusResponse;
+
+use crate::{Client, ClientConfig, Error, Route};
+
+/// Exit code when `get` finds no value.
+pub const EXIT_NOT_FOUND: u8 = 1;
+/// Exit code for bad usage: bad flags, bad input, bad configuration.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code when the cluster could not serve the request (or a write's
+/// outcome is unknown).
+pub const EXIT_UNAVAILABLE: u8 = 3;
+
+/// Talk to a replikv cluster.
+#[derive(Debug, Parser)]
+#[command(name = "replikv", version, about)]
+pub struct Opt {
+    /// Server addresses, comma-separated (host:port).
+    #[arg(long, env = "REPLIKV_SERVERS", value_delimiter = ',', required = true)]
+    pub servers: Vec<String>,
+    /// Budget for the whole request, retries included (e.g. 500ms, 10s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Budget for one attempt on one server.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub attempt_timeout: Duration,
+    /// Which server a request tries first.
+    #[arg(long, value_enum, default_value_t = Route::Random)]
+    pub route: Route,
+    /// Keys and values are given and printed as hex.
+    #[arg(long)]
+    pub hex: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the value of KEY (exit 1 if it has none).
+    Get { key: String },
+    /// Set KEY to VALUE and print the value it replaced, or "(none)".
+    Put { key: String, value: String },
+    /// Remove KEY and print the value it had, or "(none)".
+    Delete { key: String },
+    /// Print every server's view of the cluster as a table.
+    Status,
+}
+
+/// Parses the command line, runs the command and returns its exit code.
+pub fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let opt = Opt::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("replikv: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let code = runtime.block_on(run(opt, &mut stdout));
+    if let Err(e) = stdout.flush() {
+        eprintln!("replikv: cannot write the output: {e}");
+    }
+    ExitCode::from(code)
+}
+
+/// Runs one command, writing its result to `out` and problems to stderr.
+/// Returns the exit code.
+pub async fn run(opt: Opt, out: &mut impl Write) -> u8 {
+    match execute(opt, out).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("replikv: {e}");
+            exit_code(&e)
+        }
+    }
+}
+
+/// The exit code for an error.
+pub fn exit_code(err: &Error) -> u8 {
+    match err {
+        Error::InvalidArgument(_) | Error::Config(_) => EXIT_USAGE,
+        Error::Unavailable(_) | Error::OutcomeUnknown(_) | Error::Overloaded(_) => EXIT_UNAVAILABLE,
+    }
+}
+
+async fn execute(opt: Opt, out: &mut impl Write) -> Result<u8, Error> {
+    let config = ClientConfig::new(opt.servers)
+        .with_request_timeout(opt.timeout)
+        .with_attempt_timeout(opt.attempt_timeout)
+        .with_route(opt.route);
+    let client = Client::connect(config).await?;
+    let codec = Codec { hex: opt.hex };
+    match opt.command {
+        Command::Get { key } => match client.get(codec.decode("key", &key)?).await? {
+            Some(value) => {
+                codec.print(out, &value)?;
+                Ok(0)
+            }
+            None => {
+                eprintln!("not found");
+                Ok(EXIT_NOT_FOUND)
+            }
+        },
+        Command::Put { key, value } => {
+            let old = client
+                .put(codec.decode("key", &key)?, codec.decode("value", &value)?)
+                .await?;
+            codec.print_old(out, old)?;
+            Ok(0)
+        }
+        Command::Delete { key } => {
+            let old = client.delete(codec.decode("key", &key)?).await?;
+            codec.print_old(out, old)?;
+            Ok(0)
+        }
+        Command::Status => {
+            let replies = client.status_all().await;
+            write_out(out, render_status_table(&replies).as_bytes())?;
+            for (addr, reply) in &replies {
+                if let Err(e) = reply {
+                    eprintln!("{addr}: {e}");
+                }
+            }
+            if replies.iter().any(|(_, r)| r.is_ok()) {
+                Ok(0)
+            } else {
+                Ok(EXIT_UNAVAILABLE)
+            }
+        }
+    }
+}
+
+/// How keys and values cross the command line.
+#[derive(Debug, Clone, Copy)]
+struct Codec {
+    hex: bool,
+}
+
+impl Codec {
+    fn decode(self, what: &str, arg: &str) -> Result<Bytes, Error> {
+        if self.hex {
+            decode_hex(arg)
+                .map(Bytes::from)
+                .map_err(|why| Error::InvalidArgument(format!("{what} {arg:?} is not hex: {why}")))
+        } else {
+            Ok(Bytes::copy_from_slice(arg.as_bytes()))
+        }
+    }
+
+    /// Prints a value on its own line: hex with `--hex`, else its bytes as
+    /// they are (so non-UTF-8 values survive a redirect to a file).
+    fn print(self, out: &mut impl Write, value: &[u8]) -> Result<(), Error> {
+        if self.hex {
+            write_out(out, encode_hex(value).as_bytes())?;
+        } else {
+            write_out(out, value)?;
+        }
+        write_out(out, b"\n")
+    }
+
+    fn print_old(self, out: &mut impl Write, old: Option<Bytes>) -> Result<(), Error> {
+        match old {
+            Some(v) => self.print(out, &v),
+            None => write_out(out, b"(none)\n"),
+        }
+    }
+}
+
+fn write_out(out: &mut impl Write, bytes: &[u8]) -> Result<(), Error> {
+    // A result that could not be printed must not end in exit code 0.
+    out.write_all(bytes)
+        .map_err(|e| Error::InvalidArgument(format!("cannot write the output: {e}")))
+}
+
+/// Parses hex (either case, no separators) into bytes.
+pub fn decode_hex(s: &str) -> Result<Vec<u8>, String> {
+    if !s.len().is_multiple_of(2) {
+        return Err("odd number of digits".into());
+    }
+    let digit = |c: u8| -> Result<u8, String> {
+        match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(format!("{:?} is not a hex digit", char::from(c))),
+        }
+    };
+    s.as_bytes()
+        .chunks_exact(2)
+        .map(|pair| Ok(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
+}
+
+/// Formats bytes as lowercase hex.
+pub fn encode_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+const STATUS_COLUMNS: [&str; 12] = [
+    "RANK",
+    "ADDRESS",
+    "STATE",
+    "ROLE",
+    "EPOCH",
+    "PRIMARY",
+    "MEMBERS",
+    "APPLIED",
+    "COMMITTED",
+    "LAG",
+    "LEASE_MS",
+    "WRITES/FLUSH",
+];
+
+/// Renders `replikv status`: one row per server, in the given order. Lag is
+/// how far a server's applied lsn is behind the most advanced answering
+/// server; a server that did not answer shows "down" and dashes.
+pub fn render_status_table(replies: &[(String, Result<StatusResponse, Error>)]) -> String {
+    let max_applied = replies
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok().map(|s| s.applied))
+        .max()
+        .unwrap_or(0);
+    let rows: Vec<[String; 12]> = replies
+        .iter()
+        .map(|(addr, reply)| match reply {
+            Ok(s) => status_row(addr, s, max_applied),
+            Err(_) => {
+                let mut row: [String; 12] = std::array::from_fn(|_| "-".to_owned());
+                row[1] = addr.clone();
+                row[2] = "down".to_owned();
+                row
+            }
+        })
+        .collect();
+
+    let mut widths = STATUS_COLUMNS.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut table = String::new();
+    let header = STATUS_COLUMNS.map(str::to_owned);
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        table.push_str(line.join("  ").trim_end());
+        table.push('\n');
+    }
+    table
+}
+
+fn status_row(addr: &str, s: &StatusResponse, max_applied: u64) -> [String; 12] {
+    let (epoch, primary, members) = match &s.view {
+        Some(v) => (
+            v.epoch.to_string(),
+            v.primary.to_string(),
+            v.members
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        None => ("-".into(), "-".into(), "-".into()),
+    };
+    let ratio = if s.flushes == 0 {
+        "-".to_owned()
+    } else {
+        format!("{:.1}", s.writes as f64 / s.flushes as f64)
+    };
+    [
+        s.rank.to_string(),
+        addr.to_owned(),
+        // Answering Status is not the same as answering reads (DESIGN.md §4).
+        if s.serving { "up" } else { "not-serving" }.to_owned(),
+        if s.role.is_empty() { "-" } else { &s.role }.to_owned(),
+        epoch,
+        primary,
+        if members.is_empty() {
+            "-".into()
+        } else {
+            members
+        },
+        s.applied.to_string(),
+        s.committed.to_string(),
+        max_applied.saturating_sub(s.applied).to_string(),
+        s.lease_ms.to_string(),
+        ratio,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replikv_proto::kv::View;
+
+    fn status(rank: u32, role: &str, applied: u64) -> StatusResponse {
+        StatusResponse {
+            rank,
+            address: format!("127.0.0.1:{}", 7000 + rank),
+            view: Some(View {
+                epoch: 3,
+                primary: 0,
+                members: vec![0, 1],
+            }),
+            role: role.into(),
+            applied,
+            committed: 40,
+            lease_ms: 420,
+            writes: 90,
+            flushes: 30,
+            serving: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_table_shows_lag_and_down_servers() {
+        let replies = vec![
+            ("127.0.0.1:7000".to_owned(), Ok(status(0, "primary", 42))),
+            ("127.0.0.1:7001".to_owned(), Ok(status(1, "backup", 40))),
+            (
+                "127.0.0.1:7002".to_owned(),
+                Err(Error::Unavailable("connection refused".into())),
+            ),
+        ];
+        let table = render_status_table(&replies);
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[0][0], "RANK");
+        assert_eq!(
+            lines[1],
+            [
+                "0",
+                "127.0.0.1:7000",
+                "up",
+                "primary",
+                "3",
+                "0",
+                "0,1",
+                "42",
+                "40",
+                "0",
+                "420",
+                "3.0"
+            ]
+        );
+        assert_eq!(lines[2][9], "2", "backup lags the primary by 2");
+        assert_eq!(
+            lines[3],
+            [
+                "-",
+                "127.0.0.1:7002",
+                "down",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-"
+            ]
+        );
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_garbage() {
+        assert_eq!(decode_hex("00ffA0").unwrap(), vec![0, 255, 160]);
+        assert_eq!(encode_hex(&[0, 255, 160]), "00ffa0");
+        assert!(decode_hex("abc").is_err());
+        assert!(decode_hex("zz").is_err());
+        assert!(decode_hex("é1").is_err());
+        assert_eq!(decode_hex("").unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn exit_codes_separate_usage_from_unavailability() {
+        assert_eq!(exit_code(&Error::InvalidArgument("x".into())), EXIT_USAGE);
+        assert_eq!(exit_code(&Error::Config("x".into())), EXIT_USAGE);
+        assert_eq!(exit_code(&Error::Unavailable("x".into())), EXIT_UNAVAILABLE);
+        assert_eq!(
+            exit_code(&Error::OutcomeUnknown("x".into())),
+            EXIT_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn command_line_parses_servers_timeout_and_route() {
+        let opt = Opt::try_parse_from([
+            "replikv",
+            "--servers",
+            "a:1,b:2",
+            "--timeout",
+            "1500ms",
+            "--route",
+            "primary",
+            "put",
+            "k",
+            "v",
+        ])
+        .unwrap();
+        assert_eq!(opt.servers, ["a:1", "b:2"]);
+        assert_eq!(opt.timeout, Duration::from_millis(1500));
+        assert_eq!(opt.route, Route::Primary);
+        assert!(matches!(opt.command, Command::Put { .. }));
+        assert!(Opt::try_parse_from(["replikv", "--servers", "a:1", "frobnicate"]).is_err());
+    }
+}
