@@ -1,6 +1,167 @@
-//! Error types of the server, and the one place they become gRPC statuses.
+//! Error types of the server, and the one place they become gRPC statuses (DESIGN.md §6).
+
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
+
+use crate::types::Rank;
 
 /// A configuration that cannot run; the message is one line naming the problem.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+/// Local storage failed. Any of these on the write path makes the server fail-stop.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    #[error("injected storage fault")]
+    Injected,
+}
+
+/// Whether a failed write may still have taken effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Certainly not applied.
+    None,
+    /// May have been applied (a retry with the same request id is safe).
+    Unknown,
+}
+
+/// The primary a client should try instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrimaryHint {
+    pub rank: Rank,
+    pub addr: String,
+}
+
+/// Why a request was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad input: never retried, nothing changed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Not able to serve here and now (not primary, no lease, view change, pending key...).
+    #[error("{reason}")]
+    Unavailable {
+        reason: String,
+        primary: Option<PrimaryHint>,
+        outcome: Outcome,
+    },
+    /// Too many requests in flight.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("storage failure: {0}")]
+    Storage(#[from] StorageError),
+}
+
+impl ServeError {
+    pub fn unavailable(reason: impl Into<String>, primary: Option<PrimaryHint>) -> ServeError {
+        ServeError::Unavailable {
+            reason: reason.into(),
+            primary,
+            outcome: Outcome::None,
+        }
+    }
+
+    pub fn unknown(reason: impl Into<String>, primary: Option<PrimaryHint>) -> ServeError {
+        ServeError::Unavailable {
+            reason: reason.into(),
+            primary,
+            outcome: Outcome::Unknown,
+        }
+    }
+
+    /// The single mapping to gRPC. `UNAVAILABLE` carries the known primary and, for writes,
+    /// whether the outcome is known; `RESOURCE_EXHAUSTED` and `INVALID_ARGUMENT` are always
+    /// definite (nothing was applied).
+    pub fn into_status(self) -> Status {
+        match self {
+            ServeError::InvalidArgument(m) => {
+                with_outcome(Status::invalid_argument(m), Outcome::None)
+            }
+            ServeError::Overloaded(m) => with_outcome(Status::resource_exhausted(m), Outcome::None),
+            ServeError::Unavailable {
+                reason,
+                primary,
+                outcome,
+            } => {
+                let mut s = with_outcome(Status::unavailable(reason), outcome);
+                if let Some(p) = primary {
+                    if let Ok(v) = MetadataValue::try_from(p.rank.to_string()) {
+                        s.metadata_mut()
+                            .insert(replikv_proto::PRIMARY_RANK_HEADER, v);
+                    }
+                    if let Ok(v) = MetadataValue::try_from(p.addr.as_str()) {
+                        s.metadata_mut()
+                            .insert(replikv_proto::PRIMARY_ADDR_HEADER, v);
+                    }
+                }
+                s
+            }
+            // The server fail-stops on storage errors; whatever was in flight is unknown.
+            ServeError::Storage(e) => with_outcome(
+                Status::new(Code::Unavailable, e.to_string()),
+                Outcome::Unknown,
+            ),
+        }
+    }
+}
+
+fn with_outcome(mut s: Status, o: Outcome) -> Status {
+    let v = match o {
+        Outcome::None => replikv_proto::OUTCOME_NONE,
+        Outcome::Unknown => replikv_proto::OUTCOME_UNKNOWN,
+    };
+    s.metadata_mut()
+        .insert(replikv_proto::OUTCOME_HEADER, MetadataValue::from_static(v));
+    s
+}
+
+/// Reads the outcome a forwarded write's status reported (absent header: unknown).
+pub fn status_outcome(s: &Status) -> Outcome {
+    match s
+        .metadata()
+        .get(replikv_proto::OUTCOME_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(replikv_proto::OUTCOME_NONE) => Outcome::None,
+        _ => Outcome::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_carries_primary_and_outcome() {
+        let s = ServeError::unknown(
+            "deposed",
+            Some(PrimaryHint {
+                rank: 2,
+                addr: "127.0.0.1:7002".into(),
+            }),
+        )
+        .into_status();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(
+            s.metadata()
+                .get(replikv_proto::PRIMARY_ADDR_HEADER)
+                .unwrap(),
+            "127.0.0.1:7002"
+        );
+        assert_eq!(status_outcome(&s), Outcome::Unknown);
+        let s = ServeError::InvalidArgument("key too long".into()).into_status();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(status_outcome(&s), Outcome::None);
+        assert_eq!(
+            status_outcome(&Status::unavailable("transport")),
+            Outcome::Unknown
+        );
+    }
+}

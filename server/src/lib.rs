@@ -1,19 +1,125 @@
-//! replikv replica.
+//! replikv replica: a fully replicated primary-backup key-value server (see DESIGN.md).
 //!
 //! - [`config`]: flags / TOML config, validated into [`config::Config`].
 //! - [`error`]: error enums and their single mapping to `tonic::Status`.
+//! - [`types`]: views and the quorum rule, records, entries: pure domain logic.
+//! - [`session`]: exactly-once session table (pure).
+//! - [`storage`]: sled layout, atomic batch apply, lsn index, persisted Paxos state.
+//! - [`convert`]: protobuf <-> domain conversions, the only place that knows both.
+//! - [`network`]: the peer network trait and its gRPC implementation.
+//! - [`fault`]: fault-injection rules for the peer network.
+//! - [`node`]: replica state, the primary's sequencer and commit point, reads, appends.
+//! - [`replicate`]: the primary's ordered stream to each member, heartbeats, leases.
+//! - [`viewchange`]: Paxos view changes, install and reconcile.
+//! - [`transfer`]: state transfer, joins, discovery, failure detection and revival.
+//! - [`service`]: the gRPC services (Kv, Peer, Admin).
 //! - [`cluster`]: [`cluster::LocalCluster`], N real server processes on loopback for tests and tools.
 
 pub mod cluster;
 pub mod config;
+pub mod convert;
 pub mod error;
+pub mod fault;
+pub mod network;
+pub mod node;
+pub mod replicate;
+pub mod service;
+pub mod session;
+pub mod storage;
+pub mod transfer;
+pub mod types;
+pub mod viewchange;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use replikv_proto::kv::kv_server::KvServer;
+use replikv_proto::peer::admin_server::AdminServer;
+use replikv_proto::peer::peer_server::PeerServer;
+use tokio::net::TcpListener;
+use tracing::info;
 
 pub use config::{Config, Opt, SyncMode};
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Runs a server with the given options until SIGTERM / Ctrl-C.
-pub async fn serve(opt: Opt) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let _config = opt.resolve()?;
-    Err("not implemented yet".into())
+pub async fn serve(opt: Opt) -> Result<(), BoxError> {
+    let config = opt.resolve()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    run(config, listener, shutdown_signal()).await
+}
+
+/// Serves on `listener` until `shutdown` completes. Tests and tools call this directly.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let store = storage::Store::open(&config.data_dir, config.sync)
+        .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
+    let faults = Arc::new(fault::Faults::default());
+    let net = Arc::new(network::GrpcNetwork::new(
+        config.rank,
+        &config.peers,
+        faults.clone(),
+    )?);
+    let node = node::Node::open(config.clone(), store, net, faults)?;
+    let limits = config.limits;
+    let addr = listener.local_addr()?;
+    info!(rank = config.rank, %addr, peers = ?config.peers, sync = config.sync.as_str(), "replikv server starting");
+
+    let max = replikv_proto::MAX_MESSAGE_BYTES;
+    let kv = KvServer::new(service::KvService::new(node.clone(), limits))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let peer = PeerServer::new(service::PeerService::new(node.clone(), limits))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let admin = config
+        .fault_injection
+        .then(|| AdminServer::new(service::AdminService::new(node.clone())));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(kv)
+        .add_service(peer)
+        .add_optional_service(admin)
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let booting = node.clone();
+    tokio::spawn(async move { booting.boot().await });
+    server.await?;
+    info!("shutting down");
+    node.store.flush_data().await.ok();
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
 }
 
 /// Installs the tracing subscriber (`RUST_LOG`, default `info`) used by the binaries.

@@ -1,0 +1,175 @@
+//! The primary's ordered stream to one member (DESIGN.md §4): batches records while a batch
+//! is in flight (one in flight per member, so many writes share one message and one flush at
+//! the member), carries the commit point promptly, heartbeats every H with the lease the
+//! member may borrow, and reports a member whose acks time out so the primary drops it.
+
+use std::sync::Arc;
+
+use replikv_proto::peer::{AppendRequest, AppendStatus};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::convert::record_to_pb;
+use crate::node::Node;
+use crate::types::{Rank, Record};
+use crate::viewchange::Reason;
+
+/// Most records in one append message.
+const MAX_RECORDS_PER_MESSAGE: usize = 4096;
+/// Soft cap on one append message's payload.
+const MAX_BYTES_PER_MESSAGE: usize = 16 << 20;
+
+impl Node {
+    /// Streams records to `to` for the primary term `epoch`, starting after `prev` (the lsn the
+    /// member is known to hold). Ends when the term ends or the member fails.
+    pub(crate) async fn replicate_to(
+        self: Arc<Self>,
+        to: Rank,
+        epoch: u64,
+        mut feed: mpsc::UnboundedReceiver<Arc<[Record]>>,
+        mut prev: u64,
+    ) {
+        let mut msg_seq = 0u64;
+        let mut commits = self.commit_tx.subscribe();
+        let mut queue: std::collections::VecDeque<Record> = Default::default();
+        let mut sent_committed = 0u64;
+        let heartbeat = self.cfg.timing.heartbeat;
+        let mut closed = false;
+        loop {
+            if queue.is_empty() && !closed {
+                let committed_now = commits.borrow().committed;
+                if committed_now <= sent_committed {
+                    tokio::select! {
+                        b = feed.recv() => match b {
+                            Some(b) => queue.extend(b.iter().cloned()),
+                            None => closed = true,
+                        },
+                        _ = commits.changed() => {}
+                        _ = tokio::time::sleep(heartbeat) => {}
+                    }
+                }
+            }
+            while let Ok(b) = feed.try_recv() {
+                queue.extend(b.iter().cloned());
+            }
+            let (committed, lease_ms) = {
+                let st = self.st();
+                match &st.primary {
+                    Some(p) if p.epoch == epoch && st.view.is_member(to) => {}
+                    _ => return,
+                }
+                let now = Instant::now();
+                let lease = self
+                    .primary_lease(&st, now)
+                    .map_or(0, |d| d.as_millis() as u64);
+                (st.pos.committed, lease)
+            };
+            if closed && queue.is_empty() {
+                return;
+            }
+            let mut records = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(r) = queue.front() {
+                let size: usize = r
+                    .items
+                    .iter()
+                    .map(|i| i.key.len() + i.value.as_ref().map_or(0, |v| v.len()))
+                    .sum();
+                if !records.is_empty()
+                    && (records.len() >= MAX_RECORDS_PER_MESSAGE
+                        || bytes + size > MAX_BYTES_PER_MESSAGE)
+                {
+                    break;
+                }
+                bytes += size;
+                records.push(record_to_pb(&queue.pop_front().expect("front exists")));
+            }
+            let last = records.last().map_or(prev, |r| r.lsn);
+            msg_seq += 1;
+            let sent_at = Instant::now();
+            {
+                let mut st = self.st();
+                if let Some(p) = st.primary.as_mut() {
+                    if let Some(pr) = p.peers.get_mut(&to) {
+                        pr.last_send = Some(sent_at);
+                    }
+                }
+            }
+            let req = AppendRequest {
+                epoch,
+                primary: self.me,
+                msg_seq,
+                records,
+                committed: committed.min(last),
+                lease_ms,
+                prev_lsn: prev,
+            };
+            sent_committed = committed;
+            let res = self.net.append(to, req, self.cfg.timing.ack_timeout).await;
+            match res {
+                Ok(r) if r.status == AppendStatus::Ok as i32 => {
+                    prev = last;
+                    let mut st = self.st();
+                    let Some(p) = st.primary.as_mut() else { return };
+                    if p.epoch != epoch {
+                        return;
+                    }
+                    if let Some(pr) = p.peers.get_mut(&to) {
+                        pr.acked = pr.acked.max(last);
+                        pr.ack_sent_at = Some(sent_at);
+                    }
+                    self.advance_commit(&mut st);
+                }
+                Ok(r) => {
+                    let status =
+                        AppendStatus::try_from(r.status).unwrap_or(AppendStatus::NotMember);
+                    if let Some(v) = self.peer_view(r.view.as_ref()) {
+                        if v.epoch > epoch {
+                            self.learn_view(v).await;
+                            return;
+                        }
+                    }
+                    self.note_ballot(r.promised);
+                    warn!(
+                        peer = to,
+                        epoch,
+                        ?status,
+                        member_applied = r.applied,
+                        "member refused append"
+                    );
+                    self.member_failed(to, epoch);
+                    return;
+                }
+                Err(e) => {
+                    warn!(peer = to, epoch, error = %e, "append failed");
+                    self.member_failed(to, epoch);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A member stopped acknowledging: propose a view without it (§5), once.
+    pub(crate) fn member_failed(self: &Arc<Self>, rank: Rank, epoch: u64) {
+        {
+            let mut st = self.st();
+            let current = st.primary.as_ref().is_some_and(|p| p.epoch == epoch);
+            if !current || !st.view.is_member(rank) || st.dropping.contains(&rank) {
+                return;
+            }
+            st.dropping.push(rank);
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            let r = node.change_view(Reason::Drop(rank)).await;
+            debug!(peer = rank, result = ?r.as_ref().map(|v| v.epoch), "drop finished");
+            node.st().dropping.retain(|&d| d != rank);
+        });
+    }
+
+    pub(crate) fn note_ballot(&self, ballot: u64) {
+        self.max_ballot
+            .fetch_max(ballot, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,313 @@
+//! gRPC services: the public `Kv` API, the `Peer` protocol and the fault-injection `Admin`
+//! service. They validate input, apply incoming fault rules and call the replica; no
+//! protocol decisions are made here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use replikv_proto::kv::kv_server::Kv;
+use replikv_proto::kv::*;
+use replikv_proto::peer::admin_server::Admin;
+use replikv_proto::peer::peer_server::Peer;
+use replikv_proto::peer::*;
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument};
+
+use crate::config::Limits;
+use crate::error::ServeError;
+use crate::fault::Action;
+use crate::network::FROM_HEADER;
+use crate::node::{Node, WriteReq};
+
+/// How long a request "lost" by fault injection keeps its caller waiting.
+const LOST_REQUEST_WAIT: Duration = Duration::from_secs(2);
+
+pub struct KvService {
+    node: Arc<Node>,
+    limits: Limits,
+}
+
+impl KvService {
+    pub fn new(node: Arc<Node>, limits: Limits) -> Self {
+        KvService { node, limits }
+    }
+}
+
+/// Checks a key against the limits; the error names the limit.
+pub fn check_key(key: &[u8], limits: &Limits) -> Result<(), ServeError> {
+    if key.is_empty() {
+        return Err(ServeError::InvalidArgument("key must not be empty".into()));
+    }
+    if key.len() > limits.max_key_bytes {
+        return Err(ServeError::InvalidArgument(format!(
+            "key is {} bytes; the limit is {} bytes",
+            key.len(),
+            limits.max_key_bytes
+        )));
+    }
+    Ok(())
+}
+
+fn check_value(value: &[u8], limits: &Limits) -> Result<(), ServeError> {
+    if value.len() > limits.max_value_bytes {
+        return Err(ServeError::InvalidArgument(format!(
+            "value is {} bytes; the limit is {} bytes",
+            value.len(),
+            limits.max_value_bytes
+        )));
+    }
+    Ok(())
+}
+
+impl KvService {
+    async fn write(
+        &self,
+        key: Bytes,
+        value: Option<Bytes>,
+        id: Option<RequestId>,
+    ) -> Result<(bool, Bytes), Status> {
+        check_key(&key, &self.limits).map_err(ServeError::into_status)?;
+        if let Some(v) = &value {
+            check_value(v, &self.limits).map_err(ServeError::into_status)?;
+        }
+        let r = self
+            .node
+            .write(WriteReq { key, value, id })
+            .await
+            .map_err(ServeError::into_status)?;
+        Ok(match r.old {
+            Some(v) => (true, v),
+            None => (false, Bytes::new()),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    #[instrument(level = "debug", skip_all)]
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let key = req.into_inner().key;
+        check_key(&key, &self.limits).map_err(ServeError::into_status)?;
+        let v = self
+            .node
+            .read(&key)
+            .await
+            .map_err(ServeError::into_status)?;
+        Ok(Response::new(match v {
+            Some(value) => GetResponse { found: true, value },
+            None => GetResponse {
+                found: false,
+                value: Bytes::new(),
+            },
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let r = req.into_inner();
+        let (had_old, old_value) = self.write(r.key, Some(r.value), r.id).await?;
+        Ok(Response::new(PutResponse { had_old, old_value }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let r = req.into_inner();
+        let (had_old, old_value) = self.write(r.key, None, r.id).await?;
+        Ok(Response::new(DeleteResponse { had_old, old_value }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.node.status()))
+    }
+}
+
+pub struct PeerService {
+    node: Arc<Node>,
+    limits: Limits,
+}
+
+impl PeerService {
+    pub fn new(node: Arc<Node>, limits: Limits) -> Self {
+        PeerService { node, limits }
+    }
+
+    /// Incoming fault rules for a request from the peer named in its metadata. Returns the
+    /// action still to apply after handling (a lost response).
+    async fn incoming<T>(&self, req: &Request<T>) -> Result<Option<Action>, Status> {
+        if self.node.faults.is_empty() {
+            return Ok(None);
+        }
+        let from = req
+            .metadata()
+            .get(FROM_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok());
+        let Some(from) = from else { return Ok(None) };
+        match self.node.faults.incoming(from) {
+            Some(Action::Drop) => {
+                tokio::time::sleep(LOST_REQUEST_WAIT).await;
+                Err(Status::unavailable("request lost (fault injection)"))
+            }
+            Some(Action::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                Ok(None)
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn finish<R>(&self, after: Option<Action>, r: R) -> Result<Response<R>, Status> {
+        if after == Some(Action::DropResponse) {
+            tokio::time::sleep(LOST_REQUEST_WAIT).await;
+            return Err(Status::unavailable("response lost (fault injection)"));
+        }
+        Ok(Response::new(r))
+    }
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<SyncChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn forward(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let after = self.incoming(&req).await?;
+        let r = req.into_inner();
+        check_key(&r.key, &self.limits).map_err(ServeError::into_status)?;
+        // Only the primary sequences; a forwarded write is never forwarded again.
+        let res = self
+            .node
+            .write_local(WriteReq {
+                key: r.key,
+                value: r.value,
+                id: r.id,
+            })
+            .await
+            .map_err(ServeError::into_status)?;
+        let resp = match res.old {
+            Some(v) => WriteResponse {
+                had_old: true,
+                old_value: v,
+            },
+            None => WriteResponse {
+                had_old: false,
+                old_value: Bytes::new(),
+            },
+        };
+        self.finish(after, resp).await
+    }
+
+    async fn append(
+        &self,
+        req: Request<AppendRequest>,
+    ) -> Result<Response<AppendResponse>, Status> {
+        let after = self.incoming(&req).await?;
+        let r = self.node.on_append(req.into_inner()).await;
+        self.finish(after, r).await
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<PrepareRequest>,
+    ) -> Result<Response<PrepareResponse>, Status> {
+        let after = self.incoming(&req).await?;
+        let r = self.node.on_prepare(req.into_inner()).await;
+        self.finish(after, r).await
+    }
+
+    async fn accept(
+        &self,
+        req: Request<AcceptRequest>,
+    ) -> Result<Response<AcceptResponse>, Status> {
+        let after = self.incoming(&req).await?;
+        let r = self.node.on_accept(req.into_inner()).await;
+        self.finish(after, r).await
+    }
+
+    async fn install(
+        &self,
+        req: Request<InstallRequest>,
+    ) -> Result<Response<InstallResponse>, Status> {
+        let after = self.incoming(&req).await?;
+        let r = self.node.on_install(req.into_inner()).await;
+        self.finish(after, r).await
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncStream>, Status> {
+        let after = self.incoming(&req).await?;
+        if after.is_some() {
+            return self
+                .finish(after, Box::pin(futures::stream::empty()) as SyncStream)
+                .await;
+        }
+        let rx = self.node.on_sync(req.into_inner())?;
+        let s: SyncStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+        Ok(Response::new(s))
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let after = self.incoming(&req).await?;
+        let r = self.node.on_join(req.into_inner()).await;
+        self.finish(after, r).await
+    }
+
+    async fn discover(
+        &self,
+        req: Request<DiscoverRequest>,
+    ) -> Result<Response<DiscoverResponse>, Status> {
+        let after = self.incoming(&req).await?;
+        let r = self.node.on_discover();
+        self.finish(after, r).await
+    }
+}
+
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> Self {
+        AdminService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn fault(&self, req: Request<FaultRequest>) -> Result<Response<FaultResponse>, Status> {
+        let r = req.into_inner();
+        for rule in &r.rules {
+            if rule.peer as usize >= self.node.n {
+                return Err(Status::invalid_argument(format!(
+                    "unknown peer {}",
+                    rule.peer
+                )));
+            }
+        }
+        if r.heal {
+            self.node.faults.set(Vec::new());
+        } else {
+            self.node.faults.set(r.rules);
+        }
+        if r.fail_storage {
+            self.node.store.inject_flush_failure();
+        }
+        let rules = self.node.faults.len() as u32;
+        info!(
+            rules,
+            heal = r.heal,
+            fail_storage = r.fail_storage,
+            "fault rules changed"
+        );
+        Ok(Response::new(FaultResponse { rules }))
+    }
+}

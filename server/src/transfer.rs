@@ -1,0 +1,324 @@
+//! State transfer, revival and failure detection (DESIGN.md §5, §7): the Sync source and
+//! sink, Join on the primary, start-up discovery, and the monitor that takes over from a
+//! silent primary or brings a restarted / deposed server back as a member.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use futures::StreamExt;
+use rand::Rng;
+use replikv_proto::peer::{
+    DiscoverRequest, DiscoverResponse, JoinRequest, JoinResponse, SyncChunk, SyncRequest,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::convert::{sync_entry_from_pb, sync_entry_to_pb};
+use crate::node::Node;
+use crate::storage::Position;
+use crate::types::{Rank, SyncEntry};
+use crate::viewchange::Reason;
+
+/// Entries per transfer chunk, and a soft byte cap.
+const CHUNK_ENTRIES: usize = 2048;
+const CHUNK_BYTES: usize = 4 << 20;
+/// Longest silence between two chunks of a transfer.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
+const DISCOVER_TIMEOUT: Duration = Duration::from_millis(300);
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A joiner asks to be added once it is this close to the primary; the rest is transferred
+/// during the install, while writes pause.
+const JOIN_WINDOW: u64 = 20_000;
+
+impl Node {
+    /// Sink: replaces this server's state with `source`'s (§7). The caller holds `data`.
+    /// `epoch` is the decided view's epoch when reconciling in a view change, 0 for a joiner.
+    pub(crate) async fn sync_from(&self, source: Rank, epoch: u64) -> Result<u64, String> {
+        let since = self.st().pos.committed;
+        let tail = self.store.tail_items(since).map_err(|e| e.to_string())?;
+        let tail_len = tail.len();
+        let req = SyncRequest {
+            since,
+            tail_keys: tail,
+            from: self.me,
+            epoch,
+        };
+        let started = Instant::now();
+        let mut stream = self
+            .net
+            .sync(source, req, CHUNK_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut received = 0usize;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| e.to_string())?;
+            let entries: Vec<SyncEntry> =
+                chunk.entries.into_iter().map(sync_entry_from_pb).collect();
+            received += entries.len();
+            if chunk.done {
+                let pos = Position {
+                    applied: chunk.applied,
+                    committed: chunk.applied,
+                    last_epoch: chunk.last_epoch,
+                };
+                self.store
+                    .set_entries(&entries, Some(pos))
+                    .unwrap_or_else(|e| self.fail_stop(e));
+                self.store
+                    .flush_data()
+                    .await
+                    .unwrap_or_else(|e| self.fail_stop(e));
+                let mut st = self.st();
+                st.pos = pos;
+                self.publish_commit(&st);
+                info!(
+                    source,
+                    since,
+                    tail = tail_len,
+                    entries = received,
+                    applied = pos.applied,
+                    ms = started.elapsed().as_millis() as u64,
+                    "state transfer done"
+                );
+                return Ok(pos.applied);
+            }
+            self.store
+                .set_entries(&entries, None)
+                .unwrap_or_else(|e| self.fail_stop(e));
+        }
+        Err("transfer ended before its last chunk".into())
+    }
+
+    /// Source: streams every entry changed after `since` and the requested tail keys.
+    pub fn on_sync(
+        self: &Arc<Self>,
+        req: SyncRequest,
+    ) -> Result<mpsc::Receiver<Result<SyncChunk, tonic::Status>>, tonic::Status> {
+        let pos = {
+            let st = self.st();
+            let authoritative = st.view.primary == self.me && st.member;
+            let reconciling = req.epoch > 0 && req.epoch >= st.view.epoch;
+            if !authoritative && !reconciling {
+                return Err(tonic::Status::failed_precondition(
+                    "only the primary serves state transfers",
+                ));
+            }
+            st.pos
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let send = |c: SyncChunk| tx.blocking_send(Ok(c)).is_ok();
+            let mut entries = Vec::new();
+            let mut bytes = 0usize;
+            let flush = |entries: &mut Vec<_>, bytes: &mut usize| {
+                *bytes = 0;
+                send(SyncChunk {
+                    entries: std::mem::take(entries),
+                    done: false,
+                    applied: 0,
+                    last_epoch: 0,
+                })
+            };
+            for e in node.store.changed_since(req.since) {
+                let e = match e {
+                    Ok(e) => e,
+                    Err(err) => {
+                        let _ = tx.blocking_send(Err(tonic::Status::internal(err.to_string())));
+                        return;
+                    }
+                };
+                bytes += e.key.len()
+                    + e.entry
+                        .as_ref()
+                        .and_then(|x| x.value.as_ref())
+                        .map_or(0, |v| v.len());
+                entries.push(sync_entry_to_pb(e));
+                if (entries.len() >= CHUNK_ENTRIES || bytes >= CHUNK_BYTES)
+                    && !flush(&mut entries, &mut bytes)
+                {
+                    return;
+                }
+            }
+            for key in req.tail_keys {
+                let entry = match node.store.get(&key) {
+                    Ok(e) => e,
+                    Err(err) => {
+                        let _ = tx.blocking_send(Err(tonic::Status::internal(err.to_string())));
+                        return;
+                    }
+                };
+                entries.push(sync_entry_to_pb(SyncEntry { key, entry }));
+                if entries.len() >= CHUNK_ENTRIES && !flush(&mut entries, &mut bytes) {
+                    return;
+                }
+            }
+            send(SyncChunk {
+                entries,
+                done: true,
+                applied: pos.applied,
+                last_epoch: pos.last_epoch,
+            });
+        });
+        Ok(rx)
+    }
+
+    /// On the primary: add a caught-up server to the view (§7).
+    pub async fn on_join(self: &Arc<Self>, req: JoinRequest) -> JoinResponse {
+        let (ok, applied, view) = {
+            let st = self.st();
+            (st.primary.is_some(), st.pos.applied, st.view.clone())
+        };
+        let answer = |ok: bool, reason: String, view: &crate::types::View| JoinResponse {
+            ok,
+            view: Some(view.into()),
+            reason,
+            primary_applied: applied,
+        };
+        if !ok {
+            return answer(false, "not the primary".into(), &view);
+        }
+        if req.rank as usize >= self.n || req.rank == self.me {
+            return answer(false, "unknown peer".into(), &view);
+        }
+        if applied.saturating_sub(req.applied) > JOIN_WINDOW {
+            return answer(false, "catch up first".into(), &view);
+        }
+        match self.change_view(Reason::Add(req.rank)).await {
+            Ok(v) if v.is_member(req.rank) => answer(true, String::new(), &v),
+            Ok(v) => answer(
+                false,
+                "the decided view does not include the joiner".into(),
+                &v,
+            ),
+            Err(e) => answer(false, e, &view),
+        }
+    }
+
+    pub fn on_discover(&self) -> DiscoverResponse {
+        let st = self.st();
+        DiscoverResponse {
+            rank: self.me,
+            view: Some((&st.view).into()),
+            promised: st.promise.ballot,
+            applied: st.pos.applied,
+            recovering: !st.member,
+        }
+    }
+
+    /// Asks every peer for its view (the classic "who is primary, with which timestamp").
+    pub(crate) async fn discover_all(&self) -> Vec<DiscoverResponse> {
+        let peers = (0..self.n as Rank).filter(|&r| r != self.me);
+        join_all(peers.map(|r| {
+            self.net
+                .discover(r, DiscoverRequest { from: self.me }, DISCOVER_TIMEOUT)
+        }))
+        .await
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect()
+    }
+
+    /// Background: a backup whose primary went silent takes over (after L(1+eps) plus a
+    /// stagger by rank distance, so the next rank goes first); a non-member rejoins.
+    pub(crate) async fn monitor(self: Arc<Self>) {
+        let tick = self.cfg.timing.heartbeat / 2;
+        loop {
+            tokio::time::sleep(tick).await;
+            let (takeover, rejoin) = {
+                let st = self.st();
+                let now = Instant::now();
+                let in_view = st.view.is_member(self.me);
+                let distance = (self.me as usize + self.n - st.view.primary as usize) % self.n;
+                let stagger = Duration::from_millis(150 * distance as u64);
+                let silent = now > st.last_heard + self.cfg.timing.lease_guard() + stagger;
+                let takeover =
+                    st.primary.is_none() && in_view && st.view.primary != self.me && silent;
+                (takeover, !st.member && !takeover)
+            };
+            if takeover {
+                // Maybe the cluster moved on without us: look before proposing.
+                if self.adopt_newer_view().await {
+                    continue;
+                }
+                match self.change_view(Reason::TakeOver).await {
+                    Ok(v) => info!(epoch = v.epoch, primary = v.primary, "take-over decided"),
+                    Err(e) => {
+                        debug!(error = %e, "take-over did not happen");
+                        let ms = rand::rng().random_range(50..250);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                }
+            } else if rejoin {
+                if let Err(e) = self.rejoin().await {
+                    debug!(error = %e, "rejoin attempt failed");
+                    let ms = rand::rng().random_range(100..300);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+            }
+        }
+    }
+
+    /// Adopts the newest view any peer reports, if newer than ours. True if it adopted one.
+    async fn adopt_newer_view(self: &Arc<Self>) -> bool {
+        let replies = self.discover_all().await;
+        let newest = replies
+            .iter()
+            .filter_map(|r| self.peer_view(r.view.as_ref()))
+            .max_by_key(|v| v.epoch);
+        match newest {
+            Some(v) if v.epoch > self.st().view.epoch => {
+                self.learn_view(v).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// One revival attempt (§7): find the newest view; a restarted primary runs a view change;
+    /// anyone else catches up from that view's primary and asks it to join.
+    async fn rejoin(self: &Arc<Self>) -> Result<(), String> {
+        self.adopt_newer_view().await;
+        let view = self.st().view.clone();
+        if view.primary == self.me {
+            return self.change_view(Reason::Restart).await.map(|_| ());
+        }
+        let primary = view.primary;
+        // Bulk transfer while writes go on; the install transfers the rest with writes paused.
+        let target = {
+            let _guard = self.data.lock().await;
+            if self.st().member {
+                return Ok(());
+            }
+            self.sync_from(primary, 0).await?
+        };
+        debug!(primary, target, "caught up; asking to join");
+        let applied = self.st().pos.applied;
+        let resp = self
+            .net
+            .join(
+                primary,
+                JoinRequest {
+                    rank: self.me,
+                    applied,
+                },
+                JOIN_TIMEOUT,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.ok {
+            info!(primary, "rejoined the view");
+            Ok(())
+        } else {
+            if let Some(v) = self.peer_view(resp.view.as_ref()) {
+                if v.epoch > self.st().view.epoch {
+                    self.learn_view(v).await;
+                }
+            }
+            warn!(primary, reason = resp.reason, "join refused");
+            Err(resp.reason)
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Domain types of the replica and the pure rules over them (DESIGN.md §2, §4, §5): views and
+//! the quorum rule, records, entries, and the choice of the most advanced state. No I/O here.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A server's index in the static peer list.
+pub type Rank = u32;
+
+/// `{epoch, primary, members}`: who is primary and who receives every write. `epoch` only
+/// grows; a higher epoch always wins. The classic dead set is every rank not in `members`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    pub epoch: u64,
+    pub primary: Rank,
+    /// Sorted, without duplicates; always contains `primary`.
+    pub members: Vec<Rank>,
+}
+
+impl View {
+    pub fn new(epoch: u64, primary: Rank, members: impl IntoIterator<Item = Rank>) -> View {
+        let mut set: BTreeSet<Rank> = members.into_iter().collect();
+        set.insert(primary);
+        View {
+            epoch,
+            primary,
+            members: set.into_iter().collect(),
+        }
+    }
+
+    /// The view a fresh cluster boots into: epoch 1, rank 0 primary, everyone a member.
+    pub fn initial(n: usize) -> View {
+        View::new(1, 0, 0..n as Rank)
+    }
+
+    pub fn is_member(&self, rank: Rank) -> bool {
+        self.members.binary_search(&rank).is_ok()
+    }
+
+    /// Members other than the primary.
+    pub fn backups(&self) -> impl Iterator<Item = Rank> + '_ {
+        self.members.iter().copied().filter(|&r| r != self.primary)
+    }
+
+    /// Whether `voters` form a quorum of this view's members: more than half, or exactly
+    /// half when the primary is among them. Any two quorums intersect (two disjoint halves
+    /// cannot both contain the primary), and the primary can shrink a view down to itself
+    /// one failure at a time.
+    pub fn is_quorum(&self, voters: &BTreeSet<Rank>) -> bool {
+        let present = self.members.iter().filter(|r| voters.contains(r)).count();
+        let n = self.members.len();
+        2 * present > n || (2 * present == n && voters.contains(&self.primary))
+    }
+}
+
+/// One key's stored state: the lsn of the write that produced it and its value, or `None`
+/// for a tombstone (a delete keeps its lsn so state transfer can carry it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub lsn: u64,
+    pub value: Option<Bytes>,
+}
+
+/// One item of a record: a storage key (user key or session key) and its new value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    pub key: Bytes,
+    pub value: Option<Bytes>,
+}
+
+/// One sequenced write, applied atomically: the user key and the writer's session entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub lsn: u64,
+    /// Epoch of the primary that sequenced it.
+    pub epoch: u64,
+    pub items: Vec<Item>,
+}
+
+/// One key of a state transfer: its current entry at the source, or `None` when the key does
+/// not exist there at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncEntry {
+    pub key: Bytes,
+    pub entry: Option<Entry>,
+}
+
+/// What a member reports about its log in a promise; the new primary takes the most advanced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogState {
+    pub rank: Rank,
+    pub applied: u64,
+    pub committed: u64,
+    /// Epoch of the last record applied.
+    pub last_epoch: u64,
+}
+
+impl LogState {
+    /// Ordering by (last record epoch, applied): a later epoch's history wins over a longer
+    /// history from a deposed primary (DESIGN.md §5 step 4).
+    fn key(&self) -> (u64, u64) {
+        (self.last_epoch, self.applied)
+    }
+}
+
+/// The most advanced of the given states (ties broken towards `prefer`, then the lowest rank).
+pub fn most_advanced(states: &[LogState], prefer: Rank) -> Option<LogState> {
+    states.iter().copied().max_by(|a, b| {
+        a.key()
+            .cmp(&b.key())
+            .then_with(|| (a.rank == prefer).cmp(&(b.rank == prefer)))
+            .then_with(|| b.rank.cmp(&a.rank))
+    })
+}
+
+/// Storage key of a user key: user keys and session entries share one keyspace (so every
+/// mechanism carries sessions with no special case) without being able to collide.
+pub fn user_item(key: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(key.len() + 1);
+    v.push(b'u');
+    v.extend_from_slice(key);
+    v.into()
+}
+
+/// Storage key of a client's session entry (DESIGN.md §3, §6).
+pub fn session_item(client_id: u64) -> Bytes {
+    let mut v = Vec::with_capacity(9);
+    v.push(b's');
+    v.extend_from_slice(&client_id.to_be_bytes());
+    v.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(r: &[Rank]) -> BTreeSet<Rank> {
+        r.iter().copied().collect()
+    }
+
+    #[test]
+    fn quorum_is_a_majority_or_half_with_the_primary() {
+        let v = View::new(3, 0, [0, 1, 2]);
+        assert!(v.is_quorum(&set(&[1, 2])));
+        assert!(!v.is_quorum(&set(&[2])));
+        let v2 = View::new(3, 0, [0, 1]);
+        assert!(v2.is_quorum(&set(&[0])), "the primary alone is half of two");
+        assert!(
+            !v2.is_quorum(&set(&[1])),
+            "a backup alone may not take over"
+        );
+        let v4 = View::new(3, 1, [0, 1, 2, 3]);
+        assert!(v4.is_quorum(&set(&[1, 3])));
+        assert!(!v4.is_quorum(&set(&[0, 3])));
+        assert!(v4.is_quorum(&set(&[0, 2, 3])));
+        assert!(View::new(9, 4, [4]).is_quorum(&set(&[4])));
+        assert!(!v.is_quorum(&set(&[5, 6, 7])), "non-members do not count");
+    }
+
+    #[test]
+    fn any_two_quorums_intersect() {
+        for n in 1..=6u32 {
+            let members: Vec<Rank> = (0..n).collect();
+            for primary in 0..n {
+                let v = View::new(1, primary, members.clone());
+                let subsets: Vec<BTreeSet<Rank>> = (0u32..(1 << n))
+                    .map(|m| (0..n).filter(|i| m & (1 << i) != 0).collect())
+                    .filter(|s| v.is_quorum(s))
+                    .collect();
+                for a in &subsets {
+                    for b in &subsets {
+                        assert!(a.intersection(b).next().is_some(), "{a:?} {b:?} in {v:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn most_advanced_prefers_later_epoch_over_longer_log() {
+        let s = [
+            LogState {
+                rank: 0,
+                applied: 90,
+                committed: 50,
+                last_epoch: 2,
+            },
+            LogState {
+                rank: 1,
+                applied: 60,
+                committed: 50,
+                last_epoch: 3,
+            },
+            LogState {
+                rank: 2,
+                applied: 55,
+                committed: 50,
+                last_epoch: 3,
+            },
+        ];
+        assert_eq!(most_advanced(&s, 2).unwrap().rank, 1);
+        let tie = [
+            LogState {
+                rank: 1,
+                applied: 60,
+                committed: 50,
+                last_epoch: 3,
+            },
+            LogState {
+                rank: 2,
+                applied: 60,
+                committed: 50,
+                last_epoch: 3,
+            },
+        ];
+        assert_eq!(most_advanced(&tie, 2).unwrap().rank, 2);
+        assert_eq!(most_advanced(&tie, 7).unwrap().rank, 1);
+    }
+
+    #[test]
+    fn view_new_sorts_and_includes_primary() {
+        let v = View::new(2, 3, [2, 1, 2]);
+        assert_eq!(v.members, vec![1, 2, 3]);
+        assert_eq!(v.backups().collect::<Vec<_>>(), vec![1, 2]);
+    }
+}

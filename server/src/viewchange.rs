@@ -1,0 +1,592 @@
+//! View changes (DESIGN.md §5): each transition out of a view is one single-decree Paxos
+//! instance whose acceptors are that view's members and whose ballots are epochs. This module
+//! holds the proposer (`change_view`), the acceptor handlers (`on_prepare`, `on_accept`) and
+//! the install + reconcile step.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rand::Rng;
+use replikv_proto::peer::{
+    AcceptRequest, AcceptResponse, InstallRequest, InstallResponse, PrepareRequest, PrepareResponse,
+};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::convert::view_from;
+use crate::node::Node;
+use crate::storage::{Accepted, Promise};
+use crate::types::{most_advanced, LogState, Rank, View};
+
+const PREPARE_TIMEOUT: Duration = Duration::from_millis(400);
+/// A member's install includes a state transfer from the primary.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_ATTEMPTS: u32 = 6;
+
+/// Why a view change is proposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The primary drops a member whose acks timed out.
+    Drop(Rank),
+    /// The primary adds a caught-up joiner (or re-adds a restarted member).
+    Add(Rank),
+    /// A backup whose primary went silent takes over.
+    TakeOver,
+    /// A restarted primary never resumes silently (§7).
+    Restart,
+}
+
+impl Node {
+    /// Whether `reason` still calls for a view change given the current state.
+    fn still_needed(&self, reason: Reason) -> Result<(), String> {
+        let st = self.st();
+        let now = Instant::now();
+        match reason {
+            Reason::Drop(r) => {
+                if st.primary.is_none() || !st.view.is_member(r) {
+                    return Err("no longer primary or member already gone".into());
+                }
+            }
+            Reason::Add(_) => {
+                if st.primary.is_none() {
+                    return Err("not the primary".into());
+                }
+            }
+            Reason::TakeOver => {
+                if st.primary.is_some() || !st.view.is_member(self.me) {
+                    return Err("not a backup of the current view".into());
+                }
+                if now < st.last_heard + self.cfg.timing.lease_guard() {
+                    return Err("the primary is alive".into());
+                }
+            }
+            Reason::Restart => {
+                if st.view.primary != self.me || st.primary.is_some() {
+                    return Err("not a restarted primary".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the Paxos instance that replaces the current view; returns the decided view.
+    pub(crate) async fn change_view(self: &Arc<Self>, reason: Reason) -> Result<View, String> {
+        let _one_at_a_time = self.proposing.lock().await;
+        let mut last_err = String::new();
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                let ms = rand::rng().random_range(20..80u64) * (1u64 << attempt.min(4));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            self.still_needed(reason)?;
+            let from = self.st().view.clone();
+            let ballot = self
+                .max_ballot
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(from.epoch)
+                + 1;
+            self.note_ballot(ballot);
+            info!(
+                ?reason,
+                ballot,
+                from_epoch = from.epoch,
+                "proposing a view change"
+            );
+
+            // Phase 1: prepare.
+            let req = PrepareRequest {
+                ballot,
+                proposer: self.me,
+                view: Some((&from).into()),
+            };
+            let replies = join_all(from.members.iter().map(|&m| {
+                let req = req.clone();
+                async move {
+                    let r = if m == self.me {
+                        Ok(self.on_prepare(req).await)
+                    } else {
+                        self.net
+                            .prepare(m, req, PREPARE_TIMEOUT)
+                            .await
+                            .map_err(|e| e.to_string())
+                    };
+                    (m, r)
+                }
+            }))
+            .await;
+            let mut promisers = BTreeSet::new();
+            let mut states = Vec::new();
+            let mut best: Option<Accepted> = None;
+            for (m, r) in replies {
+                let Ok(resp) = r else { continue };
+                self.note_ballot(resp.promised_ballot);
+                if let Some(v) = self.peer_view(resp.view.as_ref()) {
+                    if v.epoch > from.epoch {
+                        self.learn_view(v).await;
+                        return Err("a newer view exists".into());
+                    }
+                }
+                if !resp.promised {
+                    last_err = format!("rank {m} refused: {}", resp.reason);
+                    continue;
+                }
+                promisers.insert(m);
+                states.push(LogState {
+                    rank: m,
+                    applied: resp.applied,
+                    committed: resp.committed,
+                    last_epoch: resp.last_epoch,
+                });
+                if let Some(a) = resp.accepted {
+                    if let Some(v) = self.peer_view(a.view.as_ref()) {
+                        if best.as_ref().is_none_or(|b| a.ballot > b.ballot) {
+                            best = Some(Accepted {
+                                ballot: a.ballot,
+                                from_epoch: from.epoch,
+                                view: v,
+                            });
+                        }
+                    }
+                }
+            }
+            if !from.is_quorum(&promisers) {
+                warn!(ballot, promisers = ?promisers, last_err, "no quorum of promises");
+                continue;
+            }
+
+            // Phase 2: accept. An accepted proposal must be re-proposed (Paxos), else ours.
+            let view = match best {
+                Some(a) => View::new(ballot, a.view.primary, a.view.members),
+                None => {
+                    let mut members = promisers.clone();
+                    match reason {
+                        Reason::Drop(r) => {
+                            members.remove(&r);
+                        }
+                        Reason::Add(j) => {
+                            members.insert(j);
+                        }
+                        Reason::TakeOver | Reason::Restart => {}
+                    }
+                    View::new(ballot, self.me, members)
+                }
+            };
+            let req = AcceptRequest {
+                ballot,
+                proposer: self.me,
+                from_view: Some((&from).into()),
+                view: Some((&view).into()),
+            };
+            let replies = join_all(promisers.iter().map(|&m| {
+                let req = req.clone();
+                async move {
+                    let r = if m == self.me {
+                        Ok(self.on_accept(req).await)
+                    } else {
+                        self.net
+                            .accept(m, req, PREPARE_TIMEOUT)
+                            .await
+                            .map_err(|e| e.to_string())
+                    };
+                    (m, r)
+                }
+            }))
+            .await;
+            let accepters: BTreeSet<Rank> = replies
+                .into_iter()
+                .filter_map(|(m, r)| {
+                    let r = r.ok()?;
+                    self.note_ballot(r.promised_ballot);
+                    r.accepted.then_some(m)
+                })
+                .collect();
+            if !from.is_quorum(&accepters) {
+                warn!(ballot, accepters = ?accepters, "no quorum of accepts");
+                last_err = "no quorum of accepts".into();
+                continue;
+            }
+
+            // Decided. Its primary installs it everywhere and reconciles (step 4).
+            info!(epoch = view.epoch, primary = view.primary, members = ?view.members, "view decided");
+            if view.primary == self.me {
+                self.install_as_primary(view.clone(), from, states).await?;
+            } else {
+                let req = InstallRequest {
+                    view: Some((&view).into()),
+                    from: self.me,
+                    states: states.iter().map(Into::into).collect(),
+                    previous: Some((&from).into()),
+                };
+                let r = self.net.install(view.primary, req, INSTALL_TIMEOUT).await;
+                if let Err(e) = r {
+                    warn!(primary = view.primary, error = %e, "decided primary did not take the view");
+                }
+            }
+            return Ok(view);
+        }
+        Err(format!("view change gave up: {last_err}"))
+    }
+
+    /// Acceptor, phase 1.
+    pub async fn on_prepare(self: &Arc<Self>, req: PrepareRequest) -> PrepareResponse {
+        let now = Instant::now();
+        let from = view_from(req.view.as_ref(), self.n);
+        let (resp, persist) = {
+            let mut st = self.st();
+            let refuse = |st: &crate::node::State, reason: &str| PrepareResponse {
+                promised: false,
+                view: Some((&st.view).into()),
+                promised_ballot: st.promise.ballot,
+                accepted: None,
+                applied: st.pos.applied,
+                committed: st.pos.committed,
+                last_epoch: st.pos.last_epoch,
+                reason: reason.into(),
+            };
+            let Some(from) = from else {
+                return refuse(&st, "malformed view");
+            };
+            if from.epoch < st.view.epoch {
+                return refuse(&st, "a newer view exists");
+            }
+            if req.ballot <= st.promise.ballot || req.ballot <= from.epoch {
+                return refuse(&st, "promised a higher ballot");
+            }
+            if req.proposer != self.me {
+                if st.primary.is_some() {
+                    return refuse(&st, "this server is the live primary");
+                }
+                // Loyalty (§4): do not help depose a primary heard from within L(1+eps).
+                if req.proposer != st.view.primary
+                    && from.epoch == st.view.epoch
+                    && now < st.last_heard + self.cfg.timing.lease_guard()
+                {
+                    return refuse(&st, "the primary is alive");
+                }
+            }
+            if from.epoch > st.view.epoch {
+                // This server missed the install of `from`; promising is still safe (it has
+                // accepted nothing for that instance), but its data is not a member's.
+                st.view = from.clone();
+                st.member = false;
+                st.lease_until = None;
+            }
+            st.promise = Promise {
+                ballot: req.ballot,
+                to: req.proposer,
+            };
+            if req.proposer != st.view.primary {
+                // Stop acting on the old primary's lease: it can no longer commit without us.
+                st.lease_until = None;
+            }
+            let accepted = st
+                .accepted
+                .as_ref()
+                .filter(|a| a.from_epoch == from.epoch)
+                .map(|a| replikv_proto::peer::Accepted {
+                    ballot: a.ballot,
+                    view: Some((&a.view).into()),
+                });
+            let resp = PrepareResponse {
+                promised: true,
+                view: Some((&st.view).into()),
+                promised_ballot: req.ballot,
+                accepted,
+                applied: st.pos.applied,
+                committed: st.pos.committed,
+                last_epoch: st.pos.last_epoch,
+                reason: String::new(),
+            };
+            (resp, (st.view.clone(), st.promise))
+        };
+        self.note_ballot(req.ballot);
+        self.store
+            .save_paxos(Some(&persist.0), Some(persist.1), None)
+            .await
+            .unwrap_or_else(|e| self.fail_stop(e));
+        resp
+    }
+
+    /// Acceptor, phase 2.
+    pub async fn on_accept(self: &Arc<Self>, req: AcceptRequest) -> AcceptResponse {
+        let (Some(from), Some(view)) = (
+            view_from(req.from_view.as_ref(), self.n),
+            view_from(req.view.as_ref(), self.n),
+        ) else {
+            let st = self.st();
+            return AcceptResponse {
+                accepted: false,
+                promised_ballot: st.promise.ballot,
+                view: Some((&st.view).into()),
+            };
+        };
+        let saved = {
+            let mut st = self.st();
+            if from.epoch < st.view.epoch
+                || req.ballot < st.promise.ballot
+                || view.epoch != req.ballot
+            {
+                return AcceptResponse {
+                    accepted: false,
+                    promised_ballot: st.promise.ballot,
+                    view: Some((&st.view).into()),
+                };
+            }
+            st.promise = Promise {
+                ballot: req.ballot,
+                to: req.proposer,
+            };
+            let a = Accepted {
+                ballot: req.ballot,
+                from_epoch: from.epoch,
+                view,
+            };
+            st.accepted = Some(a.clone());
+            (st.promise, a)
+        };
+        self.store
+            .save_paxos(None, Some(saved.0), Some(Some(&saved.1)))
+            .await
+            .unwrap_or_else(|e| self.fail_stop(e));
+        AcceptResponse {
+            accepted: true,
+            promised_ballot: req.ballot,
+            view: None,
+        }
+    }
+
+    /// Step 4 on the decided primary: take the most advanced member state, have every member
+    /// sync from it, then serve (after the lease wait when the primary changed).
+    pub(crate) async fn install_as_primary(
+        self: &Arc<Self>,
+        view: View,
+        prev: View,
+        states: Vec<LogState>,
+    ) -> Result<(), String> {
+        let guard = self.data.lock().await;
+        let (was_primary, old_commit_after, removed_last_send) = {
+            let mut st = self.st();
+            if view.epoch < st.view.epoch || (view.epoch == st.view.epoch && st.primary.is_some()) {
+                return Err("a newer view is already installed".into());
+            }
+            let old = st.primary.take();
+            let was_primary = old.is_some()
+                && prev.primary == self.me
+                && old.as_ref().is_some_and(|p| p.epoch == prev.epoch);
+            if old.is_some() && !was_primary {
+                st.term += 1;
+                self.publish_commit(&st);
+            }
+            let mut commit_after = Instant::now();
+            let mut last_send = None;
+            if let Some(p) = &old {
+                commit_after = p.commit_after;
+                for (r, pr) in &p.peers {
+                    if !view.is_member(*r) {
+                        if let Some(t) = pr.last_send {
+                            last_send = Some(last_send.map_or(t, |l: Instant| l.max(t)));
+                        }
+                    }
+                }
+            }
+            st.view = view.clone();
+            st.accepted = None;
+            st.member = false;
+            st.lease_until = None;
+            st.stream = None;
+            (was_primary, commit_after, last_send)
+        };
+        self.store
+            .save_paxos(Some(&view), None, Some(None))
+            .await
+            .unwrap_or_else(|e| self.fail_stop(e));
+
+        // Take the most advanced state among the members (and this server).
+        let mine = {
+            let st = self.st();
+            LogState {
+                rank: self.me,
+                applied: st.pos.applied,
+                committed: st.pos.committed,
+                last_epoch: st.pos.last_epoch,
+            }
+        };
+        let mut all: Vec<LogState> = states
+            .into_iter()
+            .filter(|s| view.is_member(s.rank) && s.rank != self.me)
+            .collect();
+        all.push(mine);
+        if let Some(best) = most_advanced(&all, self.me) {
+            if best.rank != self.me {
+                info!(source = best.rank, "taking the most advanced member state");
+                if let Err(e) = self.sync_from(best.rank, view.epoch).await {
+                    warn!(source = best.rank, error = %e, "could not take the most advanced state");
+                    drop(guard);
+                    self.st().member = false;
+                    return Err(e);
+                }
+            }
+        }
+        {
+            let mut st = self.st();
+            st.member = true;
+            st.pos.committed = st.pos.committed.max(st.pos.applied);
+        }
+        self.store
+            .flush_data()
+            .await
+            .unwrap_or_else(|e| self.fail_stop(e));
+
+        // Every other member syncs from this server while writes are paused.
+        let req = InstallRequest {
+            view: Some((&view).into()),
+            from: self.me,
+            states: Vec::new(),
+            previous: Some((&prev).into()),
+        };
+        let results = join_all(view.backups().map(|m| {
+            let req = req.clone();
+            async move { (m, self.net.install(m, req, INSTALL_TIMEOUT).await) }
+        }))
+        .await;
+        let mut failed = Vec::new();
+        for (m, r) in results {
+            match r {
+                Ok(resp) if resp.ok => {}
+                Ok(resp) => {
+                    warn!(
+                        member = m,
+                        reason = resp.reason,
+                        "member refused the install"
+                    );
+                    if let Some(v) = self.peer_view(resp.view.as_ref()) {
+                        if v.epoch > view.epoch {
+                            drop(guard);
+                            self.learn_view(v).await;
+                            return Err("a newer view exists".into());
+                        }
+                    }
+                    failed.push(m)
+                }
+                Err(e) => {
+                    warn!(member = m, error = %e, "member install failed");
+                    failed.push(m)
+                }
+            }
+        }
+        let now = Instant::now();
+        let guard_time = self.cfg.timing.lease_guard();
+        let serve_after = if was_primary { now } else { now + guard_time };
+        let commit_after =
+            removed_last_send.map_or(old_commit_after, |t| old_commit_after.max(t + guard_time));
+        // A single-member view grants no leases, so only a change of primary needs a wait.
+        let serve_after = if view.members.len() == 1 && was_primary {
+            now
+        } else {
+            serve_after
+        };
+        {
+            let st = self.st();
+            if st.view.epoch != view.epoch {
+                return Err("superseded during install".into());
+            }
+        }
+        self.become_primary(&view, serve_after, commit_after, true);
+        if !failed.is_empty() {
+            let mut st = self.st();
+            if let Some(p) = st.primary.as_mut() {
+                for f in &failed {
+                    if let Some(pr) = p.peers.get_mut(f) {
+                        pr.acked = 0;
+                    }
+                }
+            }
+        }
+        drop(guard);
+        for f in failed {
+            self.member_failed(f, view.epoch);
+        }
+        Ok(())
+    }
+
+    /// Install on a member (from the decided view's primary), or on the decided primary
+    /// (from the proposer, with the promisers' states).
+    pub async fn on_install(self: &Arc<Self>, req: InstallRequest) -> InstallResponse {
+        let refuse = |node: &Node, reason: String| {
+            let st = node.st();
+            InstallResponse {
+                ok: false,
+                applied: st.pos.applied,
+                reason,
+                view: Some((&st.view).into()),
+            }
+        };
+        let Some(view) = view_from(req.view.as_ref(), self.n) else {
+            return refuse(self, "malformed view".into());
+        };
+        if view.primary == self.me {
+            let prev = view_from(req.previous.as_ref(), self.n).unwrap_or_else(|| view.clone());
+            let states = req.states.iter().map(Into::into).collect();
+            return match self.install_as_primary(view, prev, states).await {
+                Ok(()) => InstallResponse {
+                    ok: true,
+                    applied: self.st().pos.applied,
+                    reason: String::new(),
+                    view: None,
+                },
+                Err(e) => refuse(self, e),
+            };
+        }
+        if req.from != view.primary || !view.is_member(self.me) {
+            return refuse(
+                self,
+                "install must come from the view's primary to a member".into(),
+            );
+        }
+        let _guard = self.data.lock().await;
+        {
+            let mut st = self.st();
+            if view.epoch < st.view.epoch {
+                drop(st);
+                return refuse(self, "a newer view exists".into());
+            }
+            self.step_down(&mut st);
+            st.view = view.clone();
+            st.member = false;
+            st.lease_until = None;
+            st.stream = None;
+            st.accepted = None;
+            st.last_heard = Instant::now();
+        }
+        self.store
+            .save_paxos(Some(&view), None, Some(None))
+            .await
+            .unwrap_or_else(|e| self.fail_stop(e));
+        if let Err(e) = self.sync_from(view.primary, view.epoch).await {
+            return refuse(self, format!("state transfer from the primary failed: {e}"));
+        }
+        let mut st = self.st();
+        if st.view.epoch != view.epoch {
+            drop(st);
+            return refuse(self, "superseded during install".into());
+        }
+        st.member = true;
+        st.pos.committed = st.pos.applied;
+        st.last_heard = Instant::now();
+        self.publish_commit(&st);
+        info!(
+            epoch = view.epoch,
+            primary = view.primary,
+            applied = st.pos.applied,
+            "installed view as backup"
+        );
+        InstallResponse {
+            ok: true,
+            applied: st.pos.applied,
+            reason: String::new(),
+            view: None,
+        }
+    }
+}
