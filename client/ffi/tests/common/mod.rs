@@ -1,0 +1,270 @@
+//! Shared fixtures for the kv739 tests: a live local cluster, C programs compiled against
+//! `lib739kv.h` and the freshly built `libkv739.so`, and child processes that are always
+//! bounded in time and killed on panic.
+
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use replikv_client::{BlockingClient, ClientConfig};
+use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
+
+/// How long a fresh cluster may take to elect its first primary (debug builds, 2 cores
+/// shared with other work).
+pub const PRIMARY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running 3-server cluster. `cluster` is declared first so its processes are killed
+/// before the runtime that `wait_for_primary` uses goes away.
+pub struct Fixture {
+    pub cluster: LocalCluster,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Fixture {
+    /// Starts `servers` replicas and waits until one of them serves as primary.
+    pub fn start(servers: usize) -> Fixture {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let cluster = LocalCluster::start(ClusterOptions {
+            servers,
+            command: Some(server_command()),
+            ..Default::default()
+        })
+        .expect("start the local cluster");
+        let fixture = Fixture { cluster, rt };
+        fixture.wait_for_primary();
+        fixture
+    }
+
+    /// The rank of the serving primary; panics (with the cluster's own diagnosis) if none
+    /// appears within [`PRIMARY_TIMEOUT`].
+    pub fn wait_for_primary(&self) -> usize {
+        let (rank, _) = self
+            .rt
+            .block_on(self.cluster.wait_for_primary(PRIMARY_TIMEOUT))
+            .unwrap_or_else(|e| panic!("{e}"));
+        rank
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.cluster.addrs()
+    }
+
+    /// A plain Rust client on the same cluster, to look at the store from outside kv739.
+    pub fn client(&self) -> BlockingClient {
+        let client = BlockingClient::connect(
+            ClientConfig::new(self.addrs()).with_request_timeout(Duration::from_secs(10)),
+        )
+        .expect("build a client");
+        client
+            .wait_for_any(Duration::from_secs(10))
+            .expect("some server answers");
+        client
+    }
+}
+
+/// The server binary; built on demand when `cargo test -p replikv-ffi` did not build it
+/// (only `cargo test` on the whole workspace builds every package's binaries).
+pub fn server_command() -> ServerCommand {
+    if let Ok(command) = ServerCommand::locate() {
+        return command;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", "replikv-server"]);
+    if profile_dir()
+        .file_name()
+        .is_some_and(|name| name == "release")
+    {
+        build.arg("--release");
+    }
+    let child = build.spawn().expect("run cargo build -p replikv-server");
+    let status = ChildGuard::new(child).wait(Duration::from_secs(900));
+    assert!(status.success(), "cargo build -p replikv-server failed");
+    ServerCommand::locate().expect("replikv-server after building it")
+}
+
+/// `target/<profile>`: integration tests run from `target/<profile>/deps`.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The directory holding `libkv739.so`, which cargo builds (with the rlib the tests link)
+/// whenever this package's library is built.
+pub fn lib_dir() -> PathBuf {
+    let dir = profile_dir();
+    assert!(
+        dir.join("libkv739.so").is_file(),
+        "libkv739.so not found in {}",
+        dir.display()
+    );
+    dir
+}
+
+/// `client/ffi`.
+pub fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Compiles C `sources` against the kv739 header and shared library into `out_dir/name`,
+/// with the same warnings-as-errors flags users are told to use.
+pub fn compile_c(name: &str, sources: &[PathBuf], out_dir: &Path) -> PathBuf {
+    let lib = lib_dir();
+    let exe = out_dir.join(name);
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let output = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pthread"])
+        .arg("-I")
+        .arg(crate_dir().join("include"))
+        .arg("-I")
+        .arg(crate_dir().join("tests/c"))
+        .args(sources)
+        .arg("-o")
+        .arg(&exe)
+        .arg("-L")
+        .arg(&lib)
+        .arg("-lkv739")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .output()
+        .unwrap_or_else(|e| panic!("run {cc}: {e}"));
+    assert!(
+        output.status.success(),
+        "compiling {name} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    exe
+}
+
+/// A test program from `tests/c/<name>.c`.
+pub fn compile_test_program(name: &str, out_dir: &Path) -> PathBuf {
+    compile_c(
+        name,
+        &[crate_dir().join(format!("tests/c/{name}.c"))],
+        out_dir,
+    )
+}
+
+/// A child process that is killed and reaped when dropped, so a failing test leaves no
+/// stray process behind.
+pub struct ChildGuard {
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child) -> Self {
+        ChildGuard { child: Some(child) }
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("child not yet reaped")
+    }
+
+    /// Waits at most `timeout` for the exit; on timeout kills the child and panics.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child().try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child().kill();
+                panic!("child process still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `command` to completion within `timeout`, capturing its output.
+pub fn run_bounded(command: &mut Command, timeout: Duration) -> Output {
+    let mut guard = ChildGuard::new(
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    // Drained on threads so a chatty child cannot block on a full pipe.
+    let stdout = drain(guard.child().stdout.take().expect("stdout"));
+    let stderr = drain(guard.child().stderr.take().expect("stderr"));
+    let status = guard.wait(timeout);
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// Lines of a child's stdout, delivered on a channel so the test can wait for each with a
+/// bound.
+pub fn line_channel(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Asserts a C test program passed, showing everything it printed if not.
+pub fn assert_program_passed(name: &str, output: &Output) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains(&format!("{name}: all checks passed")),
+        "{name} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        output.status
+    );
+}
+
+/// Whether `python3` can be run here.
+pub fn have_python3() -> bool {
+    Command::new("python3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A scratch directory removed at the end of the test.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("kv739-test-")
+        .tempdir()
+        .expect("temp dir")
+}

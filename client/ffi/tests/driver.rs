@@ -1,0 +1,254 @@
+//! The file-driven driver (`driver/kv739-driver.c`) on inputs from `scripts/gen_input.py`,
+//! against a live cluster: every output line must be what a sequential store would answer,
+//! and afterwards the store must hold the last value put to each key, also when the
+//! primary is killed in the middle of the run.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{compile_c, crate_dir, have_python3, run_bounded, scratch, ChildGuard, Fixture};
+
+/// Bound for one driver run; each call inside has its own 10 s deadline.
+const DRIVER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Writes a generated input file for `servers` and returns its path.
+fn generate(dir: &Path, servers: &[String], extra: &[&str]) -> PathBuf {
+    let input = dir.join("input.txt");
+    let script = crate_dir().join("../../scripts/gen_input.py");
+    let output = run_bounded(
+        Command::new("python3")
+            .arg(script)
+            .arg("--servers")
+            .arg(servers.join(","))
+            .args(extra)
+            .arg("-o")
+            .arg(&input),
+        Duration::from_secs(60),
+    );
+    assert!(
+        output.status.success(),
+        "gen_input.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    input
+}
+
+fn compile_driver(dir: &Path) -> PathBuf {
+    compile_c(
+        "kv739-driver",
+        &[crate_dir().join("driver/kv739-driver.c")],
+        dir,
+    )
+}
+
+/// What a run showed: the final value of every key that was put, and how many gets and puts
+/// it made.
+struct Run {
+    last_put: HashMap<String, String>,
+    ops: usize,
+}
+
+/// Checks the driver's output against its input line by line, replaying the operations on
+/// a map: with one sequential client, a linearizable store must answer exactly as the map
+/// does. Every get and put must succeed (rc 0 or 1, never -1).
+fn check_output(input: &str, output: &str) -> Run {
+    let ops: Vec<&str> = input
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let (summary, results): (Vec<&str>, Vec<&str>) =
+        output.lines().partition(|l| l.starts_with('#'));
+    assert_eq!(
+        ops.len(),
+        results.len(),
+        "one output line per input line expected"
+    );
+
+    let mut model: HashMap<String, String> = HashMap::new();
+    let mut data_ops = 0;
+    for (n, (op, result)) in ops.iter().zip(&results).enumerate() {
+        let line = n + 1;
+        let fields: Vec<&str> = result.split(',').collect();
+        let latency = fields.last().expect("latency field");
+        assert!(
+            latency.parse::<u64>().is_ok(),
+            "line {line}: latency {latency:?} in {result:?}"
+        );
+        let (rc, rest) = (fields[0], &fields[1..fields.len() - 1]);
+        match op.split(',').collect::<Vec<_>>().as_slice() {
+            ["init", ..] | ["shutdown"] => {
+                assert_eq!((rc, rest.len()), ("0", 0), "line {line}: {op} -> {result}");
+            }
+            ["get", key] => {
+                data_ops += 1;
+                match model.get(*key) {
+                    Some(v) => assert_eq!(
+                        (rc, rest),
+                        ("0", &[*key, v.as_str()][..]),
+                        "line {line}: {op}"
+                    ),
+                    None => assert_eq!((rc, rest), ("1", &[*key, ""][..]), "line {line}: {op}"),
+                }
+            }
+            ["put", key, value] => {
+                data_ops += 1;
+                let want = match model.get(*key) {
+                    Some(old) => ("0", vec![*key, *value, old.as_str()]),
+                    None => ("1", vec![*key, *value, ""]),
+                };
+                assert_eq!((rc, rest.to_vec()), want, "line {line}: {op}");
+                model.insert(key.to_string(), value.to_string());
+            }
+            other => panic!("line {line}: unexpected input {other:?}"),
+        }
+    }
+
+    assert_eq!(summary.len(), 1, "one summary line: {summary:?}");
+    assert!(
+        summary[0].starts_with(&format!("# ops={data_ops} errors=0 ")),
+        "summary {:?} for {data_ops} successful operations",
+        summary[0]
+    );
+    for field in ["wall_s=", "throughput_ops_s=", "p50_us=", "p99_us="] {
+        assert!(summary[0].contains(field), "summary lacks {field}");
+    }
+    Run {
+        last_put: model,
+        ops: data_ops,
+    }
+}
+
+/// The store, read through another client, holds the last value put to every key.
+fn assert_store_holds(fixture: &Fixture, run: &Run) {
+    let client = fixture.client();
+    for (key, value) in &run.last_put {
+        let got = client.get(key.clone()).expect("read back");
+        assert_eq!(got.as_deref(), Some(value.as_bytes()), "key {key}");
+    }
+}
+
+#[test]
+fn driver_output_matches_the_store() {
+    if !have_python3() {
+        eprintln!("SKIPPED driver_output_matches_the_store: python3 is not installed");
+        return;
+    }
+    let fixture = Fixture::start(3);
+    let dir = scratch();
+    let input = generate(
+        dir.path(),
+        &fixture.addrs(),
+        &[
+            "--ops",
+            "600",
+            "--keys",
+            "40",
+            "--dist",
+            "hot",
+            "--get-ratio",
+            "0.5",
+            "--value-len",
+            "300",
+            "--key-len",
+            "24",
+            "--seed",
+            "739",
+        ],
+    );
+    let driver = compile_driver(dir.path());
+    let out = dir.path().join("output.txt");
+
+    let result = run_bounded(Command::new(&driver).arg(&input).arg(&out), DRIVER_TIMEOUT);
+    assert!(
+        result.status.success(),
+        "driver failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let run = check_output(
+        &std::fs::read_to_string(&input).expect("input"),
+        &std::fs::read_to_string(&out).expect("output"),
+    );
+    assert_eq!(run.ops, 600);
+    assert!(!run.last_put.is_empty());
+    assert_store_holds(&fixture, &run);
+    // The summary also goes to stdout, for people running the driver by hand.
+    assert!(String::from_utf8_lossy(&result.stdout).starts_with("# ops=600 errors=0 "));
+}
+
+#[test]
+fn killing_the_primary_mid_run_costs_only_latency() {
+    const OPS: usize = 3000;
+    if !have_python3() {
+        eprintln!(
+            "SKIPPED killing_the_primary_mid_run_costs_only_latency: python3 is not installed"
+        );
+        return;
+    }
+    let mut fixture = Fixture::start(3);
+    let primary = fixture.wait_for_primary();
+    let dir = scratch();
+    let ops = OPS.to_string();
+    let input = generate(
+        dir.path(),
+        &fixture.addrs(),
+        &[
+            "--ops",
+            &ops,
+            "--keys",
+            "100",
+            "--get-ratio",
+            "0.5",
+            "--seed",
+            "42",
+        ],
+    );
+    let driver = compile_driver(dir.path());
+    let out = dir.path().join("output.txt");
+    let mut child = ChildGuard::new(
+        Command::new(&driver)
+            .arg(&input)
+            .arg(&out)
+            .spawn()
+            .expect("spawn the driver"),
+    );
+
+    // The driver writes its output line by line: kill the primary a third of the way in.
+    let lines_done =
+        || std::fs::read(&out).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count());
+    let deadline = Instant::now() + DRIVER_TIMEOUT;
+    while lines_done() < OPS / 3 {
+        assert!(
+            child.child().try_wait().expect("try_wait").is_none(),
+            "driver ended before the kill"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "driver too slow to reach the kill point"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fixture.cluster.kill(primary).expect("kill the primary");
+    let at_kill = lines_done();
+
+    let status = child.wait(DRIVER_TIMEOUT);
+    assert!(status.success(), "driver exited with {status}");
+    let run = check_output(
+        &std::fs::read_to_string(&input).expect("input"),
+        &std::fs::read_to_string(&out).expect("output"),
+    );
+    assert_eq!(run.ops, OPS);
+    // init + OPS operations + shutdown lines precede the summary.
+    let after_kill = OPS + 2 - at_kill;
+    assert!(
+        after_kill >= OPS / 2,
+        "only {after_kill} operations ran after the kill"
+    );
+    // The survivors elected a new primary, and it holds every acknowledged write.
+    let new_primary = fixture.wait_for_primary();
+    assert_ne!(new_primary, primary);
+    assert_store_holds(&fixture, &run);
+}
