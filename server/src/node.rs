@@ -74,6 +74,8 @@ pub(crate) struct Progress {
 /// What only the primary has.
 pub(crate) struct PrimaryState {
     pub epoch: u64,
+    /// When this server took the role for this view.
+    pub since: Instant,
     /// A new primary waits out every lease of the previous view before serving (§5 step 5).
     pub serve_after: Instant,
     /// A removed member's lease must run out before anything commits without it.
@@ -297,6 +299,7 @@ impl Node {
         }
         st.primary = Some(PrimaryState {
             epoch: view.epoch,
+            since: Instant::now(),
             serve_after,
             commit_after,
             durable: applied,

@@ -227,17 +227,40 @@ impl Node {
         let tick = self.cfg.timing.heartbeat / 2;
         loop {
             tokio::time::sleep(tick).await;
-            let (takeover, rejoin) = {
+            let (takeover, rejoin, stuck) = {
                 let st = self.st();
                 let now = Instant::now();
+                // A member that has acknowledged nothing for a long while (its stream ended
+                // or a drop attempt failed for want of a quorum): try to drop it again.
+                let stuck: Vec<(Rank, u64)> = match &st.primary {
+                    Some(p) => {
+                        let limit = self.cfg.timing.lease_guard() * 2;
+                        st.view
+                            .backups()
+                            .filter(|m| {
+                                let last = p
+                                    .peers
+                                    .get(m)
+                                    .and_then(|x| x.ack_sent_at)
+                                    .unwrap_or(p.since);
+                                now > last + limit
+                            })
+                            .map(|m| (m, p.epoch))
+                            .collect()
+                    }
+                    None => Vec::new(),
+                };
                 let in_view = st.view.is_member(self.me);
                 let distance = (self.me as usize + self.n - st.view.primary as usize) % self.n;
                 let stagger = Duration::from_millis(150 * distance as u64);
                 let silent = now > st.last_heard + self.cfg.timing.lease_guard() + stagger;
                 let takeover =
                     st.primary.is_none() && in_view && st.view.primary != self.me && silent;
-                (takeover, !st.member && !takeover)
+                (takeover, !st.member && !takeover, stuck)
             };
+            for (m, epoch) in stuck {
+                self.member_failed(m, epoch);
+            }
             if takeover {
                 // Maybe the cluster moved on without us: look before proposing.
                 if self.adopt_newer_view().await {
