@@ -24,13 +24,20 @@ fn return_codes_old_values_and_rejected_arguments() {
     let fixture = Fixture::start(3);
     let dir = scratch();
     let exe = compile_test_program("api", dir.path());
+    let client = fixture.client();
+    let long = vec![b'x'; 3000];
+    client
+        .put(&b"foreign-long"[..], long)
+        .expect("store a value too long for kv739");
+    client
+        .put(&b"foreign-binary"[..], &b"\x00\x01\xff"[..])
+        .expect("store a value kv739 may not hold");
 
     let output = run_bounded(Command::new(&exe).args(fixture.addrs()), PROGRAM_TIMEOUT);
     assert_program_passed("api", &output);
 
     // Puts that kv739 rejected must not have reached the store under any name; kv739 itself
     // cannot read these keys, so look with the Rust client.
-    let client = fixture.client();
     let long_key = "k".repeat(129);
     let rejected: [&[u8]; 10] = [
         b"before-init",
@@ -134,6 +141,7 @@ fn every_server_down_fails_within_the_deadline() {
         "{verdict} ({status}); timings {elapsed:?}"
     );
 
+    eprintln!("with every server down (ms): {elapsed:?}");
     let ops: Vec<&str> = elapsed.iter().map(|(op, _)| op.as_str()).collect();
     assert_eq!(ops, ["get", "put", "shutdown", "init"]);
     for (op, ms) in &elapsed {

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{compile_c, crate_dir, have_python3, run_bounded, scratch, ChildGuard, Fixture};
@@ -45,11 +45,11 @@ fn compile_driver(dir: &Path) -> PathBuf {
     )
 }
 
-/// What a run showed: the final value of every key that was put, and how many gets and puts
-/// it made.
+/// What a run showed: the final value of every key that was put, and the latency of each
+/// get and put in input order.
 struct Run {
     last_put: HashMap<String, String>,
-    ops: usize,
+    latencies_us: Vec<u64>,
 }
 
 /// Checks the driver's output against its input line by line, replaying the operations on
@@ -69,22 +69,21 @@ fn check_output(input: &str, output: &str) -> Run {
     );
 
     let mut model: HashMap<String, String> = HashMap::new();
-    let mut data_ops = 0;
+    let mut latencies_us = Vec::new();
     for (n, (op, result)) in ops.iter().zip(&results).enumerate() {
         let line = n + 1;
         let fields: Vec<&str> = result.split(',').collect();
         let latency = fields.last().expect("latency field");
-        assert!(
-            latency.parse::<u64>().is_ok(),
-            "line {line}: latency {latency:?} in {result:?}"
-        );
+        let latency_us: u64 = latency
+            .parse()
+            .unwrap_or_else(|_| panic!("line {line}: latency {latency:?} in {result:?}"));
         let (rc, rest) = (fields[0], &fields[1..fields.len() - 1]);
         match op.split(',').collect::<Vec<_>>().as_slice() {
             ["init", ..] | ["shutdown"] => {
                 assert_eq!((rc, rest.len()), ("0", 0), "line {line}: {op} -> {result}");
             }
             ["get", key] => {
-                data_ops += 1;
+                latencies_us.push(latency_us);
                 match model.get(*key) {
                     Some(v) => assert_eq!(
                         (rc, rest),
@@ -95,7 +94,7 @@ fn check_output(input: &str, output: &str) -> Run {
                 }
             }
             ["put", key, value] => {
-                data_ops += 1;
+                latencies_us.push(latency_us);
                 let want = match model.get(*key) {
                     Some(old) => ("0", vec![*key, *value, old.as_str()]),
                     None => ("1", vec![*key, *value, ""]),
@@ -107,6 +106,7 @@ fn check_output(input: &str, output: &str) -> Run {
         }
     }
 
+    let data_ops = latencies_us.len();
     assert_eq!(summary.len(), 1, "one summary line: {summary:?}");
     assert!(
         summary[0].starts_with(&format!("# ops={data_ops} errors=0 ")),
@@ -118,7 +118,7 @@ fn check_output(input: &str, output: &str) -> Run {
     }
     Run {
         last_put: model,
-        ops: data_ops,
+        latencies_us,
     }
 }
 
@@ -172,7 +172,7 @@ fn driver_output_matches_the_store() {
         &std::fs::read_to_string(&input).expect("input"),
         &std::fs::read_to_string(&out).expect("output"),
     );
-    assert_eq!(run.ops, 600);
+    assert_eq!(run.latencies_us.len(), 600);
     assert!(!run.last_put.is_empty());
     assert_store_holds(&fixture, &run);
     // The summary also goes to stdout, for people running the driver by hand.
@@ -212,6 +212,7 @@ fn killing_the_primary_mid_run_costs_only_latency() {
         Command::new(&driver)
             .arg(&input)
             .arg(&out)
+            .stdout(Stdio::null())
             .spawn()
             .expect("spawn the driver"),
     );
@@ -240,13 +241,20 @@ fn killing_the_primary_mid_run_costs_only_latency() {
         &std::fs::read_to_string(&input).expect("input"),
         &std::fs::read_to_string(&out).expect("output"),
     );
-    assert_eq!(run.ops, OPS);
+    assert_eq!(run.latencies_us.len(), OPS);
     // init + OPS operations + shutdown lines precede the summary.
     let after_kill = OPS + 2 - at_kill;
     assert!(
         after_kill >= OPS / 2,
         "only {after_kill} operations ran after the kill"
     );
+    // Output line n (1-based) is operation n - 1 after the init line.
+    let worst_after_kill = run.latencies_us[at_kill.saturating_sub(2)..]
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0);
+    eprintln!("kill after {at_kill} lines; worst latency after it: {worst_after_kill} us");
     // The survivors elected a new primary, and it holds every acknowledged write.
     let new_primary = fixture.wait_for_primary();
     assert_ne!(new_primary, primary);

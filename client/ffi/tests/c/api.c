@@ -3,7 +3,9 @@
  * argument rejection, NULL pointers, buffer bounds, shutdown and re-init.
  *
  * Usage: api HOST:PORT...   (at least two servers)
- * Keys that must never be stored (the rejected puts) are checked afterwards by the Rust
+ * The harness first stores, through another client, "foreign-long" (a value longer than
+ * MAX_VALUE_SIZE) and "foreign-binary" (bytes kv739 may not hold). Keys that must never be
+ * stored (the rejected puts) are checked afterwards by the Rust
  * harness through another client, since kv739 itself cannot read an invalid key.
  */
 #include <stdlib.h>
@@ -148,6 +150,27 @@ static void invalid_arguments_store_nothing(void) {
     free(long_value);
 }
 
+/* Values kv739 cannot return are -1, never truncated or passed through; a put over them
+ * still stores its new value. */
+static void foreign_values(void) {
+    char *keys[] = {"foreign-long", "foreign-binary"};
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++) {
+        reset_out();
+        CHECK_RC(kv739_get(keys[i], out), -1);
+        CHECK_STR(out, "");
+        CHECK(out[MAX_VALUE_SIZE + 1] == SENTINEL);
+
+        char replacement[] = "replaced by kv739";
+        reset_out();
+        CHECK_RC(kv739_put(keys[i], replacement, out), -1);
+        CHECK_STR(out, "");
+        CHECK(out[MAX_VALUE_SIZE + 1] == SENTINEL);
+
+        CHECK_RC(kv739_get(keys[i], out), 0);
+        CHECK_STR(out, replacement);
+    }
+}
+
 static void shutdown_and_reinit(char **servers) {
     CHECK_RC(kv739_init(servers), -1); /* already initialised */
     CHECK_RC(kv739_shutdown(), 0);
@@ -189,6 +212,7 @@ int main(int argc, char **argv) {
     return_codes_and_old_values();
     largest_key_and_value();
     invalid_arguments_store_nothing();
+    foreign_values();
     shutdown_and_reinit(servers);
     return finish("api");
 }
