@@ -1,0 +1,648 @@
+//! Nemesis mode (DESIGN.md §8): faults injected while clients run, histories
+//! checked afterwards.
+//!
+//! - [`history`]: the run clock, recorded operations and nemesis events, CSV.
+//! - [`workload`]: the recording clients.
+//! - [`nemesis`]: the faults and the Admin RPC that delivers network faults.
+//! - [`monitor`]: polls `Status` for epoch regressions and split primaries.
+//! - [`measure`]: `chaos measure`: unavailability after faults, catch-up time.
+//!
+//! A run: spawn a cluster with fault injection, start the clients and the
+//! monitor, inject faults in rounds (each healed before the next) until the
+//! duration is over, heal and restart everything, then check: replicas
+//! converge to the same contents, epochs only grew, one primary per epoch, no
+//! server panicked or died on its own, the cluster takes writes again, and
+//! the history (final reads included) is linearizable.
+
+pub mod history;
+pub mod measure;
+pub mod monitor;
+pub mod nemesis;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use replikv_client::{Client, ClientConfig, Route};
+use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::checker::{self, Call, CheckOptions, Verdict};
+use history::{Clock, Entry, Fate, History};
+use nemesis::{Fault, Nemesis, Timing};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long the cluster may take to elect its first primary.
+const FIRST_PRIMARY: Duration = Duration::from_secs(30);
+/// How long the healed cluster may take to converge.
+const CONVERGE: Duration = Duration::from_secs(60);
+/// Budget for one final read or write after healing, retries included.
+const FINAL_OP: Duration = Duration::from_secs(10);
+/// Fault-free time at the end of the run, so the history shows recovery.
+const TAIL: Duration = Duration::from_secs(3);
+/// Fault-free time at the start, so the history starts from a working cluster.
+const WARM_UP: Duration = Duration::from_secs(1);
+/// Process ids of the final readers are this plus the server rank.
+const FINAL_READER: u64 = 1_000_000;
+/// Lines shown per server when its log shows a panic.
+const PANIC_LINES: usize = 5;
+
+/// Options of the `chaos` subcommand.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ChaosArgs {
+    #[command(subcommand)]
+    pub command: Option<ChaosCommand>,
+    /// Number of servers to spawn.
+    #[arg(long, default_value_t = 5)]
+    pub spawn: usize,
+    /// How long the clients run (faults stop a little before the end).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Faults to inject, comma-separated, in rounds.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
+    pub faults: Vec<Fault>,
+    /// Concurrent client sessions.
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Number of keys the clients share (few keys: more contention).
+    #[arg(long, default_value_t = 8)]
+    pub keys: usize,
+    /// Budget of one client request, retries included.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Shortest time a fault is held.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub hold_min: Duration,
+    /// Longest time a fault is held.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub hold_max: Duration,
+    /// Quiet time after each heal.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    /// Lease length passed to the servers; a pause lasts at least 3 leases.
+    #[arg(long, default_value_t = 500)]
+    pub lease_ms: u64,
+    /// Server durability mode.
+    #[arg(long, default_value = "always", value_parser = ["always", "none"])]
+    pub sync: String,
+    /// Server binary to run instead of this program's hidden `server` command.
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    /// Extra flag for every server (repeatable), e.g. `--server-arg=--ack-timeout-ms=300`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+    /// Write the history (operations and nemesis events) to this CSV file.
+    /// Without it, a failed run writes it next to the server logs.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Keep server data and logs here (default: a temporary directory,
+    /// removed after a run that passed).
+    #[arg(long)]
+    pub base_dir: Option<PathBuf>,
+    /// Seed of the fault schedule and the clients' choices.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Linearizability search budget per key, in steps.
+    #[arg(long, default_value_t = CheckOptions::default().max_steps_per_key)]
+    pub max_search_steps: u64,
+    /// Only check a history written by an earlier run, then exit.
+    #[arg(long, value_name = "HISTORY_CSV")]
+    pub check_history: Option<PathBuf>,
+}
+
+/// Subcommands of `chaos`.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ChaosCommand {
+    /// Measure write unavailability after faults and the catch-up time of a
+    /// server that missed many writes; writes CSVs.
+    Measure(measure::MeasureArgs),
+}
+
+/// Runs the nemesis (or `chaos measure`, or a re-check); `Ok(false)` when a
+/// check failed.
+pub async fn run(args: ChaosArgs) -> Result<bool, BoxError> {
+    init_tracing();
+    let work = async {
+        if let Some(path) = &args.check_history {
+            return recheck(path, args.max_search_steps);
+        }
+        match &args.command {
+            Some(ChaosCommand::Measure(m)) => measure::run(&args, m).await,
+            None => nemesis_run(&args).await,
+        }
+    };
+    // On Ctrl-C or SIGTERM, dropping `work` drops the cluster, which kills
+    // every server it started.
+    tokio::select! {
+        outcome = work => outcome,
+        _ = replikv_server::shutdown_signal() => Err("interrupted".into()),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,replikv_loadgen=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Checks a saved history again.
+fn recheck(path: &Path, max_steps: u64) -> Result<bool, BoxError> {
+    let history = History::read_csv(path)?;
+    let report = checker::check(
+        &history.operations(),
+        &CheckOptions {
+            max_steps_per_key: max_steps,
+        },
+    );
+    print!("{report}");
+    Ok(report.verdict() == Verdict::Linearizable)
+}
+
+/// Where the cluster keeps its files, and whether this run made the directory.
+pub(crate) fn base_dir(args: &ChaosArgs, purpose: &str) -> Result<(PathBuf, bool), BoxError> {
+    if let Some(dir) = &args.base_dir {
+        return Ok((dir.clone(), false));
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let dir =
+        std::env::temp_dir().join(format!("replikv-{purpose}-{}-{stamp}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok((dir, true))
+}
+
+/// Spawns the cluster described by `args`, with fault injection on.
+pub(crate) fn start_cluster(args: &ChaosArgs, base: &Path) -> Result<LocalCluster, BoxError> {
+    if args.spawn == 0 {
+        return Err("--spawn must be at least 1".into());
+    }
+    let command = match &args.server_bin {
+        Some(bin) => ServerCommand::new(bin, Vec::new()),
+        None => ServerCommand::new(std::env::current_exe()?, vec!["server".into()]),
+    };
+    let mut extra_args = vec!["--lease-ms".to_owned(), args.lease_ms.to_string()];
+    extra_args.extend(args.server_args.iter().cloned());
+    let cluster = LocalCluster::start(ClusterOptions {
+        servers: args.spawn,
+        sync: args.sync.clone(),
+        fault_injection: true,
+        extra_args,
+        command: Some(command),
+        base_dir: Some(base.to_path_buf()),
+    })?;
+    Ok(cluster)
+}
+
+/// One post-run check.
+struct Check {
+    name: String,
+    passed: bool,
+    detail: String,
+}
+
+impl Check {
+    fn new(name: impl Into<String>, passed: bool, detail: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            passed,
+            detail: detail.into(),
+        }
+    }
+}
+
+async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
+    let faults = Fault::expand(&args.faults);
+    if faults.is_empty() {
+        return Err("--faults names no fault".into());
+    }
+    if args.clients == 0 || args.keys == 0 {
+        return Err("--clients and --keys must be at least 1".into());
+    }
+    if args.hold_max < args.hold_min {
+        return Err("--hold-max must not be below --hold-min".into());
+    }
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let (base, made_base) = base_dir(args, "chaos")?;
+    let mut cluster = start_cluster(args, &base)?;
+    let (primary, _) = cluster.wait_for_primary(FIRST_PRIMARY).await?;
+    let addrs = cluster.addrs();
+    println!(
+        "chaos: {} servers ({}), primary {primary}, {} clients on {} keys, {} run, faults {:?}, seed {seed}",
+        args.spawn,
+        base.display(),
+        args.clients,
+        args.keys,
+        humantime::format_duration(args.duration),
+        faults
+    );
+
+    let clock = Clock::start();
+    let run_started = Instant::now();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let monitor = tokio::spawn(monitor::watch_cluster(
+        addrs.clone(),
+        clock,
+        stop_rx.clone(),
+    ));
+    let keys: Vec<String> = (0..args.keys).map(|k| format!("chaos-{k}")).collect();
+    let mut clients = Vec::new();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for process in 0..args.clients as u64 {
+        // Half the sessions send writes straight to the primary, half to a
+        // random server that forwards them: both paths get exercised.
+        let route = if process % 2 == 0 {
+            Route::Random
+        } else {
+            Route::Primary
+        };
+        let client = Client::connect(
+            ClientConfig::new(addrs.clone())
+                .with_route(route)
+                .with_request_timeout(args.request_timeout)
+                .with_attempt_timeout(args.request_timeout.min(Duration::from_secs(1))),
+        )
+        .await?;
+        clients.push(tokio::spawn(workload::run_client(
+            process,
+            client,
+            keys.clone(),
+            clock,
+            args.request_timeout,
+            rng.random(),
+            stop_rx.clone(),
+        )));
+    }
+
+    // The schedule: every fault once in a random order, again and again,
+    // while a whole round still fits before the fault-free tail.
+    let timing = Timing {
+        hold: (args.hold_min, args.hold_max),
+        min_pause: Duration::from_millis(3 * args.lease_ms),
+        settle: args.settle,
+    };
+    let round_length = args.hold_max.max(timing.min_pause) + args.settle;
+    let mut nemesis = Nemesis::new(
+        &mut cluster,
+        StdRng::seed_from_u64(rng.random()),
+        clock,
+        timing,
+    )?;
+    tokio::time::sleep(WARM_UP).await;
+    let mut order = faults.clone();
+    'rounds: loop {
+        order.shuffle(&mut rng);
+        for &fault in &order {
+            if run_started.elapsed() + round_length + TAIL > args.duration {
+                break 'rounds;
+            }
+            nemesis.round(fault).await;
+        }
+    }
+    nemesis.heal().await;
+    let events = nemesis.events().to_vec();
+    let unexpected_exits = nemesis.unexpected_exits().to_vec();
+    drop(nemesis);
+    tokio::time::sleep(
+        args.duration
+            .saturating_sub(run_started.elapsed())
+            .max(TAIL),
+    )
+    .await;
+
+    info!("stopping clients");
+    let _ = stop_tx.send(true);
+    let mut history = History {
+        entries: Vec::new(),
+        nemesis: events,
+    };
+    let client_deadline = args.request_timeout + Duration::from_secs(10);
+    for client in clients {
+        match tokio::time::timeout(client_deadline, client).await {
+            Ok(Ok(entries)) => history.entries.extend(entries),
+            Ok(Err(e)) => return Err(format!("a client task failed: {e}").into()),
+            Err(_) => {
+                return Err(format!("a client did not stop within {client_deadline:?}").into())
+            }
+        }
+    }
+    let observations = monitor.await?;
+
+    let mut checks = Vec::new();
+    checks.push(Check::new(
+        "no server exited on its own",
+        unexpected_exits.is_empty(),
+        unexpected_exits.join("; "),
+    ));
+    for rank in 0..cluster.len() {
+        if !cluster.is_running(rank) {
+            warn!(rank, "restarting a server that is down after the run");
+            cluster.restart(rank)?;
+        }
+    }
+    let converged = match cluster.wait_for_primary(FIRST_PRIMARY).await {
+        Ok(_) => cluster.wait_converged(CONVERGE).await,
+        Err(e) => Err(e),
+    };
+    let applied = cluster.status(0).await.map_or(0, |s| s.applied);
+    checks.push(match &converged {
+        Ok(()) => Check::new(
+            "replicas converged after healing",
+            true,
+            format!("applied {applied} on every server"),
+        ),
+        Err(e) => Check::new("replicas converged after healing", false, e.clone()),
+    });
+
+    let (contents, final_reads) = compare_contents(&cluster, &keys, clock).await;
+    history.entries.extend(final_reads);
+    checks.push(contents);
+    checks.push(write_after_heal(&addrs, &keys, clock, &mut history).await);
+
+    let epochs = observations
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(rank, t)| {
+            format!(
+                "server {rank}: {} -> {} ({} samples)",
+                t.first_epoch.unwrap_or(0),
+                t.last_epoch,
+                t.samples
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    checks.push(Check::new(
+        "epochs only grew; one primary per epoch",
+        observations.violations.is_empty(),
+        if observations.violations.is_empty() {
+            format!("{} epochs seen; {epochs}", observations.primaries.len())
+        } else {
+            observations.violations.join("; ")
+        },
+    ));
+    let panics = scan_logs(&cluster);
+    checks.push(Check::new(
+        "no server panicked",
+        panics.is_empty(),
+        panics.join("\n      "),
+    ));
+
+    let started = Instant::now();
+    let report = checker::check(
+        &history.operations(),
+        &CheckOptions {
+            max_steps_per_key: args.max_search_steps,
+        },
+    );
+    let verdict = report.verdict();
+    checks.push(Check::new(
+        "history is linearizable",
+        verdict == Verdict::Linearizable,
+        format!(
+            "{verdict}, checked in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ),
+    ));
+
+    let passed = checks.iter().all(|c| c.passed);
+    print!("{}", summary(&history, &checks, &report));
+    let out = match &args.out {
+        Some(path) => Some(path.clone()),
+        None if !passed => Some(base.join("history.csv")),
+        None => None,
+    };
+    if let Some(path) = out {
+        history.write_csv(&path)?;
+        println!("history written to {}", path.display());
+    }
+    drop(cluster);
+    if passed && made_base {
+        let _ = std::fs::remove_dir_all(&base);
+    } else {
+        println!("server data and logs kept in {}", base.display());
+    }
+    println!("chaos: {}", if passed { "PASS" } else { "FAIL" });
+    Ok(passed)
+}
+
+/// Reads every key from every server through a client pinned to it; the
+/// reads also join the history, so the final state must agree with it.
+async fn compare_contents(
+    cluster: &LocalCluster,
+    keys: &[String],
+    clock: Clock,
+) -> (Check, Vec<Entry>) {
+    let name = "every server holds the same contents";
+    let mut entries = Vec::new();
+    let mut by_server: Vec<Vec<Option<String>>> = Vec::new();
+    for rank in 0..cluster.len() {
+        let config =
+            ClientConfig::new([cluster.addr(rank)]).with_request_timeout(Duration::from_secs(2));
+        let client = match Client::connect(config).await {
+            Ok(c) => c,
+            Err(e) => {
+                return (
+                    Check::new(name, false, format!("server {rank}: {e}")),
+                    entries,
+                )
+            }
+        };
+        let mut values = Vec::new();
+        for key in keys {
+            let deadline = Instant::now() + FINAL_OP;
+            let value = loop {
+                let invoke = clock.now();
+                match client.get(key.clone()).await {
+                    Ok(v) => {
+                        let v = v.as_ref().map(workload::text);
+                        entries.push(Entry {
+                            process: FINAL_READER + rank as u64,
+                            key: key.clone(),
+                            call: Call::Get,
+                            fate: Fate::Ok(v.clone()),
+                            invoke,
+                            complete: clock.now(),
+                        });
+                        break v;
+                    }
+                    Err(e) if Instant::now() < deadline => {
+                        warn!(rank, key, error = %e, "final read failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        let detail = format!("server {rank} did not serve a read of {key}: {e}");
+                        return (Check::new(name, false, detail), entries);
+                    }
+                }
+            };
+            values.push(value);
+        }
+        by_server.push(values);
+    }
+    let mut differences = Vec::new();
+    for (k, key) in keys.iter().enumerate() {
+        let mut seen: BTreeMap<Option<&str>, Vec<usize>> = BTreeMap::new();
+        for (rank, values) in by_server.iter().enumerate() {
+            seen.entry(values[k].as_deref()).or_default().push(rank);
+        }
+        if seen.len() > 1 {
+            let views: Vec<String> = seen
+                .iter()
+                .map(|(v, ranks)| {
+                    format!(
+                        "{ranks:?} read {}",
+                        v.map_or("absent".to_owned(), |v| format!("{v:?}"))
+                    )
+                })
+                .collect();
+            differences.push(format!("{key}: {}", views.join(", ")));
+        }
+    }
+    let present = by_server
+        .first()
+        .map_or(0, |values| values.iter().filter(|v| v.is_some()).count());
+    if differences.is_empty() {
+        (
+            Check::new(
+                name,
+                true,
+                format!("{} keys, {present} present", keys.len()),
+            ),
+            entries,
+        )
+    } else {
+        (Check::new(name, false, differences.join("; ")), entries)
+    }
+}
+
+/// The healed cluster must take a write again (liveness); it joins the
+/// history like any other.
+async fn write_after_heal(
+    addrs: &[String],
+    keys: &[String],
+    clock: Clock,
+    history: &mut History,
+) -> Check {
+    let name = "the healed cluster takes writes";
+    let client =
+        match Client::connect(ClientConfig::new(addrs.to_vec()).with_request_timeout(FINAL_OP))
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => return Check::new(name, false, e.to_string()),
+        };
+    let process = FINAL_READER + addrs.len() as u64;
+    let value = "final-write".to_owned();
+    let invoke = clock.now();
+    let result = client.put(keys[0].clone(), value.clone()).await;
+    let complete = clock.now();
+    let (fate, check) = match result {
+        Ok(old) => (
+            Fate::Ok(old.as_ref().map(workload::text)),
+            Check::new(
+                name,
+                true,
+                format!("put took {:.0} ms", (complete - invoke) as f64 / 1e6),
+            ),
+        ),
+        Err(e) if e.is_outcome_unknown() => (
+            Fate::Unknown(e.to_string()),
+            Check::new(name, false, e.to_string()),
+        ),
+        Err(e) => (
+            Fate::Failed(e.to_string()),
+            Check::new(name, false, e.to_string()),
+        ),
+    };
+    history.entries.push(Entry {
+        process,
+        key: keys[0].clone(),
+        call: Call::Put(value),
+        fate,
+        invoke,
+        complete,
+    });
+    check
+}
+
+/// Lines of the server logs that report a panic, a few per server.
+fn scan_logs(cluster: &LocalCluster) -> Vec<String> {
+    let mut found = Vec::new();
+    for rank in 0..cluster.len() {
+        let path = cluster.log_path(rank);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                found.push(format!(
+                    "server {rank}: cannot read {}: {e}",
+                    path.display()
+                ));
+                continue;
+            }
+        };
+        let lines = std::io::BufReader::new(file)
+            .split(b'\n')
+            .map_while(Result::ok)
+            .map(|line| String::from_utf8_lossy(&line).into_owned())
+            .filter(|line| line.contains("panicked"))
+            .take(PANIC_LINES);
+        found.extend(lines.map(|line| format!("server {rank}: {line}")));
+    }
+    found
+}
+
+/// The end-of-run text: nemesis actions, operation counts, checks, and the
+/// checker's report.
+fn summary(history: &History, checks: &[Check], report: &checker::Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "nemesis: {} rounds", history.nemesis.len());
+    for event in &history.nemesis {
+        let _ = writeln!(out, "  {event}");
+    }
+    let mut counts: BTreeMap<&str, [usize; 3]> = BTreeMap::new();
+    for e in &history.entries {
+        let kind = match e.call {
+            Call::Get => "get",
+            Call::Put(_) => "put",
+            Call::Delete => "delete",
+        };
+        let slot = match e.fate {
+            Fate::Ok(_) => 0,
+            Fate::Unknown(_) => 1,
+            Fate::Failed(_) => 2,
+        };
+        counts.entry(kind).or_default()[slot] += 1;
+    }
+    let _ = writeln!(out, "operations: {}", history.entries.len());
+    for (kind, [ok, unknown, failed]) in counts {
+        let _ = writeln!(
+            out,
+            "  {kind:<6} ok {ok:>7}  unknown {unknown:>5}  failed {failed:>5}"
+        );
+    }
+    let _ = writeln!(out, "checks:");
+    for c in checks {
+        let mark = if c.passed { "ok  " } else { "FAIL" };
+        if c.detail.is_empty() {
+            let _ = writeln!(out, "  [{mark}] {}", c.name);
+        } else {
+            let _ = writeln!(out, "  [{mark}] {}: {}", c.name, c.detail);
+        }
+    }
+    let _ = write!(out, "{report}");
+    out
+}
