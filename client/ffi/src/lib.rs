@@ -37,7 +37,7 @@ fn guarded(body: impl FnOnce() -> c_int) -> c_int {
 /// Connects to the servers in the NULL-terminated `server_list` of `"host:port"` strings.
 ///
 /// Returns 0 once some listed server answered, -1 if the list is NULL, empty or has a
-/// malformed entry, if a session is already up, or if no server answered within the init
+/// malformed entry (a repeated entry is fine and counts once), if a session is already up, or if no server answered within the init
 /// deadline (`KV739_INIT_TIMEOUT_MS`, default 5 s).
 ///
 /// # Safety
@@ -66,7 +66,11 @@ pub unsafe extern "C" fn kv739_init(server_list: *mut *mut c_char) -> c_int {
             let Some(server) = args::parse_server(text) else {
                 return FAILED;
             };
-            servers.push(server);
+            // The client refuses a list naming a server twice (it would skew random
+            // routing); for kv739 a repeated entry is harmless, so keep the first.
+            if !servers.contains(&server) {
+                servers.push(server);
+            }
         }
         if servers.is_empty() {
             return FAILED;
