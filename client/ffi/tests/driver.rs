@@ -7,10 +7,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{compile_c, crate_dir, have_python3, run_bounded, scratch, ChildGuard, Fixture};
+use common::{
+    compile_c, crate_dir, have_python3, program, run_bounded, scratch, ChildGuard, Fixture,
+};
 
 /// Bound for one driver run; each call inside has its own 10 s deadline.
 const DRIVER_TIMEOUT: Duration = Duration::from_secs(300);
@@ -20,7 +22,7 @@ fn generate(dir: &Path, servers: &[String], extra: &[&str]) -> PathBuf {
     let input = dir.join("input.txt");
     let script = crate_dir().join("../../scripts/gen_input.py");
     let output = run_bounded(
-        Command::new("python3")
+        program("python3")
             .arg(script)
             .arg("--servers")
             .arg(servers.join(","))
@@ -162,7 +164,7 @@ fn driver_output_matches_the_store() {
     let driver = compile_driver(dir.path());
     let out = dir.path().join("output.txt");
 
-    let result = run_bounded(Command::new(&driver).arg(&input).arg(&out), DRIVER_TIMEOUT);
+    let result = run_bounded(program(&driver).arg(&input).arg(&out), DRIVER_TIMEOUT);
     assert!(
         result.status.success(),
         "driver failed: {}",
@@ -177,6 +179,33 @@ fn driver_output_matches_the_store() {
     assert_store_holds(&fixture, &run);
     // The summary also goes to stdout, for people running the driver by hand.
     assert!(String::from_utf8_lossy(&result.stdout).starts_with("# ops=600 errors=0 "));
+
+    // The base-port form of init: one server at localhost:<its port> sees the same data.
+    let (key, value) = run.last_put.iter().next().expect("some key was put");
+    let port = fixture
+        .cluster
+        .addr(1)
+        .rsplit_once(':')
+        .expect("host:port")
+        .1
+        .to_string();
+    let input = dir.path().join("base-port.txt");
+    std::fs::write(&input, format!("init,{port},1\nget,{key}\nshutdown\n")).expect("write");
+    let result = run_bounded(program(&driver).arg(&input).arg(&out), DRIVER_TIMEOUT);
+    assert!(result.status.success());
+    let output = std::fs::read_to_string(&out).expect("output");
+    let lines: Vec<&str> = output.lines().collect();
+    assert!(
+        lines[0].starts_with("0,"),
+        "init,{port},1 gave {}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with(&format!("0,{key},{value},")),
+        "get through localhost:{port} gave {}",
+        lines[1]
+    );
+    assert!(lines[2].starts_with("0,"), "shutdown gave {}", lines[2]);
 }
 
 #[test]
@@ -209,7 +238,7 @@ fn killing_the_primary_mid_run_costs_only_latency() {
     let driver = compile_driver(dir.path());
     let out = dir.path().join("output.txt");
     let mut child = ChildGuard::new(
-        Command::new(&driver)
+        program(&driver)
             .arg(&input)
             .arg(&out)
             .stdout(Stdio::null())

@@ -100,16 +100,38 @@ pub fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// The directory holding `libkv739.so`, which cargo builds (with the rlib the tests link)
-/// whenever this package's library is built.
+/// The directory holding the `libkv739.so` built from this very source.
+///
+/// That is `target/<profile>/deps`, next to the test binary: when the library is built as
+/// a dependency of the tests, rustc writes the cdylib there together with the rlib the
+/// tests link, but cargo only copies it up to `target/<profile>` on a plain `cargo build`.
+/// The copy in `target/<profile>` may therefore be stale, and testing it would test old
+/// code.
 pub fn lib_dir() -> PathBuf {
-    let dir = profile_dir();
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .expect("test binary has a directory")
+        .to_path_buf();
     assert!(
         dir.join("libkv739.so").is_file(),
         "libkv739.so not found in {}",
         dir.display()
     );
     dir
+}
+
+/// A command for a program that loads `libkv739.so` (a C test program, the driver,
+/// python3).
+///
+/// `cargo test` puts `target/<profile>` first in `LD_LIBRARY_PATH`, and that directory may
+/// hold a stale `libkv739.so` from an earlier `cargo build`; the dynamic loader would take
+/// it over the rpath the programs are linked with. Without the variable, each program loads
+/// the library it was linked against, as it would for a user.
+pub fn program(path: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(path);
+    command.env_remove("LD_LIBRARY_PATH");
+    command
 }
 
 /// `client/ffi`.
