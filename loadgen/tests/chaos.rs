@@ -1,0 +1,163 @@
+//! Every fault kind of DESIGN.md §8, briefly, against five real servers: the
+//! `chaos` command must pass all of its checks (no acknowledged write lost,
+//! linearizable history, converged replicas, growing epochs, no panics).
+//!
+//! The runs take one at a time: each brings five servers, and two clusters
+//! on a small machine would starve each other into timeouts.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Run length of each fault kind.
+const DURATION: &str = "20s";
+/// Bound on one whole run: start-up, the run, convergence and the check.
+const RUN_LIMIT: Duration = Duration::from_secs(150);
+
+/// The loadgen process, in its own process group with its servers: dropping
+/// it (a failed assertion, a timeout) asks the group to stop, then kills it.
+struct Run {
+    child: Child,
+}
+
+impl Run {
+    fn signal_group(&self, signal: libc::c_int) {
+        if let Ok(pgid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: killpg has no memory-safety preconditions.
+            unsafe {
+                libc::killpg(pgid, signal);
+            }
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            // The loadgen exited and its cluster with it; the servers were
+            // its children and have been killed and reaped by it.
+            return;
+        }
+        self.signal_group(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.signal_group(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+fn chaos(faults: &str) {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = tempfile::Builder::new()
+        .prefix("replikv-chaos-test-")
+        .tempdir()
+        .expect("temporary directory");
+    let history = dir.path().join("history.csv");
+    let output_path = dir.path().join("output.txt");
+    let output = std::fs::File::create(&output_path).expect("output file");
+    let child = Command::new(env!("CARGO_BIN_EXE_replikv-loadgen"))
+        .args([
+            "chaos",
+            "--spawn",
+            "5",
+            "--duration",
+            DURATION,
+            "--faults",
+            faults,
+        ])
+        .arg("--out")
+        .arg(&history)
+        .arg("--base-dir")
+        .arg(dir.path().join("cluster"))
+        .stdin(Stdio::null())
+        .stdout(output.try_clone().expect("output file"))
+        .stderr(output)
+        .process_group(0)
+        .spawn()
+        .expect("start replikv-loadgen");
+    let mut run = Run { child };
+
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = run.child.try_wait().expect("wait for replikv-loadgen") {
+            break Some(status);
+        }
+        if started.elapsed() > RUN_LIMIT {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&output_path).unwrap_or_default();
+    let passed = status.is_some_and(|s| s.success());
+    if !passed {
+        let kept = dir.keep();
+        panic!(
+            "chaos --faults {faults} {}; files kept in {}\n{text}",
+            match status {
+                Some(s) => format!("failed ({s})"),
+                None => format!("did not finish within {RUN_LIMIT:?}"),
+            },
+            kept.display()
+        );
+    }
+    // Passing means the checks ran on a real history, not on an empty one.
+    assert!(text.contains("[ok  ] history is linearizable"), "{text}");
+    assert!(text.contains("chaos: PASS"), "{text}");
+    assert_history_has_writes(&history, &text);
+}
+
+/// The run recorded acknowledged writes and at least one nemesis action.
+fn assert_history_has_writes(path: &Path, output: &str) {
+    let csv = std::fs::read_to_string(path).expect("history written");
+    let acknowledged_puts = csv
+        .lines()
+        .filter(|l| l.contains(",put,") && l.contains(",ok,"))
+        .count();
+    let nemesis = csv.lines().filter(|l| l.contains(",nemesis,")).count();
+    assert!(
+        acknowledged_puts > 50,
+        "only {acknowledged_puts} acknowledged puts\n{output}"
+    );
+    assert!(nemesis > 0, "no fault was injected\n{output}");
+}
+
+#[test]
+fn kill_and_restart() {
+    chaos("kill");
+}
+
+#[test]
+fn pause_longer_than_the_lease() {
+    chaos("pause");
+}
+
+#[test]
+fn isolated_primary_and_isolated_backup() {
+    chaos("isolate-primary,isolate-backup");
+}
+
+#[test]
+fn one_way_links_and_lost_replies() {
+    chaos("one-way,drop-response");
+}
+
+#[test]
+fn rotating_majority_partitions_and_delays() {
+    chaos("majority,delay");
+}
+
+#[test]
+fn whole_cluster_crash_and_disk_errors() {
+    chaos("crash-all,disk-error");
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The long nemesis soak: five servers, every fault kind in healed rounds, ten
+# recording clients, then the convergence, epoch, panic and linearizability
+# checks of `replikv-loadgen chaos` (DESIGN.md §8).
+#
+#   scripts/chaos.sh 10m
+#   scripts/chaos.sh 30m --seed 42 --clients 16
+#
+# The first argument is the run length (default 5m); any further arguments go
+# to `replikv-loadgen chaos`. The history (operations and nemesis actions) is
+# written to $OUT/soak-<time>.csv; a failed run also keeps the servers' data
+# and logs and says where. Exits non-zero when any check fails.
+#
+# Environment (optional):
+#   OUT       results directory (default results/chaos)
+#   SERVERS   number of servers (default 5)
+#   FAULTS    comma-separated fault kinds (default all)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+DURATION="${1:-5m}"
+shift || true
+OUT="${OUT:-results/chaos}"
+SERVERS="${SERVERS:-5}"
+FAULTS="${FAULTS:-all}"
+
+cargo build --release -p replikv-loadgen
+mkdir -p "$OUT"
+HISTORY="$OUT/soak-$(date -u +%Y%m%dT%H%M%SZ).csv"
+
+# exec: a Ctrl-C or SIGTERM reaches the load generator directly, and it stops
+# every server it started before exiting.
+exec target/release/replikv-loadgen chaos \
+    --spawn "$SERVERS" \
+    --duration "$DURATION" \
+    --faults "$FAULTS" \
+    --out "$HISTORY" \
+    "$@"
