@@ -20,6 +20,9 @@ use crate::workload::{Distribution, WorkloadSpec};
 
 /// How long a spawned cluster may take to elect its first primary.
 const SPAWN_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Sessions that write the key set before a run when there are fewer clients than this: a
+/// one-client benchmark should not wait for one client to write 10 000 keys one by one.
+const PRELOAD_SESSIONS: usize = 32;
 /// Measured time when neither `--duration` nor `--ops` is given.
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
@@ -321,8 +324,12 @@ async fn run_with(
         args.clients,
         args.target.as_str()
     ));
-    let connect =
-        futures::future::try_join_all((0..args.clients).map(|_| Target::connect(&target)));
+    let sessions = if args.no_preload {
+        args.clients
+    } else {
+        args.clients.max(PRELOAD_SESSIONS)
+    };
+    let connect = futures::future::try_join_all((0..sessions).map(|_| Target::connect(&target)));
     let targets = tokio::select! {
         targets = connect => targets?,
         _ = live.stopped() => return Err(BenchError::Interrupted),
@@ -336,6 +343,7 @@ async fn run_with(
     );
     let config = RunConfig {
         workload: args.workload(),
+        clients: args.clients,
         rate: args.rate,
         stop: params.stop,
         warmup: args.warmup,

@@ -45,6 +45,10 @@ pub enum Stop {
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub workload: WorkloadSpec,
+    /// Clients that run the workload: the first `clients` of the targets handed to [`run`].
+    /// Any further targets only help the preload, which would otherwise take minutes for a
+    /// large key set written by one client.
+    pub clients: usize,
     /// Open loop: total operations per second over all clients. `None`: closed loop, each
     /// client sends its next request as soon as the previous one returns.
     pub rate: Option<f64>,
@@ -58,9 +62,15 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    fn validate(&self, clients: usize) -> Result<KeyChooser, RunError> {
-        if clients == 0 {
+    fn validate(&self, targets: usize) -> Result<KeyChooser, RunError> {
+        if self.clients == 0 {
             return Err(RunError::Config("at least one client is needed".into()));
+        }
+        if self.clients > targets {
+            return Err(RunError::Config(format!(
+                "{} clients need as many sessions, got {targets}",
+                self.clients
+            )));
         }
         if let Some(rate) = self.rate {
             if !(rate.is_finite() && rate > 0.0) {
@@ -326,7 +336,8 @@ struct ClientResult {
     finished: Instant,
 }
 
-/// Runs the workload with one client per target and returns what it measured.
+/// Preloads with every target, then runs the workload with the first `config.clients`
+/// of them, one client per target, and returns what it measured.
 ///
 /// Bounded in time: with [`Stop::Duration`] clients stop issuing at the deadline and every
 /// operation is bounded by the target's request timeout; [`Live::stop`] ends it at once.
@@ -336,7 +347,7 @@ pub async fn run(
     live: Arc<Live>,
 ) -> Result<RunReport, RunError> {
     let chooser = config.validate(targets.len())?;
-    let clients = targets.len();
+    let clients = config.clients;
 
     let preload_started = Instant::now();
     let (targets, preload_errors) = if config.preload {
@@ -349,6 +360,10 @@ pub async fn run(
     } else {
         Duration::ZERO
     };
+
+    // The sessions beyond `clients` were only for the preload.
+    let mut targets = targets;
+    targets.truncate(clients);
 
     let start = Instant::now();
     live.set_phase(Phase::Warmup);
@@ -396,7 +411,7 @@ pub async fn run(
     Ok(report)
 }
 
-/// Writes every key once, the key set split evenly over the clients' sessions.
+/// Writes every key once, the key set split evenly over the sessions.
 async fn preload(
     targets: Vec<Target>,
     workload: &WorkloadSpec,
