@@ -1,0 +1,167 @@
+//! The client and the `replikv` CLI against a real three-server cluster
+//! (`LocalCluster` spawns `replikv-server` processes; build it first with
+//! `cargo build -p replikv-server`). The cluster kills its processes when
+//! dropped, also when a test panics.
+
+use std::process::Output;
+use std::time::Duration;
+
+use bytes::Bytes;
+use replikv_client::{Client, ClientConfig, Route};
+use replikv_server::cluster::{ClusterOptions, LocalCluster};
+
+/// Bound for a cluster to elect a primary and for any single test step.
+const STEP: Duration = Duration::from_secs(30);
+
+async fn bounded<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, fut)
+        .await
+        .expect("step did not finish in time")
+}
+
+async fn start_cluster() -> LocalCluster {
+    let cluster = LocalCluster::start(ClusterOptions {
+        servers: 3,
+        ..Default::default()
+    })
+    .expect("start the servers (is replikv-server built?)");
+    cluster
+        .wait_for_primary(STEP)
+        .await
+        .expect("the cluster elects a primary");
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_delete_round_trip() {
+    let cluster = start_cluster().await;
+    let client = Client::connect(ClientConfig::new(cluster.addrs()))
+        .await
+        .unwrap();
+
+    assert_eq!(bounded(client.put("fruit", "apple")).await.unwrap(), None);
+    assert_eq!(
+        bounded(client.put("fruit", "pear")).await.unwrap(),
+        Some(Bytes::from("apple"))
+    );
+    assert_eq!(
+        bounded(client.get("fruit")).await.unwrap(),
+        Some(Bytes::from("pear"))
+    );
+    assert_eq!(
+        bounded(client.delete("fruit")).await.unwrap(),
+        Some(Bytes::from("pear"))
+    );
+    assert_eq!(bounded(client.get("fruit")).await.unwrap(), None);
+    assert_eq!(bounded(client.delete("fruit")).await.unwrap(), None);
+
+    // Every server sees every write, whichever one a client reads from.
+    bounded(client.put("shared", "yes")).await.unwrap();
+    for addr in cluster.addrs() {
+        let one = Client::connect(ClientConfig::new([addr.clone()]))
+            .await
+            .unwrap();
+        assert_eq!(
+            bounded(one.get("shared")).await.unwrap(),
+            Some(Bytes::from("yes")),
+            "read from {addr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_keep_working_with_one_server_killed() {
+    let mut cluster = start_cluster().await;
+    let client = Client::connect(ClientConfig::new(cluster.addrs()).with_route(Route::Primary))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        bounded(client.put(format!("k{i}"), format!("v{i}")))
+            .await
+            .unwrap();
+    }
+
+    let (primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
+    let victim = (primary + 1) % cluster.len();
+    cluster.kill(victim).unwrap();
+
+    for round in 0..3 {
+        for i in 0..10 {
+            assert_eq!(
+                bounded(client.get(format!("k{i}"))).await.unwrap(),
+                Some(Bytes::from(format!("v{i}"))),
+                "round {round}, key k{i}, server {victim} down"
+            );
+        }
+    }
+    assert_eq!(
+        bounded(client.put("k0", "after")).await.unwrap(),
+        Some(Bytes::from("v0")),
+        "writes go on without the dead backup"
+    );
+    assert_eq!(
+        bounded(client.get("k0")).await.unwrap(),
+        Some(Bytes::from("after"))
+    );
+}
+
+async fn replikv(servers: &str, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_replikv"));
+    cmd.env("REPLIKV_SERVERS", servers)
+        .env_remove("RUST_LOG")
+        .args(args)
+        .kill_on_drop(true);
+    bounded(cmd.output()).await.expect("replikv runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_put_get_and_status() {
+    let mut cluster = start_cluster().await;
+    let servers = cluster.addrs().join(",");
+
+    let out = replikv(&servers, &["put", "planet", "mars"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "(none)\n");
+    let out = replikv(&servers, &["get", "planet"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "mars\n");
+
+    let (primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
+    let victim = (primary + 1) % cluster.len();
+    cluster.kill(victim).unwrap();
+
+    // Right after the kill the survivors may be mid view change, with no
+    // primary; poll (bounded) until the table shows the new view settled.
+    bounded(cluster.wait_for_primary(STEP)).await.unwrap();
+    let addrs = cluster.addrs();
+    let mut text = String::new();
+    for _ in 0..40 {
+        let out = replikv(&servers, &["status"]).await;
+        assert_eq!(out.status.code(), Some(0));
+        text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows.len(), 3, "{text}");
+        for (rank, row) in rows.iter().enumerate() {
+            assert_eq!(row[1], addrs[rank], "{text}");
+            if rank == victim {
+                assert_eq!(row[2], "down", "{text}");
+            } else {
+                assert_eq!(row[0], rank.to_string(), "{text}");
+                assert_ne!(row[2], "down", "{text}");
+            }
+        }
+        if rows.iter().any(|r| r[2] == "up" && r[3] == "primary") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("no serving primary in the status table: {text}");
+}
