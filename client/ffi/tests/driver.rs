@@ -18,7 +18,8 @@ use common::{
 const DRIVER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Writes a generated input file for `servers` and returns its path.
-fn generate(dir: &Path, servers: &[String], extra: &[&str]) -> PathBuf {
+/// `extra` holds further gen_input.py arguments, separated by whitespace.
+fn generate(dir: &Path, servers: &[String], extra: &str) -> PathBuf {
     let input = dir.join("input.txt");
     let script = crate_dir().join("../../scripts/gen_input.py");
     let output = run_bounded(
@@ -26,7 +27,7 @@ fn generate(dir: &Path, servers: &[String], extra: &[&str]) -> PathBuf {
             .arg(script)
             .arg("--servers")
             .arg(servers.join(","))
-            .args(extra)
+            .args(extra.split_whitespace())
             .arg("-o")
             .arg(&input),
         Duration::from_secs(60),
@@ -144,22 +145,7 @@ fn driver_output_matches_the_store() {
     let input = generate(
         dir.path(),
         &fixture.addrs(),
-        &[
-            "--ops",
-            "600",
-            "--keys",
-            "40",
-            "--dist",
-            "hot",
-            "--get-ratio",
-            "0.5",
-            "--value-len",
-            "300",
-            "--key-len",
-            "24",
-            "--seed",
-            "739",
-        ],
+        "--ops 600 --keys 40 --dist hot --get-ratio 0.5 --value-len 300 --key-len 24 --seed 739",
     );
     let driver = compile_driver(dir.path());
     let out = dir.path().join("output.txt");
@@ -220,20 +206,10 @@ fn killing_the_primary_mid_run_costs_only_latency() {
     let mut fixture = Fixture::start(3);
     let primary = fixture.wait_for_primary();
     let dir = scratch();
-    let ops = OPS.to_string();
     let input = generate(
         dir.path(),
         &fixture.addrs(),
-        &[
-            "--ops",
-            &ops,
-            "--keys",
-            "100",
-            "--get-ratio",
-            "0.5",
-            "--seed",
-            "42",
-        ],
+        &format!("--ops {OPS} --keys 100 --get-ratio 0.5 --seed 42"),
     );
     let driver = compile_driver(dir.path());
     let out = dir.path().join("output.txt");
@@ -288,4 +264,74 @@ fn killing_the_primary_mid_run_costs_only_latency() {
     let new_primary = fixture.wait_for_primary();
     assert_ne!(new_primary, primary);
     assert_store_holds(&fixture, &run);
+}
+
+/// Runs gen_input.py with `args` (whitespace-separated; no init or shutdown line) and returns
+/// its lines.
+fn generated_ops(args: &str) -> Vec<String> {
+    let script = crate_dir().join("../../scripts/gen_input.py");
+    let output = run_bounded(
+        program("python3")
+            .arg(script)
+            .args(["--no-init", "--no-shutdown"])
+            .args(args.split_whitespace()),
+        Duration::from_secs(60),
+    );
+    assert!(
+        output.status.success(),
+        "gen_input.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("ASCII output")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn gen_input_shapes_the_workload_it_is_asked_for() {
+    if !have_python3() {
+        eprintln!(
+            "SKIPPED gen_input_shapes_the_workload_it_is_asked_for: python3 is not installed"
+        );
+        return;
+    }
+    let hot =
+        "--ops 20000 --keys 100 --dist hot --get-ratio 0.8 --key-len 10 --value-len 50 --seed 5";
+    let ops = generated_ops(hot);
+    assert_eq!(ops.len(), 20000);
+    assert_eq!(ops, generated_ops(hot), "same seed, same file");
+
+    let key_index = |line: &str| -> usize {
+        let key = line.split(',').nth(1).expect("key");
+        assert_eq!(key.len(), 10, "{key}");
+        key.trim_start_matches('k')
+            .trim_end_matches('_')
+            .parse()
+            .expect("k<index>___ key")
+    };
+    let share = |lines: &[String], pred: &dyn Fn(&str) -> bool| {
+        lines.iter().filter(|l| pred(l)).count() as f64 / lines.len() as f64
+    };
+    // 10 % of the keys (k0..k9) receive 90 % of the operations.
+    let hot_share = share(&ops, &|l| key_index(l) < 10);
+    assert!((0.88..=0.92).contains(&hot_share), "hot share {hot_share}");
+    let gets = share(&ops, &|l| l.starts_with("get,"));
+    assert!((0.78..=0.82).contains(&gets), "get share {gets}");
+    for put in ops.iter().filter(|l| l.starts_with("put,")) {
+        let value = put.splitn(3, ',').nth(2).expect("value");
+        assert_eq!(value.len(), 50);
+        assert!(value
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) && !b"[],".contains(&b)));
+    }
+
+    let uniform = generated_ops("--ops 20000 --keys 100 --key-len 10 --seed 5");
+    let low_share = share(&uniform, &|l| key_index(l) < 10);
+    assert!(
+        (0.08..=0.12).contains(&low_share),
+        "uniform share {low_share}"
+    );
+    assert_ne!(uniform, ops);
 }
