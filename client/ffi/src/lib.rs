@@ -37,8 +37,8 @@ fn guarded(body: impl FnOnce() -> c_int) -> c_int {
 /// Connects to the servers in the NULL-terminated `server_list` of `"host:port"` strings.
 ///
 /// Returns 0 once some listed server answered, -1 if the list is NULL, empty or has a
-/// malformed entry (a repeated entry is fine and counts once), if a session is already up, or if no server answered within the init
-/// deadline (`KV739_INIT_TIMEOUT_MS`, default 5 s).
+/// malformed entry, if a session is already up, or if no server answered within the init
+/// deadline (`KV739_INIT_TIMEOUT_MS`, default 5 s). A repeated entry counts once.
 ///
 /// # Safety
 /// `server_list` is NULL or a NULL-terminated array of NUL-terminated strings.
