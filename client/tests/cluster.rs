@@ -105,6 +105,32 @@ async fn reads_and_writes_keep_working_with_one_server_killed() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_primary_dies_succeeds_once_a_new_primary_takes_over() {
+    let mut cluster = start_cluster().await;
+    let client = Client::connect(ClientConfig::new(cluster.addrs()).with_route(Route::Primary))
+        .await
+        .unwrap();
+    bounded(client.put("owner", "first")).await.unwrap();
+
+    let (old_primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
+    cluster.kill(old_primary).unwrap();
+
+    // The request's own retries ride out the view change (DESIGN.md §5):
+    // no waiting on the caller's side.
+    assert_eq!(
+        bounded(client.put("owner", "second")).await.unwrap(),
+        Some(Bytes::from("first")),
+        "applied once, on top of the acknowledged first write"
+    );
+    assert_eq!(
+        bounded(client.get("owner")).await.unwrap(),
+        Some(Bytes::from("second"))
+    );
+    let (new_primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
+    assert_ne!(new_primary, old_primary);
+}
+
 async fn replikv(servers: &str, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_replikv"));
     cmd.env("REPLIKV_SERVERS", servers)
