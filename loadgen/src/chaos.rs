@@ -251,6 +251,10 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
 
     let clock = Clock::start();
     let run_started = Instant::now();
+    println!(
+        "run clock: 0 s is {} (the server logs' time)",
+        humantime::format_rfc3339_micros(clock.wall_origin())
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
     let monitor = tokio::spawn(monitor::watch_cluster(
         addrs.clone(),
@@ -260,17 +264,23 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
     let keys: Vec<String> = (0..args.keys).map(|k| format!("chaos-{k}")).collect();
     let mut clients = Vec::new();
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut pinned = Vec::new();
     for process in 0..args.clients as u64 {
-        // Half the sessions send writes straight to the primary, half to a
-        // random server that forwards them: both paths get exercised.
-        let route = if process % 2 == 0 {
-            Route::Random
+        // A third of the sessions talk to one server only, so that a bad
+        // read of theirs names the server that served it. Of the others,
+        // half send writes straight to the primary and half to a random
+        // server that forwards them: both paths get exercised.
+        let config = if process % 3 == 2 {
+            let rank = process as usize % addrs.len();
+            pinned.push(format!("c{process} -> server {rank}"));
+            ClientConfig::new([addrs[rank].clone()])
+        } else if process % 2 == 0 {
+            ClientConfig::new(addrs.clone()).with_route(Route::Random)
         } else {
-            Route::Primary
+            ClientConfig::new(addrs.clone()).with_route(Route::Primary)
         };
         let client = Client::connect(
-            ClientConfig::new(addrs.clone())
-                .with_route(route)
+            config
                 .with_request_timeout(args.request_timeout)
                 .with_attempt_timeout(args.request_timeout.min(Duration::from_secs(1))),
         )
@@ -284,6 +294,10 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
             rng.random(),
             stop_rx.clone(),
         )));
+    }
+
+    if !pinned.is_empty() {
+        println!("sessions pinned to one server: {}", pinned.join(", "));
     }
 
     // The schedule: every fault once in a random order, again and again,

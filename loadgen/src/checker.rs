@@ -614,8 +614,8 @@ fn explain(
         }
     };
     let concurrent = |op: &Operation| op.invoke <= end && effective_end(op) >= culprit.invoke;
-    // Pending unknown operations overlap everything after them; keep only
-    // those invoked inside the window's span.
+    // Pending unknown operations overlap everything after them, so they do
+    // not widen the window; of them, only those invoked inside it are shown.
     let start = indices
         .iter()
         .map(|&i| &history[i])
@@ -624,12 +624,17 @@ fn explain(
         .min()
         .unwrap_or(culprit.invoke)
         .min(culprit.invoke);
+    // Everything that overlaps the span from the earliest of those to the
+    // culprit's deadline: an operation that completed inside it (a read of a
+    // newer value, say) is often what rules the culprit out.
     let mut chosen: BTreeSet<usize> = indices
         .iter()
         .copied()
         .filter(|&i| {
             let op = &history[i];
-            concurrent(op) && (!op.is_unknown() || op.invoke >= start)
+            op.invoke <= end
+                && effective_end(op) >= start
+                && (!op.is_unknown() || op.invoke >= start)
         })
         .collect();
     chosen.insert(culprit.index);
@@ -965,6 +970,9 @@ mod tests {
             .get(Some("a"), (5, 6));
         let v = assert_violation(&h);
         assert_eq!(v.culprit.index, 3);
+        // The newer read is not concurrent with the culprit, but it is what
+        // rules it out: the window shows it.
+        assert!(v.window.iter().any(|o| o.index == 2), "{:?}", v.window);
     }
 
     #[test]

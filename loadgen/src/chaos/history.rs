@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -14,13 +14,21 @@ use crate::checker::{Call, Nanos, Operation, Outcome};
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     origin: Instant,
+    /// Wall-clock time at the origin, to line the history up with the
+    /// servers' logs (which are stamped in UTC).
+    wall_origin: SystemTime,
 }
 
 impl Clock {
     pub fn start() -> Self {
         Self {
             origin: Instant::now(),
+            wall_origin: SystemTime::now(),
         }
+    }
+
+    pub fn wall_origin(&self) -> SystemTime {
+        self.wall_origin
     }
 
     pub fn now(&self) -> Nanos {
