@@ -18,7 +18,7 @@ use tracing::debug;
 use crate::backoff::Backoff;
 use crate::config::ClientConfig;
 use crate::error::{AttemptFailure, Error, Next};
-use crate::routing::{OpKind, Router};
+use crate::routing::{OpKind, Plan, Router};
 use crate::session::Session;
 
 /// Room left in a gRPC message for everything but the key and value.
@@ -338,9 +338,13 @@ impl Client {
                 "attempt failed"
             );
             match failure.next {
-                Next::Retry => inner
+                // Only reads feed the latency averages (`Route::Nearest`
+                // routes reads only); a write refused mid view change says
+                // nothing about how close the server is.
+                Next::Retry if spec.kind == OpKind::Read => inner
                     .router
                     .record_failure(server, inner.config.attempt_timeout),
+                Next::Retry => {}
                 Next::GiveUpInvalid if !may_have_applied => {
                     return Err(Error::InvalidArgument(last));
                 }
@@ -380,12 +384,7 @@ impl Client {
     /// Acts on a failed attempt's primary hint: try the primary next and
     /// remember it. Without a hint, a remembered primary that just failed is
     /// forgotten, so `Route::Primary` stops sending writes to a dead server.
-    fn follow_redirect(
-        &self,
-        failed: usize,
-        failure: &AttemptFailure,
-        plan: &mut crate::routing::Plan,
-    ) {
+    fn follow_redirect(&self, failed: usize, failure: &AttemptFailure, plan: &mut Plan) {
         let router = &self.inner.router;
         let hinted = failure
             .primary_addr
