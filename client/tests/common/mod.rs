@@ -92,7 +92,7 @@ impl FakeCluster {
                     shared: shared.clone(),
                 });
                 tokio::spawn(async move {
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    let incoming = tonic::transport::server::TcpIncoming::from(listener);
                     let _ = tonic::transport::Server::builder()
                         .add_service(service)
                         .serve_with_incoming(incoming)
