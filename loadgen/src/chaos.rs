@@ -271,7 +271,7 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
         // half send writes straight to the primary and half to a random
         // server that forwards them: both paths get exercised.
         let config = if process % 3 == 2 {
-            let rank = process as usize % addrs.len();
+            let rank = pinned.len() % addrs.len();
             pinned.push(format!("c{process} -> server {rank}"));
             ClientConfig::new([addrs[rank].clone()])
         } else if process % 2 == 0 {
