@@ -95,10 +95,21 @@ impl TargetError {
     /// (DESIGN.md §6); for the peers a timeout or a write that reached the Redis primary
     /// but not enough replicas is the same situation.
     pub fn may_have_applied(&self) -> bool {
+        use tonic::Code;
         match self {
             TargetError::Replikv(e) => e.is_outcome_unknown(),
             TargetError::Timeout(_) | TargetError::NotReplicated { .. } => true,
-            _ => false,
+            // The request may have reached the leader before the answer was lost.
+            TargetError::Etcd(status) => matches!(
+                status.code(),
+                Code::Unknown
+                    | Code::DeadlineExceeded
+                    | Code::Unavailable
+                    | Code::Cancelled
+                    | Code::Internal
+            ),
+            TargetError::Redis(e) => e.is_timeout() || e.is_io_error() || e.is_connection_dropped(),
+            TargetError::Connect { .. } | TargetError::Config(_) => false,
         }
     }
 }
@@ -191,5 +202,58 @@ impl Target {
             Target::Etcd(etcd) => etcd.stats(),
             Target::Redis(redis) => redis.stats(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_writes_that_may_have_applied_are_told_apart() {
+        assert!(TargetError::NotReplicated {
+            acked: 1,
+            wanted: 2
+        }
+        .may_have_applied());
+        assert!(TargetError::Timeout(Duration::from_secs(1)).may_have_applied());
+        assert!(TargetError::Etcd(tonic::Status::unavailable("leader lost")).may_have_applied());
+        assert!(!TargetError::Etcd(tonic::Status::invalid_argument("bad key")).may_have_applied());
+        assert!(!TargetError::Config("no servers".into()).may_have_applied());
+        assert!(
+            TargetError::Replikv(replikv_client::Error::OutcomeUnknown("lost".into()))
+                .may_have_applied()
+        );
+        assert!(
+            !TargetError::Replikv(replikv_client::Error::Unavailable("down".into()))
+                .may_have_applied()
+        );
+    }
+
+    #[test]
+    fn stats_subtract_and_add() {
+        let mut total = TargetStats {
+            requests: 10,
+            retries: 2,
+        };
+        let later = TargetStats {
+            requests: 15,
+            retries: 3,
+        };
+        assert_eq!(
+            later.since(total),
+            TargetStats {
+                requests: 5,
+                retries: 1
+            }
+        );
+        total += later;
+        assert_eq!(
+            total,
+            TargetStats {
+                requests: 25,
+                retries: 5
+            }
+        );
     }
 }

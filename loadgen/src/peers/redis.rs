@@ -39,7 +39,9 @@ impl RedisKv {
             let client = ::redis::Client::open(format!("redis://{addr}/"))?;
             let config = ::redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Duration::from_secs(1))
-                .set_response_timeout(opts.request_timeout);
+                // Longer than our own per-command deadline, so that a slow WAIT ends in its
+                // own reply (with however many replicas made it), not in the crate's timeout.
+                .set_response_timeout(opts.request_timeout + Duration::from_secs(2));
             servers.push(
                 client
                     .get_multiplexed_async_connection_with_config(&config)
