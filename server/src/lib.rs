@@ -81,7 +81,16 @@ pub async fn run(
     let admin = config
         .fault_injection
         .then(|| AdminServer::new(service::AdminService::new(node.clone())));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Accepted sockets bypass the builder's TCP settings, so disable Nagle here: with it, a
+    // small response waits for the peer's delayed ACK (~40 ms) before it is sent.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        },
+    );
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
