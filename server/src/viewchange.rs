@@ -324,8 +324,11 @@ impl Node {
         };
         let saved = {
             let mut st = self.st();
+            // An equal ballot promised to another proposer is not ours to accept.
+            let promised_other = req.ballot == st.promise.ballot && st.promise.to != req.proposer;
             if from.epoch < st.view.epoch
                 || req.ballot < st.promise.ballot
+                || promised_other
                 || view.epoch != req.ballot
             {
                 return AcceptResponse {
