@@ -124,3 +124,34 @@ fn whole_cluster_crash_loses_no_acknowledged_write() {
         );
     });
 }
+
+/// SIGTERM is a clean shutdown: every server exits promptly on its own and
+/// comes back with its data.
+#[test]
+fn clean_shutdown_and_restart_keeps_the_data() {
+    common::run(async {
+        let (mut cluster, _) = common::start_healthy(3, &[]).await;
+        let client = common::client(&cluster).await;
+        let mut expected = Expected::new();
+        common::put_fresh(&client, "kept", 20, &mut expected).await;
+
+        for rank in 0..cluster.len() {
+            let started = std::time::Instant::now();
+            cluster.terminate(rank).unwrap();
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_secs(4),
+                "server {rank} took {took:?} to stop on SIGTERM"
+            );
+            assert!(!cluster.is_running(rank));
+        }
+        for rank in 0..cluster.len() {
+            cluster.restart(rank).unwrap();
+        }
+        cluster
+            .wait_converged(common::BOOT_TIMEOUT)
+            .await
+            .expect("every server serves after the restart");
+        common::assert_every_server_reads(&cluster, 0..cluster.len(), &expected).await;
+    });
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use replikv_client::{Client, ClientConfig, Error};
+use replikv_client::{Client, ClientConfig, Error, Route};
 use replikv_proto::kv::StatusResponse;
 use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
 
@@ -90,6 +90,30 @@ pub async fn client(cluster: &LocalCluster) -> Client {
     Client::connect(ClientConfig::new(cluster.addrs()).with_request_timeout(REQUEST_TIMEOUT))
         .await
         .expect("client config is valid")
+}
+
+/// A client that sends writes to the primary first, having learned which
+/// server that is. Its writes stall only as long as the primary cannot
+/// commit, which is what a test of the servers' failover should measure; a
+/// randomly routed request that lands on a paused server waits out the
+/// client's attempt timeout instead.
+pub async fn primary_routed_client(cluster: &LocalCluster) -> Client {
+    let client = Client::connect(
+        ClientConfig::new(cluster.addrs())
+            .with_request_timeout(REQUEST_TIMEOUT)
+            .with_route(Route::Primary),
+    )
+    .await
+    .expect("client config is valid");
+    // A Status answer from the primary is how the client learns of it.
+    let replies = client.status_all().await;
+    assert!(
+        replies
+            .iter()
+            .any(|(_, r)| r.as_ref().is_ok_and(|s| s.role == "primary")),
+        "no server says it is the primary: {replies:?}"
+    );
+    client
 }
 
 /// A client that only ever talks to `rank`: what it reads is that server's state.
