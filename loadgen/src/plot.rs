@@ -254,13 +254,24 @@ pub fn plot_comparison(
         let n_groups = groups.len().max(1);
         let width = 0.8 / series.len().max(1) as f64;
         for ((y_title, bars), area) in panels.iter().zip(areas.iter()) {
-            let y_max = bars.iter().map(|b| b.value).fold(0.0, f64::max).max(1.0) * 1.15;
+            // A logarithmic axis: peers differ by orders of magnitude (a 1-client put and a
+            // 64-client get), and on a linear axis the small bars vanish.
+            let y_max = bars.iter().map(|b| b.value).fold(0.0, f64::max).max(10.0) * 2.0;
+            let y_min = bars
+                .iter()
+                .map(|b| b.value)
+                .filter(|v| *v > 0.0)
+                .fold(f64::INFINITY, f64::min)
+                .min(y_max / 10.0);
+            // A decade boundary well below the smallest bar, so that bar still shows.
+            let y_min = 10f64.powf((y_min / 2.0).log10().floor()).max(0.1);
             let mut builder = ChartBuilder::on(area);
             builder.margin(15);
             if text {
                 builder.x_label_area_size(40).y_label_area_size(90);
             }
-            let mut chart = builder.build_cartesian_2d(0.0..n_groups as f64, 0.0..y_max)?;
+            let mut chart =
+                builder.build_cartesian_2d(0.0..n_groups as f64, (y_min..y_max).log_scale())?;
             let label_group = |x: &f64| {
                 // Labels sit at group centres, x = i + 0.5.
                 let i = x.floor() as usize;
@@ -273,7 +284,7 @@ pub fn plot_comparison(
             let mut mesh = chart.configure_mesh();
             mesh.disable_x_mesh();
             if text {
-                mesh.y_desc(*y_title)
+                mesh.y_desc(format!("{y_title} (log scale)"))
                     .y_label_formatter(&|v| format!("{v:.0}"))
                     .x_labels(2 * n_groups + 1)
                     .x_label_formatter(&label_group);
@@ -285,12 +296,12 @@ pub fn plot_comparison(
                 let color = SERIES_COLORS[s % SERIES_COLORS.len()];
                 let rects: Vec<_> = bars
                     .iter()
-                    .filter(|b| &b.series == name)
+                    .filter(|b| &b.series == name && b.value > 0.0)
                     .filter_map(|b| {
                         let g = groups.iter().position(|g| g == &b.group)? as f64;
                         let x0 = g + 0.1 + s as f64 * width;
                         Some(Rectangle::new(
-                            [(x0, 0.0), (x0 + width * 0.9, b.value)],
+                            [(x0, y_min), (x0 + width * 0.9, b.value)],
                             color.filled(),
                         ))
                     })

@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# replikv beside etcd and Redis on the same workloads, in one run on this machine:
+#
+#   - etcd: a 3-member cluster on loopback, default fsync, linearizable reads
+#   - Redis: a primary with 2 replicas, appendonly yes + appendfsync always, every write
+#     followed by WAIT 2 so it is on both replicas before it counts (as a replikv write is)
+#   - replikv: 3 servers spawned by the load generator, --sync always
+#
+# Workloads: put-only and get-only with 64 clients, and with 1 client; 256-byte values,
+# 10 000 keys. Writes results/peers.csv, results/peers.png and results/peers.md.
+#
+#   scripts/bench-peers.sh
+#   DURATION=10s scripts/bench-peers.sh
+#
+# Environment (all optional):
+#   DURATION       measured time per run (default 5s)
+#   WARMUP         unmeasured time before each run (default 1s)
+#   OUT            results directory (default results)
+#   REDIS_ROUTE    primary (default: every read on the primary, which is what makes Redis
+#                  reads consistent) or random (reads spread over the replicas too)
+#   ETCD_SERIALIZABLE  1 for member-local etcd reads (default 0: linearizable)
+#
+# Installs etcd-server and redis-server from Debian's packages when they are missing.
+# Everything it starts is stopped when it exits, however it exits.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+DURATION="${DURATION:-5s}"
+WARMUP="${WARMUP:-1s}"
+OUT="${OUT:-results}"
+REDIS_ROUTE="${REDIS_ROUTE:-primary}"
+ETCD_SERIALIZABLE="${ETCD_SERIALIZABLE:-0}"
+KEYS=10000
+VALUE_SIZE=256
+# One run may take this long (cluster start, preload, warm-up, measurement) before it is
+# stopped; a waiting loop gives up after READY_LIMIT.
+RUN_LIMIT="${RUN_LIMIT:-150}"
+READY_LIMIT=60
+
+log() { echo "bench-peers: $*" >&2; }
+
+TMP="$(mktemp -d -t replikv-peers-XXXXXX)"
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    # Bounded wait for a clean exit (an etcd member whose peers are already gone takes a
+    # few seconds), then SIGKILL.
+    for _ in $(seq 1 100); do
+        local alive=0
+        for pid in "${PIDS[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        [ "$alive" -eq 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do
+        kill -9 "$pid" 2>/dev/null || true
+        # Reap quietly (no "Killed" job notice).
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- installs ---------------------------------------------------------------------------
+
+install_missing() {
+    local missing=()
+    command -v etcd >/dev/null || missing+=(etcd-server)
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v redis-cli >/dev/null || missing+=(redis-tools)
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    log "installing ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    # Keep the packages' init scripts from starting system-wide daemons on their default
+    # ports: only the servers this script starts should be running.
+    local policy=/usr/sbin/policy-rc.d created_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod +x "$policy"
+        created_policy=1
+    fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+    [ "$created_policy" -eq 1 ] && $sudo rm -f "$policy"
+    return 0
+}
+
+# --- ports ------------------------------------------------------------------------------
+
+USED_PORTS=" "
+# A loopback port nothing listens on and this script has not handed out yet.
+free_port() {
+    local port
+    for _ in $(seq 1 200); do
+        port=$(( 20000 + RANDOM % 30000 ))
+        case "$USED_PORTS" in *" $port "*) continue ;; esac
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            USED_PORTS="$USED_PORTS$port "
+            echo "$port"
+            return 0
+        fi
+    done
+    log "no free port found"
+    return 1
+}
+
+wait_until() {
+    local what="$1"
+    shift
+    local deadline=$(( $(date +%s) + READY_LIMIT ))
+    until "$@" >/dev/null 2>&1; do
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            log "$what not ready after ${READY_LIMIT}s; logs in $TMP:"
+            tail -n 20 "$TMP"/*.log >&2 || true
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+# --- etcd -------------------------------------------------------------------------------
+
+ETCD_ADDRS=""
+start_etcd() {
+    local client_ports=() peer_ports=() cluster="" i
+    for i in 0 1 2; do
+        client_ports+=("$(free_port)")
+        peer_ports+=("$(free_port)")
+        cluster="${cluster:+$cluster,}m$i=http://127.0.0.1:${peer_ports[$i]}"
+    done
+    for i in 0 1 2; do
+        etcd --name "m$i" --data-dir "$TMP/etcd$i" \
+            --listen-client-urls "http://127.0.0.1:${client_ports[$i]}" \
+            --advertise-client-urls "http://127.0.0.1:${client_ports[$i]}" \
+            --listen-peer-urls "http://127.0.0.1:${peer_ports[$i]}" \
+            --initial-advertise-peer-urls "http://127.0.0.1:${peer_ports[$i]}" \
+            --initial-cluster "$cluster" --initial-cluster-state new \
+            --initial-cluster-token replikv-bench --log-level warn \
+            >"$TMP/etcd$i.log" 2>&1 &
+        PIDS+=("$!")
+        ETCD_ADDRS="${ETCD_ADDRS:+$ETCD_ADDRS,}127.0.0.1:${client_ports[$i]}"
+    done
+    for i in 0 1 2; do
+        wait_until "etcd member $i" etcd_healthy "${client_ports[$i]}"
+    done
+    log "etcd up: $ETCD_ADDRS"
+}
+
+# /health answers {"health":"true"} once the member has a leader.
+etcd_healthy() {
+    local reply
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
+    printf 'GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+    reply=$(timeout 2 cat <&3)
+    exec 3<&-
+    case "$reply" in *'"health":"true"'*) return 0 ;; *) return 1 ;; esac
+}
+
+# --- Redis ------------------------------------------------------------------------------
+
+REDIS_ADDRS=""
+start_redis() {
+    local ports=() i
+    for i in 0 1 2; do
+        ports+=("$(free_port)")
+    done
+    for i in 0 1 2; do
+        mkdir -p "$TMP/redis$i"
+        local replica=()
+        [ "$i" -gt 0 ] && replica=(--replicaof 127.0.0.1 "${ports[0]}")
+        redis-server --port "${ports[$i]}" --bind 127.0.0.1 --dir "$TMP/redis$i" \
+            --appendonly yes --appendfsync always --save "" --daemonize no \
+            --logfile "$TMP/redis$i.log" "${replica[@]}" >/dev/null 2>&1 &
+        PIDS+=("$!")
+        REDIS_ADDRS="${REDIS_ADDRS:+$REDIS_ADDRS,}127.0.0.1:${ports[$i]}"
+    done
+    wait_until "redis replication" redis_replicas_online "${ports[0]}"
+    log "redis up: $REDIS_ADDRS (primary first)"
+}
+
+redis_replicas_online() {
+    [ "$(redis-cli -p "$1" INFO replication | grep -c '^slave[0-9]*:.*state=online')" -eq 2 ]
+}
+
+# --- runs -------------------------------------------------------------------------------
+
+install_missing
+
+log "building replikv-loadgen (release)"
+cargo build --release -p replikv-loadgen >&2
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/replikv-loadgen"
+
+start_etcd
+start_redis
+
+mkdir -p "$OUT/peers"
+SUMMARY="$OUT/peers.csv"
+rm -f "$SUMMARY"
+
+etcd_flags=()
+[ "$ETCD_SERIALIZABLE" = 1 ] && etcd_flags=(--etcd-serializable)
+
+failed=0
+run() {
+    local label="$1" target="$2"
+    shift 2
+    log "$label: $target"
+    if ! timeout --signal=TERM --kill-after=20 "$RUN_LIMIT" "$BIN" --target "$target" "$@" \
+        --keys "$KEYS" --value-size "$VALUE_SIZE" --duration "$DURATION" --warmup "$WARMUP" \
+        --label "$label" --out "$OUT/peers" --summary "$SUMMARY" --quiet >/dev/null; then
+        log "$label against $target failed"
+        failed=$((failed + 1))
+    fi
+}
+
+for clients in 64 1; do
+    for mode in put get; do
+        case "$mode" in put) ratio=0 ;; get) ratio=1 ;; esac
+        label="$mode-only-$clients-client$([ "$clients" -eq 1 ] || echo s)"
+        common=(--clients "$clients" --read-ratio "$ratio")
+        run "$label" replikv --spawn 3 --sync always "${common[@]}"
+        run "$label" etcd --servers "$ETCD_ADDRS" "${etcd_flags[@]}" "${common[@]}"
+        run "$label" redis --servers "$REDIS_ADDRS" --redis-wait 2 --route "$REDIS_ROUTE" \
+            "${common[@]}"
+    done
+done
+
+if [ -s "$SUMMARY" ]; then
+    {
+        echo "# replikv, etcd and Redis on the same workloads"
+        echo
+        echo "Made by \`scripts/bench-peers.sh\` on $(date -u +%Y-%m-%dT%H:%M:%SZ) at commit" \
+            "\`$(git rev-parse --short HEAD 2>/dev/null || echo unknown)\` on $(nproc) CPUs and" \
+            "$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 )) MiB, everything on loopback."
+        echo "$KEYS keys, $VALUE_SIZE-byte values, $DURATION measured after $WARMUP warm-up."
+        echo "etcd $(etcd --version 2>/dev/null | head -n 1 | awk '{print $3}'): 3 members," \
+            "default fsync, $([ "$ETCD_SERIALIZABLE" = 1 ] && echo serializable || echo linearizable) reads."
+        echo "Redis $(redis-server --version | awk '{print $3}' | cut -d= -f2): primary + 2 replicas," \
+            "appendfsync always, WAIT 2 after every write, reads on the $REDIS_ROUTE route."
+        echo "replikv: 3 servers, --sync always, linearizable reads from any member."
+        echo
+        "$BIN" compare --summary "$SUMMARY" --plot "$OUT/peers.png" \
+            --title "replikv, etcd and Redis: 3 servers each, $VALUE_SIZE-byte values"
+        [ "$failed" -eq 0 ] || { echo; echo "$failed run(s) failed and are missing."; }
+    } > "$OUT/peers.md"
+    cat "$OUT/peers.md"
+fi
+log "wrote $SUMMARY, $OUT/peers.png, $OUT/peers.md ($failed failed run(s))"
+[ "$failed" -eq 0 ]
