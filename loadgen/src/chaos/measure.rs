@@ -159,6 +159,11 @@ fn write_csv<T: Serialize>(path: &std::path::Path, rows: &[T]) -> Result<(), Box
     Ok(())
 }
 
+/// Milliseconds, to a tenth (finer than any fault's effect, easy to read).
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
 fn scenario_name(s: Scenario) -> String {
     use clap::ValueEnum;
     s.to_possible_value()
@@ -173,12 +178,13 @@ fn summarize(scenario: Scenario, gaps: &[f64]) -> SummaryRow {
         .get(sorted.len().div_ceil(2).saturating_sub(1))
         .copied()
         .unwrap_or(0.0);
+    let mean = sorted.iter().sum::<f64>() / sorted.len().max(1) as f64;
     SummaryRow {
         scenario: scenario_name(scenario),
         trials: sorted.len(),
         p50_ms: p50,
         max_ms: sorted.last().copied().unwrap_or(0.0),
-        mean_ms: sorted.iter().sum::<f64>() / sorted.len().max(1) as f64,
+        mean_ms: (mean * 10.0).round() / 10.0,
     }
 }
 
@@ -286,8 +292,8 @@ async fn unavailability(
         scenario: scenario_name(scenario),
         trial,
         victim,
-        gap_ms: gap.as_secs_f64() * 1e3,
-        recovered_after_ms: recovered.as_secs_f64() * 1e3,
+        gap_ms: millis(gap),
+        recovered_after_ms: millis(recovered),
         writes: acked.len(),
     })
 }
@@ -368,10 +374,10 @@ async fn catch_up(
         sync: args.sync.clone(),
         writes: m.catch_up_writes,
         clients: m.catch_up_clients,
-        write_secs,
-        writes_per_sec: m.catch_up_writes as f64 / write_secs,
+        write_secs: (write_secs * 100.0).round() / 100.0,
+        writes_per_sec: (m.catch_up_writes as f64 / write_secs).round(),
         primary_applied,
-        catch_up_ms: restarted.elapsed().as_secs_f64() * 1e3,
+        catch_up_ms: millis(restarted.elapsed()),
     })
 }
 
