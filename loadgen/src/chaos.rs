@@ -235,6 +235,7 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
         return Err("--hold-max must not be below --hold-min".into());
     }
     let seed = args.seed.unwrap_or_else(rand::random);
+    let mut rng = StdRng::seed_from_u64(seed);
     let (base, made_base) = base_dir(args, "chaos")?;
     let mut cluster = start_cluster(args, &base)?;
     let (primary, _) = cluster.wait_for_primary(FIRST_PRIMARY).await?;
@@ -248,86 +249,38 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
         humantime::format_duration(args.duration),
         faults
     );
-
     let clock = Clock::start();
     let run_started = Instant::now();
     println!(
         "run clock: 0 s is {} (the server logs' time)",
         humantime::format_rfc3339_micros(clock.wall_origin())
     );
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let monitor = tokio::spawn(monitor::watch_cluster(
-        addrs.clone(),
-        clock,
-        stop_rx.clone(),
-    ));
+
+    // The monitor outlives the clients: restarts and convergence after the
+    // run must not move epochs back either.
+    let (stop_monitor, monitor_stop) = watch::channel(false);
+    let monitor = tokio::spawn(monitor::watch_cluster(addrs.clone(), clock, monitor_stop));
     let keys: Vec<String> = (0..args.keys).map(|k| format!("chaos-{k}")).collect();
-    let mut clients = Vec::new();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut pinned = Vec::new();
-    for process in 0..args.clients as u64 {
-        // A third of the sessions talk to one server only, so that a bad
-        // read of theirs names the server that served it. Of the others,
-        // half send writes straight to the primary and half to a random
-        // server that forwards them: both paths get exercised.
-        let config = if process % 3 == 2 {
-            let rank = pinned.len() % addrs.len();
-            pinned.push(format!("c{process} -> server {rank}"));
-            ClientConfig::new([addrs[rank].clone()])
-        } else if process % 2 == 0 {
-            ClientConfig::new(addrs.clone()).with_route(Route::Random)
-        } else {
-            ClientConfig::new(addrs.clone()).with_route(Route::Primary)
-        };
-        let client = Client::connect(
-            config
-                .with_request_timeout(args.request_timeout)
-                .with_attempt_timeout(args.request_timeout.min(Duration::from_secs(1))),
-        )
-        .await?;
-        clients.push(tokio::spawn(workload::run_client(
-            process,
-            client,
-            keys.clone(),
-            clock,
-            args.request_timeout,
-            rng.random(),
-            stop_rx.clone(),
-        )));
-    }
+    let (stop_clients, clients_stop) = watch::channel(false);
+    let clients = spawn_clients(args, &addrs, &keys, clock, &mut rng, clients_stop).await?;
 
-    if !pinned.is_empty() {
-        println!("sessions pinned to one server: {}", pinned.join(", "));
-    }
-
-    // The schedule: every fault once in a random order, again and again,
-    // while a whole round still fits before the fault-free tail.
     let timing = Timing {
         hold: (args.hold_min, args.hold_max),
         min_pause: Duration::from_millis(3 * args.lease_ms),
         settle: args.settle,
     };
-    let round_length = args.hold_max.max(timing.min_pause) + args.settle;
     let mut nemesis = Nemesis::new(
         &mut cluster,
         StdRng::seed_from_u64(rng.random()),
         clock,
         timing,
     )?;
-    tokio::time::sleep(WARM_UP).await;
-    let mut order = faults.clone();
-    'rounds: loop {
-        order.shuffle(&mut rng);
-        for &fault in &order {
-            if run_started.elapsed() + round_length + TAIL > args.duration {
-                break 'rounds;
-            }
-            nemesis.round(fault).await;
-        }
-    }
-    nemesis.heal().await;
-    let events = nemesis.events().to_vec();
-    let unexpected_exits = nemesis.unexpected_exits().to_vec();
+    run_schedule(&mut nemesis, &faults, args, run_started, &mut rng).await;
+    let mut history = History {
+        entries: Vec::new(),
+        nemesis: nemesis.events().to_vec(),
+    };
+    let mut exits = nemesis.unexpected_exits().to_vec();
     drop(nemesis);
     tokio::time::sleep(
         args.duration
@@ -337,11 +290,7 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
     .await;
 
     info!("stopping clients");
-    let _ = stop_tx.send(true);
-    let mut history = History {
-        entries: Vec::new(),
-        nemesis: events,
-    };
+    let _ = stop_clients.send(true);
     let client_deadline = args.request_timeout + Duration::from_secs(10);
     for client in clients {
         match tokio::time::timeout(client_deadline, client).await {
@@ -352,62 +301,23 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
             }
         }
     }
-    let observations = monitor.await?;
 
-    let mut checks = Vec::new();
-    checks.push(Check::new(
-        "no server exited on its own",
-        unexpected_exits.is_empty(),
-        unexpected_exits.join("; "),
-    ));
+    // The nemesis restarted everything it stopped; a server down now
+    // stopped by itself.
     for rank in 0..cluster.len() {
         if !cluster.is_running(rank) {
-            warn!(rank, "restarting a server that is down after the run");
+            exits.push(format!("server {rank} was found exited after the run"));
             cluster.restart(rank)?;
         }
     }
-    let converged = match cluster.wait_for_primary(FIRST_PRIMARY).await {
-        Ok(_) => cluster.wait_converged(CONVERGE).await,
-        Err(e) => Err(e),
-    };
-    let applied = cluster.status(0).await.map_or(0, |s| s.applied);
-    checks.push(match &converged {
-        Ok(()) => Check::new(
-            "replicas converged after healing",
-            true,
-            format!("applied {applied} on every server"),
-        ),
-        Err(e) => Check::new("replicas converged after healing", false, e.clone()),
-    });
-
-    let (contents, final_reads) = compare_contents(&cluster, &keys, clock).await;
-    history.entries.extend(final_reads);
-    checks.push(contents);
-    checks.push(write_after_heal(&addrs, &keys, clock, &mut history).await);
-
-    let epochs = observations
-        .servers
-        .iter()
-        .enumerate()
-        .map(|(rank, t)| {
-            format!(
-                "server {rank}: {} -> {} ({} samples)",
-                t.first_epoch.unwrap_or(0),
-                t.last_epoch,
-                t.samples
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    checks.push(Check::new(
-        "epochs only grew; one primary per epoch",
-        observations.violations.is_empty(),
-        if observations.violations.is_empty() {
-            format!("{} epochs seen; {epochs}", observations.primaries.len())
-        } else {
-            observations.violations.join("; ")
-        },
-    ));
+    let mut checks = vec![Check::new(
+        "no server exited on its own",
+        exits.is_empty(),
+        exits.join("; "),
+    )];
+    checks.extend(after_healing(&cluster, &addrs, &keys, clock, &mut history).await);
+    let _ = stop_monitor.send(true);
+    checks.push(epoch_check(&monitor.await?));
     let panics = scan_logs(&cluster);
     checks.push(Check::new(
         "no server panicked",
@@ -451,6 +361,132 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
     }
     println!("chaos: {}", if passed { "PASS" } else { "FAIL" });
     Ok(passed)
+}
+
+/// Starts the recording sessions; each returns its operations once `stop`
+/// turns true.
+async fn spawn_clients(
+    args: &ChaosArgs,
+    addrs: &[String],
+    keys: &[String],
+    clock: Clock,
+    rng: &mut StdRng,
+    stop: watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<Vec<Entry>>>, BoxError> {
+    let mut clients = Vec::new();
+    let mut pinned = Vec::new();
+    for process in 0..args.clients as u64 {
+        // A third of the sessions talk to one server only, so that a bad
+        // read of theirs names the server that served it. Of the others,
+        // half send writes straight to the primary and half to a random
+        // server that forwards them: both paths get exercised.
+        let config = if process % 3 == 2 {
+            let rank = pinned.len() % addrs.len();
+            pinned.push(format!("c{process} -> server {rank}"));
+            ClientConfig::new([addrs[rank].clone()])
+        } else if process % 2 == 0 {
+            ClientConfig::new(addrs.to_vec()).with_route(Route::Random)
+        } else {
+            ClientConfig::new(addrs.to_vec()).with_route(Route::Primary)
+        };
+        let client = Client::connect(
+            config
+                .with_request_timeout(args.request_timeout)
+                .with_attempt_timeout(args.request_timeout.min(Duration::from_secs(1))),
+        )
+        .await?;
+        clients.push(tokio::spawn(workload::run_client(
+            process,
+            client,
+            keys.to_vec(),
+            clock,
+            args.request_timeout,
+            rng.random(),
+            stop.clone(),
+        )));
+    }
+    if !pinned.is_empty() {
+        println!("sessions pinned to one server: {}", pinned.join(", "));
+    }
+    Ok(clients)
+}
+
+/// Every fault once in a random order, again and again, while a whole round
+/// still fits before the fault-free tail; everything is healed at the end.
+async fn run_schedule(
+    nemesis: &mut Nemesis<'_>,
+    faults: &[Fault],
+    args: &ChaosArgs,
+    run_started: Instant,
+    rng: &mut StdRng,
+) {
+    let round_length = args.hold_max.max(Duration::from_millis(3 * args.lease_ms)) + args.settle;
+    tokio::time::sleep(WARM_UP).await;
+    let mut order = faults.to_vec();
+    'rounds: loop {
+        order.shuffle(rng);
+        for &fault in &order {
+            if run_started.elapsed() + round_length + TAIL > args.duration {
+                break 'rounds;
+            }
+            nemesis.round(fault).await;
+        }
+    }
+    nemesis.heal().await;
+}
+
+/// Convergence, identical contents (whose reads join the history) and a
+/// write, once every fault is healed and every server runs.
+async fn after_healing(
+    cluster: &LocalCluster,
+    addrs: &[String],
+    keys: &[String],
+    clock: Clock,
+    history: &mut History,
+) -> Vec<Check> {
+    let name = "replicas converged after healing";
+    let converged = match cluster.wait_for_primary(FIRST_PRIMARY).await {
+        Ok(_) => cluster.wait_converged(CONVERGE).await,
+        Err(e) => Err(e),
+    };
+    let convergence = match converged {
+        Ok(()) => {
+            let applied = cluster.status(0).await.map_or(0, |s| s.applied);
+            Check::new(name, true, format!("applied {applied} on every server"))
+        }
+        Err(e) => Check::new(name, false, e),
+    };
+    let (contents, final_reads) = compare_contents(cluster, keys, clock).await;
+    history.entries.extend(final_reads);
+    let write = write_after_heal(addrs, keys, clock, history).await;
+    vec![convergence, contents, write]
+}
+
+/// Epochs never went back on any server, and one primary per epoch.
+fn epoch_check(observations: &monitor::Observations) -> Check {
+    let name = "epochs only grew; one primary per epoch";
+    if !observations.violations.is_empty() {
+        return Check::new(name, false, observations.violations.join("; "));
+    }
+    let epochs = observations
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(rank, t)| {
+            format!(
+                "server {rank}: {} -> {} ({} samples)",
+                t.first_epoch.unwrap_or(0),
+                t.last_epoch,
+                t.samples
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Check::new(
+        name,
+        true,
+        format!("{} epochs seen; {epochs}", observations.primaries.len()),
+    )
 }
 
 /// Reads every key from every server through a client pinned to it; the
