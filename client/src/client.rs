@@ -312,6 +312,7 @@ impl Client {
                 tokio::time::timeout(timeout, attempt(inner.stubs[server].clone(), timeout)).await;
             let failure = match outcome {
                 Ok(Ok(reply)) => {
+                    inner.router.mark_responsive(server);
                     if spec.kind == OpKind::Read {
                         // Writes are forwarded to the primary, so only reads
                         // measure the distance to the contacted server.
@@ -328,6 +329,9 @@ impl Client {
             }
             if failure.answered {
                 overloaded = failure.overloaded;
+                inner.router.mark_responsive(server);
+            } else {
+                inner.router.mark_unresponsive(server);
             }
             debug!(
                 op = spec.op,

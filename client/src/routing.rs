@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -27,6 +27,11 @@ const EWMA_WEIGHT: f64 = 0.2;
 /// that was slow or down once gets measured again when it recovers.
 const EXPLORE_PROBABILITY: f64 = 0.05;
 
+/// A server that did not answer at all (attempt timeout, connection failure) is tried after
+/// the others for this long, so one paused or dead server does not stall a share of every
+/// client's requests for a whole attempt timeout each.
+const SUSPECT_FOR: Duration = Duration::from_secs(1);
+
 /// Routing state shared by every request of one client. Lock-free: it is
 /// read on every request and written on every reply, and a lost update only
 /// costs one less well-placed first attempt.
@@ -39,6 +44,9 @@ pub(crate) struct Router {
     /// Moving average of successful attempt latency per server, in
     /// microseconds; 0 = no sample yet.
     latency_us: Vec<AtomicU64>,
+    /// Per server: until when (microseconds since `origin`) it is tried last; 0 = healthy.
+    suspect_until_us: Vec<AtomicU64>,
+    origin: Instant,
 }
 
 impl Router {
@@ -48,7 +56,38 @@ impl Router {
             servers,
             primary: AtomicUsize::new(UNKNOWN),
             latency_us: (0..servers).map(|_| AtomicU64::new(0)).collect(),
+            suspect_until_us: (0..servers).map(|_| AtomicU64::new(0)).collect(),
+            origin: Instant::now(),
         }
+    }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// `server` did not answer: try it after the others for a while.
+    pub fn mark_unresponsive(&self, server: usize) {
+        if let Some(slot) = self.suspect_until_us.get(server) {
+            let until = self.now_us().saturating_add(SUSPECT_FOR.as_micros() as u64);
+            slot.store(until.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// `server` answered: it is healthy again.
+    pub fn mark_responsive(&self, server: usize) {
+        if let Some(slot) = self.suspect_until_us.get(server) {
+            if slot.load(Ordering::Relaxed) != 0 {
+                slot.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn suspects(&self) -> Vec<bool> {
+        let now = self.now_us();
+        self.suspect_until_us
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed) > now)
+            .collect()
     }
 
     /// The order one request tries servers in, before any redirect.
@@ -61,7 +100,9 @@ impl Router {
             }
             _ => None,
         };
-        Plan::new(self.servers, first, &mut rng)
+        let suspects = self.suspects();
+        let first = first.filter(|&f| !suspects.get(f).copied().unwrap_or(false));
+        Plan::new(self.servers, first, suspects, &mut rng)
     }
 
     /// The last primary learned of.
@@ -136,13 +177,16 @@ fn ewma(old: u64, sample: u64) -> u64 {
 pub(crate) struct Plan {
     servers: usize,
     queue: VecDeque<usize>,
+    /// Servers that recently did not answer: last in every round.
+    suspects: Vec<bool>,
 }
 
 impl Plan {
-    fn new(servers: usize, first: Option<usize>, rng: &mut impl Rng) -> Self {
+    fn new(servers: usize, first: Option<usize>, suspects: Vec<bool>, rng: &mut impl Rng) -> Self {
         let mut plan = Self {
             servers,
             queue: VecDeque::with_capacity(servers),
+            suspects,
         };
         plan.refill(rng);
         if let Some(first) = first {
@@ -173,6 +217,8 @@ impl Plan {
     fn refill(&mut self, rng: &mut impl Rng) {
         let mut round: Vec<usize> = (0..self.servers.max(1)).collect();
         round.shuffle(rng);
+        // Stable: healthy servers first, each group still in random order.
+        round.sort_by_key(|&s| self.suspects.get(s).copied().unwrap_or(false));
         self.queue.extend(round);
     }
 }
@@ -198,7 +244,7 @@ mod tests {
 
     #[test]
     fn a_redirect_jumps_the_queue_without_repeating_in_the_round() {
-        let mut plan = Plan::new(3, None, &mut rand::rng());
+        let mut plan = Plan::new(3, None, vec![false; 3], &mut rand::rng());
         let first = plan.next_server();
         let target = (first + 1) % 3;
         plan.put_first(target);
@@ -253,6 +299,32 @@ mod tests {
             to_two > 340,
             "{to_two} of 400 reads avoided the failed server"
         );
+    }
+
+    #[test]
+    fn unresponsive_servers_go_last_until_they_answer() {
+        let router = Router::new(Route::Random, 3);
+        router.mark_unresponsive(1);
+        for _ in 0..50 {
+            let mut plan = router.plan(OpKind::Read);
+            let round = take(&mut plan, 3);
+            assert_eq!(round[2], 1, "{round:?}");
+        }
+        router.mark_responsive(1);
+        let firsts: std::collections::HashSet<usize> = (0..200)
+            .map(|_| router.plan(OpKind::Read).next_server())
+            .collect();
+        assert_eq!(firsts.len(), 3);
+    }
+
+    #[test]
+    fn a_suspect_primary_is_not_tried_first() {
+        let router = Router::new(Route::Primary, 3);
+        router.set_primary(0);
+        router.mark_unresponsive(0);
+        for _ in 0..20 {
+            assert_ne!(router.plan(OpKind::Write).next_server(), 0);
+        }
     }
 
     #[test]
