@@ -97,8 +97,8 @@ cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
     echo "  WORKLOADS=\"$WORKLOADS\" SYNC=$SYNC KEYS=$KEYS VALUE_SIZE=$VALUE_SIZE scripts/bench.sh"
     echo '```'
     echo
-    echo "Machine: $(nproc) CPUs (${cpu:-unknown model}), $(( mem_kb / 1024 )) MiB memory" \
-        "(MemTotal in /proc/meminfo). The load generator and every server share it, so the"
+    echo "Machine: $(nproc) CPUs (${cpu:-unknown model}), $(( mem_kb / 1024 )) MiB memory"
+    echo "(MemTotal in /proc/meminfo). The load generator and every server share it, so the"
     echo "numbers compare configurations with each other, not with dedicated hardware."
     echo
     echo "Each run spawns a fresh cluster on loopback (\`--sync $SYNC\`), writes all $KEYS keys,"
