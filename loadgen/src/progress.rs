@@ -38,7 +38,7 @@ pub fn spawn(live: Arc<Live>, stop: Stop, keys: u64, draw: bool) -> JoinHandle<(
         bar.set_style(measure_style.clone());
         bar.set_prefix("preload");
         let mut shown = Phase::Preload;
-        // (time, ops) samples inside the rate window.
+        // (time, count) samples inside the rate window.
         let mut samples: std::collections::VecDeque<(Instant, u64)> = Default::default();
         let mut measure_started = None;
         let mut ticker = tokio::time::interval(TICK);
@@ -47,6 +47,8 @@ pub fn spawn(live: Arc<Live>, stop: Stop, keys: u64, draw: bool) -> JoinHandle<(
             let phase = live.phase();
             if phase != shown {
                 shown = phase;
+                // The rate shown changes meaning (keys written, then operations).
+                samples.clear();
                 match phase {
                     Phase::Preload => {}
                     Phase::Warmup => {
@@ -66,9 +68,14 @@ pub fn spawn(live: Arc<Live>, stop: Stop, keys: u64, draw: bool) -> JoinHandle<(
                 }
             }
             let ops = live.ops.load(Ordering::Relaxed);
+            let preloaded = live.preloaded.load(Ordering::Relaxed);
+            let (count, unit) = match shown {
+                Phase::Preload => (preloaded, "keys/s"),
+                _ => (ops, "ops/s"),
+            };
             let errors = live.errors.load(Ordering::Relaxed);
             let now = Instant::now();
-            samples.push_back((now, ops));
+            samples.push_back((now, count));
             while samples
                 .front()
                 .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
@@ -82,14 +89,14 @@ pub fn spawn(live: Arc<Live>, stop: Stop, keys: u64, draw: bool) -> JoinHandle<(
                 _ => 0.0,
             };
             match shown {
-                Phase::Preload => bar.set_position(live.preloaded.load(Ordering::Relaxed)),
+                Phase::Preload => bar.set_position(preloaded),
                 Phase::Measure => match (stop, measure_started) {
                     (Stop::Duration(_), Some(t)) => bar.set_position(t.elapsed().as_secs()),
                     _ => bar.set_position(ops),
                 },
                 _ => {}
             }
-            bar.set_message(format!("{rate:>9.0} ops/s  {errors} errors"));
+            bar.set_message(format!("{rate:>9.0} {unit}  {errors} errors"));
         }
         bar.finish_and_clear();
     })
