@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use replikv_client::{Client, ClientConfig};
 use replikv_server::cluster::LocalCluster;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -81,7 +81,7 @@ struct TrialRow {
     writes: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct SummaryRow {
     scenario: String,
     trials: usize,
@@ -111,36 +111,35 @@ pub async fn run(args: &ChaosArgs, m: &MeasureArgs) -> Result<bool, BoxError> {
     let mut cluster = start_cluster(args, &base)?;
     cluster.wait_for_primary(CONVERGE).await?;
     let admin = Admin::new(&cluster.addrs())?;
-    let mut trials = Vec::new();
-    let mut summaries = Vec::new();
     for &scenario in &m.scenarios {
+        let name = scenario_name(scenario);
         if scenario == Scenario::CatchUp {
             let row = catch_up(&mut cluster, args, m).await?;
             println!(
                 "catch-up: {} writes in {:.1} s ({:.0}/s) by {} sessions; the restarted server caught up in {:.0} ms",
                 row.writes, row.write_secs, row.writes_per_sec, row.clients, row.catch_up_ms
             );
-            write_csv(&m.out_dir.join("catch-up.csv"), &[row])?;
+            write_csv(&m.out_dir.join(format!("{name}.csv")), &[row])?;
             continue;
         }
-        let mut gaps = Vec::new();
+        let mut trials = Vec::new();
         for trial in 0..m.trials {
             cluster.wait_converged(CONVERGE).await?;
             let row = unavailability(&mut cluster, &admin, scenario, trial).await?;
             info!(?scenario, trial, gap_ms = row.gap_ms, "trial done");
-            gaps.push(row.gap_ms);
             trials.push(row);
         }
+        let gaps: Vec<f64> = trials.iter().map(|t| t.gap_ms).collect();
         let summary = summarize(scenario, &gaps);
         println!(
-            "{}: write unavailability p50 {:.0} ms, max {:.0} ms over {} trials",
-            summary.scenario, summary.p50_ms, summary.max_ms, summary.trials
+            "{name}: write unavailability p50 {:.0} ms, max {:.0} ms over {} trials",
+            summary.p50_ms, summary.max_ms, summary.trials
         );
-        summaries.push(summary);
-    }
-    if !trials.is_empty() {
-        write_csv(&m.out_dir.join("unavailability.csv"), &trials)?;
-        write_csv(&m.out_dir.join("unavailability-summary.csv"), &summaries)?;
+        write_csv(
+            &m.out_dir.join(format!("unavailability-{name}.csv")),
+            &trials,
+        )?;
+        merge_summary(&m.out_dir.join("unavailability-summary.csv"), summary)?;
     }
     println!("results in {}", m.out_dir.display());
     drop(cluster);
@@ -148,6 +147,21 @@ pub async fn run(args: &ChaosArgs, m: &MeasureArgs) -> Result<bool, BoxError> {
         let _ = std::fs::remove_dir_all(&base);
     }
     Ok(true)
+}
+
+/// Replaces `summary`'s scenario in the summary file (keeping the others),
+/// so scenarios measured by separate runs share one table.
+fn merge_summary(path: &std::path::Path, summary: SummaryRow) -> Result<(), BoxError> {
+    let mut rows: Vec<SummaryRow> = match csv::Reader::from_path(path) {
+        Ok(mut reader) => reader.deserialize().collect::<Result<_, _>>()?,
+        Err(e) if matches!(e.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::NotFound) => {
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    rows.retain(|r| r.scenario != summary.scenario);
+    rows.push(summary);
+    write_csv(path, &rows)
 }
 
 fn write_csv<T: Serialize>(path: &std::path::Path, rows: &[T]) -> Result<(), BoxError> {
@@ -393,6 +407,25 @@ mod tests {
         let (gap, recovered) = longest_gap(&acked, at(0), at(50));
         assert_eq!(gap, Duration::from_millis(880));
         assert_eq!(recovered, Duration::from_millis(850));
+    }
+
+    #[test]
+    fn summaries_of_separate_runs_merge_by_scenario() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("summary.csv");
+        merge_summary(&path, summarize(Scenario::PrimaryKill, &[1.0])).unwrap();
+        merge_summary(&path, summarize(Scenario::BackupKill, &[2.0])).unwrap();
+        merge_summary(&path, summarize(Scenario::PrimaryKill, &[3.0])).unwrap();
+        let rows: Vec<SummaryRow> = csv::Reader::from_path(&path)
+            .unwrap()
+            .deserialize()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let got: Vec<(&str, f64)> = rows
+            .iter()
+            .map(|r| (r.scenario.as_str(), r.max_ms))
+            .collect();
+        assert_eq!(got, [("backup-kill", 2.0), ("primary-kill", 3.0)]);
     }
 
     #[test]
