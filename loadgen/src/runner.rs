@@ -98,6 +98,8 @@ pub enum RunError {
     Config(String),
     #[error("a client task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("preload: not a single key could be written: {0}")]
+    Preload(#[source] TargetError),
 }
 
 /// What the run is doing now, for a progress display.
@@ -418,11 +420,16 @@ async fn preload(
     live: &Arc<Live>,
 ) -> Result<(Vec<Target>, u64), RunError> {
     let clients = targets.len() as u64;
+    // Keys written by any session: while it is 0 a failure is taken as a target that is not
+    // there at all, and the run stops after one request's deadline instead of waiting out
+    // every retry of every key.
+    let written = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     for (index, mut target) in targets.into_iter().enumerate() {
         let keys = workload.keys;
         let value_size = workload.value_size;
         let live = live.clone();
+        let written = written.clone();
         let mut stop = live.stop.subscribe();
         tasks.spawn(async move {
             let mut errors = 0;
@@ -436,7 +443,13 @@ async fn preload(
                         _ = stop.wait_for(|stopped| *stopped) => break 'keys,
                     };
                     match result {
-                        Ok(_) => break,
+                        Ok(_) => {
+                            written.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(error) if written.load(Ordering::Relaxed) == 0 => {
+                            return Err(RunError::Preload(error));
+                        }
                         Err(_) if attempt == PRELOAD_TRIES => errors += 1,
                         Err(_) => tokio::time::sleep(ERROR_PAUSE).await,
                     }
@@ -444,15 +457,16 @@ async fn preload(
                 live.preloaded.fetch_add(1, Ordering::Relaxed);
                 key += clients;
             }
-            (index, target, errors)
+            Ok((index, target, errors))
         });
     }
     let mut slots: Vec<Option<Target>> = std::iter::repeat_with(|| None)
         .take(clients as usize)
         .collect();
     let mut errors = 0;
+    // An error returns at once; dropping the JoinSet aborts the other sessions' preloads.
     while let Some(result) = tasks.join_next().await {
-        let (index, target, failed) = result?;
+        let (index, target, failed) = result??;
         slots[index] = Some(target);
         errors += failed;
     }

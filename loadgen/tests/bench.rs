@@ -376,3 +376,35 @@ fn open_loop_run_issues_exactly_the_requested_operations_at_the_requested_rate()
     // (less the two clients' half-interval head start).
     assert!(number(row, "elapsed_s") >= 0.45, "{row:?}");
 }
+
+#[test]
+fn an_unreachable_cluster_fails_fast_with_a_clear_error() {
+    // A port that was free a moment ago: nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = format!("127.0.0.1:{port}");
+    let out = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let run = Loadgen::start(&[
+        "--servers",
+        &server,
+        "--request-timeout",
+        "1s",
+        "--duration",
+        "1s",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--quiet",
+    ]);
+    let (status, _, stderr) = run.finish(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not a single key could be written"),
+        "{stderr}"
+    );
+    // One request deadline, not one per key.
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
