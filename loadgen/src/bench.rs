@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use replikv_client::Route;
 use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
 use replikv_server::SyncMode;
@@ -300,7 +300,12 @@ async fn run_with(
         } else {
             String::new()
         },
-        route: format!("{:?}", args.route).to_lowercase(),
+        // The name as typed on the command line.
+        route: args
+            .route
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default(),
         workload: workload_name.to_string(),
         read_ratio: args.read_ratio,
         keys: args.keys,
