@@ -117,6 +117,7 @@ impl Store {
         let db = sled::Config::default()
             .path(dir)
             .cache_capacity(256 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(500))
             .open()?;
         Ok(Store {
@@ -145,6 +146,17 @@ impl Store {
         Ok(m)
     }
 
+    /// The lsn of an item's current entry, without copying its value.
+    fn lsn_of(&self, item: &[u8]) -> Result<Option<u64>, StorageError> {
+        match self.db.get(data_key(item))? {
+            Some(raw) if raw.len() >= 8 => Ok(Some(u64::from_be_bytes(
+                raw[..8].try_into().expect("8 bytes"),
+            ))),
+            Some(_) => Err(StorageError::Corrupt("short entry".into())),
+            None => Ok(None),
+        }
+    }
+
     pub fn get(&self, item: &[u8]) -> Result<Option<Entry>, StorageError> {
         self.db
             .get(data_key(item))?
@@ -161,7 +173,7 @@ impl Store {
             for item in &r.items {
                 let old_lsn = match pending.get(&item.key[..]) {
                     Some(&l) => Some(l),
-                    None => self.get(&item.key)?.map(|e| e.lsn),
+                    None => self.lsn_of(&item.key)?,
                 };
                 if let Some(l) = old_lsn {
                     batch.remove(index_key(l, &item.key));
@@ -194,7 +206,7 @@ impl Store {
         for se in entries {
             let old_lsn = match pending.get(&se.key[..]) {
                 Some(&l) => l,
-                None => self.get(&se.key)?.map(|e| e.lsn),
+                None => self.lsn_of(&se.key)?,
             };
             if let Some(l) = old_lsn {
                 batch.remove(index_key(l, &se.key));
