@@ -26,8 +26,9 @@ const BEFORE: Duration = Duration::from_secs(1);
 const RECOVERED_FOR: Duration = Duration::from_secs(2);
 /// Longest a trial waits for writes to resume.
 const TRIAL_LIMIT: Duration = Duration::from_secs(30);
-/// How long a partition is held (longer than any expected failover).
-const ISOLATION: Duration = Duration::from_secs(5);
+/// How long a partition is held: over twice the expected failover
+/// (L(1+eps), a stagger, then the new primary's lease wait).
+const ISOLATION: Duration = Duration::from_secs(3);
 const CONVERGE: Duration = Duration::from_secs(60);
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
 
