@@ -294,9 +294,6 @@ impl Node {
         st.lease_until = None;
         st.stream = None;
         st.dropping.clear();
-        if all_synced {
-            st.pos.committed = st.pos.committed.max(applied);
-        }
         st.primary = Some(PrimaryState {
             epoch: view.epoch,
             since: Instant::now(),

@@ -162,7 +162,7 @@ impl Node {
         }
         let node = self.clone();
         tokio::spawn(async move {
-            let r = node.change_view(Reason::Drop(rank)).await;
+            let r = node.change_view(Reason::Drop(rank, epoch)).await;
             debug!(peer = rank, result = ?r.as_ref().map(|v| v.epoch), "drop finished");
             node.st().dropping.retain(|&d| d != rank);
         });

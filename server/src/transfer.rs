@@ -34,6 +34,9 @@ const JOIN_WINDOW: u64 = 20_000;
 
 impl Node {
     /// Sink: replaces this server's state with `source`'s (§7). The caller holds `data`.
+    /// The receiver takes the source's commit point too, never more: what the source has not
+    /// committed (a primary waiting out a removed member's lease, say) must not become
+    /// readable here early.
     /// `epoch` is the decided view's epoch when reconciling in a view change, 0 for a joiner.
     pub(crate) async fn sync_from(&self, source: Rank, epoch: u64) -> Result<u64, String> {
         let since = self.st().pos.committed;
@@ -60,7 +63,7 @@ impl Node {
             if chunk.done {
                 let pos = Position {
                     applied: chunk.applied,
-                    committed: chunk.applied,
+                    committed: chunk.committed.min(chunk.applied),
                     last_epoch: chunk.last_epoch,
                 };
                 self.store
@@ -120,6 +123,7 @@ impl Node {
                     done: false,
                     applied: 0,
                     last_epoch: 0,
+                    committed: 0,
                 })
             };
             for e in node.store.changed_since(req.since) {
@@ -160,6 +164,7 @@ impl Node {
                 done: true,
                 applied: pos.applied,
                 last_epoch: pos.last_epoch,
+                committed: pos.committed.min(pos.applied),
             });
         });
         Ok(rx)

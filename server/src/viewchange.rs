@@ -28,8 +28,9 @@ const MAX_ATTEMPTS: u32 = 6;
 /// Why a view change is proposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// The primary drops a member whose acks timed out.
-    Drop(Rank),
+    /// The primary drops a member whose acks timed out in the primary term of this epoch
+    /// (a failure seen in an earlier term says nothing about the member after a re-install).
+    Drop(Rank, u64),
     /// The primary adds a caught-up joiner (or re-adds a restarted member).
     Add(Rank),
     /// A backup whose primary went silent takes over.
@@ -44,9 +45,12 @@ impl Node {
         let st = self.st();
         let now = Instant::now();
         match reason {
-            Reason::Drop(r) => {
-                if st.primary.is_none() || !st.view.is_member(r) {
-                    return Err("no longer primary or member already gone".into());
+            Reason::Drop(r, epoch) => {
+                let same_term = st.primary.as_ref().is_some_and(|p| p.epoch == epoch);
+                if !same_term || !st.view.is_member(r) {
+                    return Err(
+                        "the failure belongs to an earlier view, or the member is gone".into(),
+                    );
                 }
             }
             Reason::Add(_) => {
@@ -162,7 +166,7 @@ impl Node {
                 None => {
                     let mut members = promisers.clone();
                     match reason {
-                        Reason::Drop(r) => {
+                        Reason::Drop(r, _) => {
                             members.remove(&r);
                         }
                         Reason::Add(j) => {
@@ -432,11 +436,9 @@ impl Node {
                 }
             }
         }
-        {
-            let mut st = self.st();
-            st.member = true;
-            st.pos.committed = st.pos.committed.max(st.pos.applied);
-        }
+        // The commit point does not move here: everything applied is about to be on every
+        // member, but it may only commit once the lease gates allow (`advance_commit`).
+        self.st().member = true;
         self.store
             .flush_data()
             .await
@@ -576,7 +578,6 @@ impl Node {
             return refuse(self, "superseded during install".into());
         }
         st.member = true;
-        st.pos.committed = st.pos.applied;
         st.last_heard = Instant::now();
         self.publish_commit(&st);
         info!(
