@@ -31,6 +31,8 @@ const TRIAL_LIMIT: Duration = Duration::from_secs(30);
 const ISOLATION: Duration = Duration::from_secs(3);
 const CONVERGE: Duration = Duration::from_secs(60);
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
+/// Longest the writes a stopped server misses may take.
+const WRITE_LIMIT: Duration = Duration::from_secs(600);
 
 /// What to measure.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,8 +356,16 @@ async fn catch_up(
         }));
     }
     let mut failures = 0;
+    let write_deadline = tokio::time::Instant::now() + WRITE_LIMIT;
+    let aborts: Vec<_> = writers.iter().map(|w| w.abort_handle()).collect();
     for w in writers {
-        failures += w.await?;
+        match tokio::time::timeout_at(write_deadline, w).await {
+            Ok(done) => failures += done?,
+            Err(_) => {
+                aborts.iter().for_each(|a| a.abort());
+                return Err(format!("the catch-up writes took longer than {WRITE_LIMIT:?}").into());
+            }
+        }
     }
     let write_secs = written.elapsed().as_secs_f64();
     if failures > 0 {
