@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 use replikv_proto::peer::{
     AcceptRequest, AcceptResponse, InstallRequest, InstallResponse, PrepareRequest, PrepareResponse,
@@ -21,8 +22,10 @@ use crate::storage::{Accepted, Promise};
 use crate::types::{most_advanced, LogState, Rank, View};
 
 const PREPARE_TIMEOUT: Duration = Duration::from_millis(400);
-/// A member's install includes a state transfer from the primary.
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A member's install includes a state transfer from the primary, usually small (members
+/// are in step, and joiners catch up before they ask to join). Writes pause meanwhile, so a
+/// member that cannot finish in time is dropped instead of waited for.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_ATTEMPTS: u32 = 6;
 
 /// Why a view change is proposed.
@@ -37,6 +40,46 @@ pub enum Reason {
     TakeOver,
     /// A restarted primary never resumes silently (§7).
     Restart,
+}
+
+/// After a quorum has said yes, how long stragglers may still answer (so a slightly slower
+/// member is not left out of the new view for nothing).
+const STRAGGLER_GRACE: Duration = Duration::from_millis(20);
+
+/// Collects replies until the "yes" answers form a quorum of `view` (plus a short grace) or
+/// every call has finished. Waiting for every member would let one silent member (an
+/// isolated primary) stretch every round to the full timeout, long enough for the next
+/// proposer to pre-empt it, round after round.
+async fn gather<R, F>(
+    view: &View,
+    calls: impl IntoIterator<Item = F>,
+    yes: impl Fn(&R) -> bool,
+) -> Vec<(Rank, Result<R, String>)>
+where
+    F: std::future::Future<Output = (Rank, Result<R, String>)>,
+{
+    let mut pending: FuturesUnordered<F> = calls.into_iter().collect();
+    let mut replies = Vec::new();
+    let mut ayes = BTreeSet::new();
+    let mut grace: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match grace {
+            Some(until) => match tokio::time::timeout_at(until, pending.next()).await {
+                Ok(n) => n,
+                Err(_) => break,
+            },
+            None => pending.next().await,
+        };
+        let Some((rank, reply)) = next else { break };
+        if reply.as_ref().is_ok_and(&yes) {
+            ayes.insert(rank);
+        }
+        replies.push((rank, reply));
+        if grace.is_none() && view.is_quorum(&ayes) {
+            grace = Some(tokio::time::Instant::now() + STRAGGLER_GRACE);
+        }
+    }
+    replies
 }
 
 impl Node {
@@ -105,20 +148,24 @@ impl Node {
                 proposer: self.me,
                 view: Some((&from).into()),
             };
-            let replies = join_all(from.members.iter().map(|&m| {
-                let req = req.clone();
-                async move {
-                    let r = if m == self.me {
-                        Ok(self.on_prepare(req).await)
-                    } else {
-                        self.net
-                            .prepare(m, req, PREPARE_TIMEOUT)
-                            .await
-                            .map_err(|e| e.to_string())
-                    };
-                    (m, r)
-                }
-            }))
+            let replies = gather(
+                &from,
+                from.members.iter().map(|&m| {
+                    let req = req.clone();
+                    async move {
+                        let r = if m == self.me {
+                            Ok(self.on_prepare(req).await)
+                        } else {
+                            self.net
+                                .prepare(m, req, PREPARE_TIMEOUT)
+                                .await
+                                .map_err(|e| e.to_string())
+                        };
+                        (m, r)
+                    }
+                }),
+                |r: &PrepareResponse| r.promised,
+            )
             .await;
             let mut promisers = BTreeSet::new();
             let mut states = Vec::new();
@@ -183,20 +230,24 @@ impl Node {
                 from_view: Some((&from).into()),
                 view: Some((&view).into()),
             };
-            let replies = join_all(promisers.iter().map(|&m| {
-                let req = req.clone();
-                async move {
-                    let r = if m == self.me {
-                        Ok(self.on_accept(req).await)
-                    } else {
-                        self.net
-                            .accept(m, req, PREPARE_TIMEOUT)
-                            .await
-                            .map_err(|e| e.to_string())
-                    };
-                    (m, r)
-                }
-            }))
+            let replies = gather(
+                &from,
+                promisers.iter().map(|&m| {
+                    let req = req.clone();
+                    async move {
+                        let r = if m == self.me {
+                            Ok(self.on_accept(req).await)
+                        } else {
+                            self.net
+                                .accept(m, req, PREPARE_TIMEOUT)
+                                .await
+                                .map_err(|e| e.to_string())
+                        };
+                        (m, r)
+                    }
+                }),
+                |r: &AcceptResponse| r.accepted,
+            )
             .await;
             let accepters: BTreeSet<Rank> = replies
                 .into_iter()

@@ -137,3 +137,101 @@ fn install_after_dropping_a_member_waits_out_its_lease() {
         }
     });
 }
+
+/// Rules that cut every server-to-server link of `isolated`, in both directions, on every
+/// server (clients still reach it).
+async fn isolate(cluster: &LocalCluster, isolated: usize) {
+    for rank in 0..cluster.len() {
+        let peers: Vec<usize> = if rank == isolated {
+            (0..cluster.len()).filter(|&r| r != isolated).collect()
+        } else {
+            vec![isolated]
+        };
+        let rules = peers
+            .into_iter()
+            .map(|p| FaultRule {
+                peer: p as u32,
+                kind: FaultKind::Drop as i32,
+                direction: FaultDirection::Both as i32,
+                delay_ms: 0,
+            })
+            .collect();
+        set_faults(cluster, rank, rules, false).await;
+    }
+}
+
+/// Finding F2 (no failover while the primary is isolated): every take-over round waited the
+/// full prepare timeout for the silent primary, so the next proposer pre-empted it, round
+/// after round, and writes stopped for seconds. A round now proceeds once a quorum answers.
+#[test]
+fn isolated_primary_is_replaced_promptly() {
+    run(async {
+        let cluster = LocalCluster::start(ClusterOptions {
+            servers: 3,
+            fault_injection: true,
+            command: Some(server_command()),
+            ..ClusterOptions::default()
+        })
+        .expect("start the cluster");
+        cluster
+            .wait_converged(BOOT_TIMEOUT)
+            .await
+            .expect("cluster serves");
+        let (old, old_status) = cluster
+            .wait_for_primary(BOOT_TIMEOUT)
+            .await
+            .expect("a primary");
+        let started = Instant::now();
+        isolate(&cluster, old).await;
+        let deadline = started + Duration::from_secs(10);
+        let (new, new_epoch) = loop {
+            assert!(
+                Instant::now() < deadline,
+                "no new primary within 10 s of isolating {old}"
+            );
+            let mut found = None;
+            for rank in (0..3).filter(|&r| r != old) {
+                if let Some(s) = cluster.status(rank).await {
+                    if s.role == "primary" && s.serving {
+                        found = Some((rank, epoch(&s)));
+                    }
+                }
+            }
+            if let Some(f) = found {
+                break f;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let took = started.elapsed();
+        assert!(
+            new_epoch > epoch(&old_status),
+            "the new primary has a higher epoch"
+        );
+        assert!(
+            took < Duration::from_millis(2500),
+            "rank {new} took over after {took:?}"
+        );
+        // The majority side accepts writes; the isolated primary cannot commit any.
+        let majority = pinned(&cluster, new).await;
+        majority
+            .put("after-isolation", "x")
+            .await
+            .expect("write on the majority side");
+        for rank in 0..3 {
+            set_faults(&cluster, rank, Vec::new(), true).await;
+        }
+        cluster
+            .wait_converged(Duration::from_secs(15))
+            .await
+            .expect("the old primary rejoins after the heal");
+        let old_side = pinned(&cluster, old).await;
+        assert_eq!(
+            old_side
+                .get("after-isolation")
+                .await
+                .expect("read at the old primary")
+                .as_deref(),
+            Some(&b"x"[..])
+        );
+    });
+}
