@@ -2,9 +2,9 @@
 //!
 //! - `d/<item>` -> `lsn (be64) | flag | value`: the current entry of a user or session item
 //!   (flag 1 = value, 0 = tombstone).
-//! - `l/<lsn be64><item>` -> empty: the lsn index. Only an item's latest lsn is indexed
-//!   (rewriting an item removes its old index entry), so "everything changed after lsn X" is a
-//!   range scan; a record's items share its lsn.
+//! - the lsn index (each item's latest lsn, ordered) lives in memory and is rebuilt from the
+//!   entries when the store opens, so "everything changed after lsn X" is a range scan
+//!   without costing the write path extra tree updates; a record's items share its lsn.
 //! - `m/...`: view, promise, accepted proposal, applied / committed / last record epoch.
 //!
 //! Every applied batch of records is one atomic sled batch; in `--sync always` mode the caller
@@ -21,7 +21,6 @@ use crate::error::StorageError;
 use crate::types::{Entry, Rank, Record, SyncEntry, View};
 
 const DATA: &[u8] = b"d/";
-const INDEX: &[u8] = b"l/";
 const VIEW: &[u8] = b"m/view";
 const PROMISE: &[u8] = b"m/promise";
 const ACCEPTED: &[u8] = b"m/accepted";
@@ -59,8 +58,36 @@ pub struct Meta {
     pub position: Position,
 }
 
+/// The lsn index (DESIGN.md §3's `l/` range, kept in memory and rebuilt from the entries at
+/// start): each item's latest lsn, ordered by lsn, so "everything changed after X" and
+/// "my uncommitted tail" are range scans. Keeping it out of sled saves two tree updates and
+/// a read per written item.
+#[derive(Default)]
+struct LsnIndex {
+    by_item: std::collections::HashMap<Bytes, u64>,
+    by_lsn: std::collections::BTreeSet<(u64, Bytes)>,
+}
+
+impl LsnIndex {
+    fn set(&mut self, item: &Bytes, lsn: Option<u64>) {
+        let old = match lsn {
+            Some(l) => self.by_item.insert(item.clone(), l),
+            None => self.by_item.remove(item),
+        };
+        if let Some(o) = old {
+            self.by_lsn.remove(&(o, item.clone()));
+        }
+        if let Some(l) = lsn {
+            self.by_lsn.insert((l, item.clone()));
+        }
+    }
+}
+
 pub struct Store {
     db: sled::Db,
+    /// `std::sync::Mutex`: updated right after each applied batch and read in short pages,
+    /// never held across an await.
+    index: std::sync::Mutex<LsnIndex>,
     sync: SyncMode,
     /// Fault-injection hook: the next flush fails.
     fail_next_flush: AtomicBool,
@@ -71,10 +98,6 @@ pub struct Store {
 
 fn data_key(item: &[u8]) -> Vec<u8> {
     [DATA, item].concat()
-}
-
-fn index_key(lsn: u64, item: &[u8]) -> Vec<u8> {
-    [INDEX, &lsn.to_be_bytes()[..], item].concat()
 }
 
 fn encode_entry(e: &Entry) -> Vec<u8> {
@@ -120,8 +143,15 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(500))
             .open()?;
+        let mut index = LsnIndex::default();
+        for kv in db.scan_prefix(DATA) {
+            let (k, v) = kv?;
+            let e = decode_entry(&v)?;
+            index.set(&Bytes::copy_from_slice(&k[DATA.len()..]), Some(e.lsn));
+        }
         Ok(Store {
             db,
+            index: std::sync::Mutex::new(index),
             sync,
             fail_next_flush: AtomicBool::new(false),
             writes: AtomicU64::new(0),
@@ -146,17 +176,6 @@ impl Store {
         Ok(m)
     }
 
-    /// The lsn of an item's current entry, without copying its value.
-    fn lsn_of(&self, item: &[u8]) -> Result<Option<u64>, StorageError> {
-        match self.db.get(data_key(item))? {
-            Some(raw) if raw.len() >= 8 => Ok(Some(u64::from_be_bytes(
-                raw[..8].try_into().expect("8 bytes"),
-            ))),
-            Some(_) => Err(StorageError::Corrupt("short entry".into())),
-            None => Ok(None),
-        }
-    }
-
     pub fn get(&self, item: &[u8]) -> Result<Option<Entry>, StorageError> {
         self.db
             .get(data_key(item))?
@@ -167,28 +186,24 @@ impl Store {
     /// Applies records (in lsn order) and the new log position as one atomic batch.
     pub fn apply_records(&self, records: &[Record], pos: Position) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
-        // Items written earlier in this batch: their index entry is not in the tree yet.
-        let mut pending: std::collections::HashMap<&[u8], u64> = Default::default();
         for r in records {
             for item in &r.items {
-                let old_lsn = match pending.get(&item.key[..]) {
-                    Some(&l) => Some(l),
-                    None => self.lsn_of(&item.key)?,
-                };
-                if let Some(l) = old_lsn {
-                    batch.remove(index_key(l, &item.key));
-                }
                 let e = Entry {
                     lsn: r.lsn,
                     value: item.value.clone(),
                 };
                 batch.insert(data_key(&item.key), encode_entry(&e));
-                batch.insert(index_key(r.lsn, &item.key), &[][..]);
-                pending.insert(&item.key[..], r.lsn);
             }
         }
         batch.insert(POSITION, json(&pos));
         self.db.apply_batch(batch)?;
+        let mut index = self.index();
+        for r in records {
+            for item in &r.items {
+                index.set(&item.key, Some(r.lsn));
+            }
+        }
+        drop(index);
         self.writes
             .fetch_add(records.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -202,29 +217,25 @@ impl Store {
         pos: Option<Position>,
     ) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
-        let mut pending: std::collections::HashMap<&[u8], Option<u64>> = Default::default();
         for se in entries {
-            let old_lsn = match pending.get(&se.key[..]) {
-                Some(&l) => l,
-                None => self.lsn_of(&se.key)?,
-            };
-            if let Some(l) = old_lsn {
-                batch.remove(index_key(l, &se.key));
-            }
             match &se.entry {
-                Some(e) => {
-                    batch.insert(data_key(&se.key), encode_entry(e));
-                    batch.insert(index_key(e.lsn, &se.key), &[][..]);
-                }
+                Some(e) => batch.insert(data_key(&se.key), encode_entry(e)),
                 None => batch.remove(data_key(&se.key)),
             }
-            pending.insert(&se.key[..], se.entry.as_ref().map(|e| e.lsn));
         }
         if let Some(pos) = pos {
             batch.insert(POSITION, json(&pos));
         }
         self.db.apply_batch(batch)?;
+        let mut index = self.index();
+        for se in entries {
+            index.set(&se.key, se.entry.as_ref().map(|e| e.lsn));
+        }
         Ok(())
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, LsnIndex> {
+        self.index.lock().expect("lsn index lock poisoned")
     }
 
     pub fn save_position(&self, pos: Position) -> Result<(), StorageError> {
@@ -283,44 +294,42 @@ impl Store {
         &self,
         since: u64,
     ) -> impl Iterator<Item = Result<SyncEntry, StorageError>> + '_ {
-        let start = index_key(since.saturating_add(1), b"");
-        self.db
-            .range(start..)
-            .take_while(|r| match r {
-                Ok((k, _)) => k.starts_with(INDEX),
-                Err(_) => true,
-            })
-            .filter_map(move |r| {
-                let (k, _) = match r {
-                    Ok(kv) => kv,
-                    Err(e) => return Some(Err(e.into())),
-                };
-                if k.len() < INDEX.len() + 8 {
-                    return Some(Err(StorageError::Corrupt("short index key".into())));
-                }
-                let lsn = u64::from_be_bytes(k[2..10].try_into().expect("8 bytes"));
-                let item = Bytes::copy_from_slice(&k[10..]);
-                match self.get(&item) {
-                    // The item moved on to a later lsn meanwhile: that later index entry carries it.
-                    Ok(Some(e)) if e.lsn != lsn => None,
-                    Ok(entry) => Some(Ok(SyncEntry { key: item, entry })),
-                    Err(e) => Some(Err(e)),
-                }
-            })
+        // Pages of the index, so the index lock is never held while reading entries.
+        let mut cursor = (since.saturating_add(1), Bytes::new());
+        let mut page: std::vec::IntoIter<Bytes> = Vec::new().into_iter();
+        std::iter::from_fn(move || loop {
+            if let Some(item) = page.next() {
+                return Some(self.get(&item).map(|entry| SyncEntry { key: item, entry }));
+            }
+            let next: Vec<(u64, Bytes)> = self
+                .index()
+                .by_lsn
+                .range(cursor.clone()..)
+                .take(1024)
+                .cloned()
+                .collect();
+            let (lsn, item) = next.last()?.clone();
+            // Resume just after the last position read.
+            let mut after = item.to_vec();
+            after.push(0);
+            cursor = (lsn, after.into());
+            page = next
+                .into_iter()
+                .map(|(_, i)| i)
+                .collect::<Vec<_>>()
+                .into_iter();
+        })
     }
 
     /// Items written after `committed`: the tail a state transfer must repair (DESIGN.md §7).
     pub fn tail_items(&self, committed: u64) -> Result<Vec<Bytes>, StorageError> {
-        let start = index_key(committed.saturating_add(1), b"");
-        let mut out = Vec::new();
-        for r in self.db.range(start..) {
-            let (k, _) = r?;
-            if !k.starts_with(INDEX) {
-                break;
-            }
-            out.push(Bytes::copy_from_slice(&k[10..]));
-        }
-        Ok(out)
+        let from = (committed.saturating_add(1), Bytes::new());
+        Ok(self
+            .index()
+            .by_lsn
+            .range(from..)
+            .map(|(_, i)| i.clone())
+            .collect())
     }
 
     /// Number of stored items (user keys, tombstones and sessions).
@@ -342,6 +351,19 @@ mod tests {
                 key: Bytes::copy_from_slice(key.as_bytes()),
                 value: val.map(|v| Bytes::copy_from_slice(v.as_bytes())),
             }],
+        }
+    }
+
+    /// Reopens a store in the same process: sled's background flusher lets go of the file
+    /// lock a moment after the previous handle is dropped.
+    fn reopen(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(dir, SyncMode::None) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() > deadline => panic!("reopen: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
         }
     }
 
@@ -438,6 +460,44 @@ mod tests {
         assert_eq!(s.load_meta().unwrap().position.last_epoch, 2);
     }
 
+    #[test]
+    fn lsn_index_is_rebuilt_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), SyncMode::None).unwrap();
+            s.apply_records(
+                &[
+                    rec(1, "a", Some("1")),
+                    rec(2, "b", Some("2")),
+                    rec(3, "a", None),
+                ],
+                Position::default(),
+            )
+            .unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = reopen(dir.path());
+        assert_eq!(
+            keys(&s, 0),
+            vec![("b".into(), Some(2)), ("a".into(), Some(3))]
+        );
+        assert_eq!(s.tail_items(2).unwrap(), vec![Bytes::from_static(b"a")]);
+    }
+
+    #[test]
+    fn changed_since_pages_through_many_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), SyncMode::None).unwrap();
+        let recs: Vec<Record> = (1..=3000)
+            .map(|i| rec(i, &format!("k{i}"), Some("v")))
+            .collect();
+        s.apply_records(&recs, Position::default()).unwrap();
+        let got = keys(&s, 1000);
+        assert_eq!(got.len(), 2000);
+        assert_eq!(got[0].1, Some(1001));
+        assert_eq!(got[1999].1, Some(3000));
+    }
+
     #[tokio::test]
     async fn paxos_state_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -453,7 +513,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let s = Store::open(dir.path(), SyncMode::None).unwrap();
+        let s = reopen(dir.path());
         let m = s.load_meta().unwrap();
         assert_eq!(m.view, Some(View::new(4, 1, [1, 2])));
         assert_eq!(m.promise, Promise { ballot: 5, to: 2 });
