@@ -47,6 +47,14 @@ pub struct CommitPoint {
     pub term: u64,
 }
 
+/// Writes waiting on the primary for their commit.
+#[derive(Default)]
+struct CommitWaiters {
+    committed: u64,
+    term: u64,
+    waiting: BTreeMap<u64, Vec<oneshot::Sender<bool>>>,
+}
+
 /// A write as the replica sees it: `value: None` deletes.
 #[derive(Clone, Debug)]
 pub struct WriteReq {
@@ -130,6 +138,9 @@ pub struct Node {
     /// One view change at a time from this server.
     pub(crate) proposing: tokio::sync::Mutex<()>,
     pub(crate) commit_tx: watch::Sender<CommitPoint>,
+    /// Writes waiting for their lsn to commit, woken one by one by `publish_commit`.
+    /// `std::sync::Mutex`: short sections, taken after `state`, never across an await.
+    write_waiters: Mutex<CommitWaiters>,
     write_tx: mpsc::Sender<WriteOp>,
     write_rx: Mutex<Option<mpsc::Receiver<WriteOp>>>,
     write_permits: Arc<Semaphore>,
@@ -183,6 +194,10 @@ impl Node {
             data: tokio::sync::Mutex::new(()),
             proposing: tokio::sync::Mutex::new(()),
             commit_tx,
+            write_waiters: Mutex::new(CommitWaiters {
+                committed: meta.position.committed,
+                ..Default::default()
+            }),
             write_tx,
             write_rx: Mutex::new(Some(write_rx)),
             write_permits: Arc::new(Semaphore::new(MAX_WRITES_IN_FLIGHT)),
@@ -252,6 +267,24 @@ impl Node {
     }
 
     pub(crate) fn publish_commit(&self, st: &State) {
+        let mut w = self.write_waiters.lock().expect("write waiters lock");
+        if w.term != st.term {
+            // This server stopped being primary: every write it was waiting on is unknown.
+            w.term = st.term;
+            for (_, senders) in std::mem::take(&mut w.waiting) {
+                for s in senders {
+                    let _ = s.send(false);
+                }
+            }
+        }
+        w.committed = st.pos.committed;
+        let later = w.waiting.split_off(&(st.pos.committed + 1));
+        for (_, senders) in std::mem::replace(&mut w.waiting, later) {
+            for s in senders {
+                let _ = s.send(true);
+            }
+        }
+        drop(w);
         self.commit_tx.send_if_modified(|c| {
             let next = CommitPoint {
                 committed: st.pos.committed,
@@ -434,14 +467,25 @@ impl Node {
             Ok(r) => r?,
             Err(_) => return Err(ServeError::unknown("primary shutting down", hint())),
         };
-        let mut commits = self.commit_tx.subscribe();
-        let waited = tokio::time::timeout(
-            COMMIT_WAIT,
-            commits.wait_for(|c| c.committed >= lsn || c.term != term),
-        )
-        .await;
+        // Woken exactly when this lsn commits (not on every commit, as a watch would).
+        let rx = {
+            let mut w = self.write_waiters.lock().expect("write waiters lock");
+            if w.term != term {
+                None
+            } else if w.committed >= lsn {
+                return Ok(result);
+            } else {
+                let (tx, rx) = oneshot::channel();
+                w.waiting.entry(lsn).or_default().push(tx);
+                Some(rx)
+            }
+        };
+        let waited = match rx {
+            Some(rx) => tokio::time::timeout(COMMIT_WAIT, rx).await,
+            None => Ok(Ok(false)),
+        };
         match waited {
-            Ok(Ok(c)) if c.term == term => Ok(result),
+            Ok(Ok(true)) => Ok(result),
             Ok(_) => Err(ServeError::unknown(
                 "primary was deposed before the write committed",
                 hint(),
