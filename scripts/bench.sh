@@ -86,6 +86,11 @@ elapsed=$(( $(date +%s) - started ))
 
 mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
 cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+# Sections written by hand or by other scripts (from the first "## " heading on) survive.
+kept=""
+if [ -f "$OUT/README.md" ]; then
+    kept=$(awk '/^## /{found=1} found' "$OUT/README.md")
+fi
 {
     echo "# replikv benchmark results"
     echo
@@ -118,7 +123,12 @@ cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
         echo
         echo "$failed run(s) failed and are missing from the table."
     fi
-} > "$OUT/README.md"
+    if [ -n "$kept" ]; then
+        echo
+        echo "$kept"
+    fi
+} > "$OUT/README.md.new"
+mv "$OUT/README.md.new" "$OUT/README.md"
 
 echo "wrote $SUMMARY and $OUT/README.md ($failed failed run(s))" >&2
 [ "$failed" -eq 0 ]
