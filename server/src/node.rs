@@ -228,7 +228,7 @@ impl Node {
             self.store
                 .save_paxos(Some(&view), None, None)
                 .await
-                .unwrap_or_else(|e| self.fail_stop(e));
+                .or_fail_stop(self);
             // Nobody held a lease in a brand-new cluster: serve at once.
             self.become_primary(&view, Instant::now(), Instant::now(), true);
         } else if fresh {
@@ -236,7 +236,7 @@ impl Node {
             self.store
                 .save_paxos(Some(&view), None, None)
                 .await
-                .unwrap_or_else(|e| self.fail_stop(e));
+                .or_fail_stop(self);
         }
         let rx = self.write_rx.lock().expect("write rx lock").take();
         if let Some(rx) = rx {
@@ -258,7 +258,20 @@ impl Node {
         error!(error = %e, "storage failure: stopping (fail-stop)");
         std::process::exit(70);
     }
+}
 
+/// Every storage call on the replica's paths either succeeds or stops the server (§3).
+pub(crate) trait OrFailStop<T> {
+    fn or_fail_stop(self, node: &Node) -> T;
+}
+
+impl<T> OrFailStop<T> for Result<T, StorageError> {
+    fn or_fail_stop(self, node: &Node) -> T {
+        self.unwrap_or_else(|e| node.fail_stop(e))
+    }
+}
+
+impl Node {
     pub(crate) fn hint(&self, st: &State) -> Option<PrimaryHint> {
         Some(PrimaryHint {
             rank: st.view.primary,
@@ -548,7 +561,7 @@ impl Node {
                             let stored = self
                                 .store
                                 .get(&session_item(id.client_id))
-                                .unwrap_or_else(|e| self.fail_stop(e));
+                                .or_fail_stop(&self);
                             let s = stored
                                 .and_then(|e| e.value)
                                 .and_then(Session::decode)
@@ -580,7 +593,7 @@ impl Node {
                     None => self
                         .store
                         .get(&item)
-                        .unwrap_or_else(|e| self.fail_stop(e))
+                        .or_fail_stop(&self)
                         .and_then(|e| e.value),
                 };
                 applied += 1;
@@ -614,9 +627,7 @@ impl Node {
                     committed,
                     last_epoch: epoch,
                 };
-                self.store
-                    .apply_records(&records, pos)
-                    .unwrap_or_else(|e| self.fail_stop(e));
+                self.store.apply_records(&records, pos).or_fail_stop(&self);
                 let batch: Arc<[Record]> = records.into();
                 let mut st = self.st();
                 st.pos.applied = applied;
@@ -631,10 +642,7 @@ impl Node {
             for (reply, r) in replies {
                 let _ = reply.send(r);
             }
-            self.store
-                .flush_data()
-                .await
-                .unwrap_or_else(|e| self.fail_stop(e));
+            self.store.flush_data().await.or_fail_stop(&self);
             let mut st = self.st();
             if let Some(p) = st.primary.as_mut() {
                 if p.epoch == epoch {
@@ -767,13 +775,8 @@ impl Node {
                 committed,
                 last_epoch,
             };
-            self.store
-                .apply_records(&fresh, pos)
-                .unwrap_or_else(|e| self.fail_stop(e));
-            self.store
-                .flush_data()
-                .await
-                .unwrap_or_else(|e| self.fail_stop(e));
+            self.store.apply_records(&fresh, pos).or_fail_stop(self);
+            self.store.flush_data().await.or_fail_stop(self);
             let mut st = self.st();
             st.pos.applied = last.lsn;
             st.pos.last_epoch = last_epoch;
@@ -831,7 +834,7 @@ impl Node {
             self.store
                 .save_paxos(Some(&view), None, None)
                 .await
-                .unwrap_or_else(|e| self.fail_stop(e));
+                .or_fail_stop(self);
         }
     }
 

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::convert::{sync_entry_from_pb, sync_entry_to_pb};
-use crate::node::Node;
+use crate::node::{Node, OrFailStop};
 use crate::storage::Position;
 use crate::types::{Rank, SyncEntry};
 use crate::viewchange::Reason;
@@ -68,11 +68,8 @@ impl Node {
                 };
                 self.store
                     .set_entries(&entries, Some(pos))
-                    .unwrap_or_else(|e| self.fail_stop(e));
-                self.store
-                    .flush_data()
-                    .await
-                    .unwrap_or_else(|e| self.fail_stop(e));
+                    .or_fail_stop(self);
+                self.store.flush_data().await.or_fail_stop(self);
                 let mut st = self.st();
                 st.pos = pos;
                 self.publish_commit(&st);
@@ -87,9 +84,7 @@ impl Node {
                 );
                 return Ok(pos.applied);
             }
-            self.store
-                .set_entries(&entries, None)
-                .unwrap_or_else(|e| self.fail_stop(e));
+            self.store.set_entries(&entries, None).or_fail_stop(self);
         }
         Err("transfer ended before its last chunk".into())
     }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::convert::view_from;
-use crate::node::Node;
+use crate::node::{Node, OrFailStop};
 use crate::storage::{Accepted, Promise};
 use crate::types::{most_advanced, LogState, Rank, View};
 
@@ -360,7 +360,7 @@ impl Node {
         self.store
             .save_paxos(Some(&persist.0), Some(persist.1), None)
             .await
-            .unwrap_or_else(|e| self.fail_stop(e));
+            .or_fail_stop(self);
         resp
     }
 
@@ -407,7 +407,7 @@ impl Node {
         self.store
             .save_paxos(None, Some(saved.0), Some(Some(&saved.1)))
             .await
-            .unwrap_or_else(|e| self.fail_stop(e));
+            .or_fail_stop(self);
         AcceptResponse {
             accepted: true,
             promised_ballot: req.ballot,
@@ -459,7 +459,7 @@ impl Node {
         self.store
             .save_paxos(Some(&view), None, Some(None))
             .await
-            .unwrap_or_else(|e| self.fail_stop(e));
+            .or_fail_stop(self);
 
         // Take the most advanced state among the members (and this server).
         let mine = {
@@ -490,10 +490,7 @@ impl Node {
         // The commit point does not move here: everything applied is about to be on every
         // member, but it may only commit once the lease gates allow (`advance_commit`).
         self.st().member = true;
-        self.store
-            .flush_data()
-            .await
-            .unwrap_or_else(|e| self.fail_stop(e));
+        self.store.flush_data().await.or_fail_stop(self);
 
         // Every other member syncs from this server while writes are paused.
         let req = InstallRequest {
@@ -619,7 +616,7 @@ impl Node {
         self.store
             .save_paxos(Some(&view), None, Some(None))
             .await
-            .unwrap_or_else(|e| self.fail_stop(e));
+            .or_fail_stop(self);
         if let Err(e) = self.sync_from(view.primary, view.epoch).await {
             return refuse(self, format!("state transfer from the primary failed: {e}"));
         }

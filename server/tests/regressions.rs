@@ -6,12 +6,35 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use replikv_proto::kv::StatusResponse;
 use replikv_proto::peer::admin_client::AdminClient;
 use replikv_proto::peer::{FaultDirection, FaultKind, FaultRequest, FaultRule};
 use replikv_server::cluster::{ClusterOptions, LocalCluster};
 use tokio::time::Instant;
 
 use common::*;
+
+/// Starts 3 servers with the fault-injection admin service and waits until they serve;
+/// returns the cluster, the primary's rank and its status.
+async fn start_with_faults(extra_args: &[&str]) -> (LocalCluster, usize, StatusResponse) {
+    let cluster = LocalCluster::start(ClusterOptions {
+        servers: 3,
+        fault_injection: true,
+        extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        command: Some(server_command()),
+        ..ClusterOptions::default()
+    })
+    .expect("start the cluster");
+    cluster
+        .wait_converged(BOOT_TIMEOUT)
+        .await
+        .expect("cluster serves");
+    let (primary, status) = cluster
+        .wait_for_primary(BOOT_TIMEOUT)
+        .await
+        .expect("a primary");
+    (cluster, primary, status)
+}
 
 async fn set_faults(cluster: &LocalCluster, rank: usize, rules: Vec<FaultRule>, heal: bool) {
     let mut admin = AdminClient::connect(format!("http://{}", cluster.addr(rank)))
@@ -38,22 +61,7 @@ fn install_after_dropping_a_member_waits_out_its_lease() {
     run(async {
         // A long lease makes the window in which the dropped member may still read wide
         // enough to observe reliably.
-        let cluster = LocalCluster::start(ClusterOptions {
-            servers: 3,
-            fault_injection: true,
-            extra_args: vec!["--lease-ms".into(), "2000".into()],
-            command: Some(server_command()),
-            ..ClusterOptions::default()
-        })
-        .expect("start the cluster");
-        cluster
-            .wait_converged(BOOT_TIMEOUT)
-            .await
-            .expect("cluster serves");
-        let (primary, _) = cluster
-            .wait_for_primary(BOOT_TIMEOUT)
-            .await
-            .expect("a primary");
+        let (cluster, primary, _) = start_with_faults(&["--lease-ms", "2000"]).await;
         let dropped = (primary + 1) % 3;
         let writer = primary_routed_client(&cluster).await;
         let reader = pinned(&cluster, dropped).await;
@@ -166,21 +174,7 @@ async fn isolate(cluster: &LocalCluster, isolated: usize) {
 #[test]
 fn isolated_primary_is_replaced_promptly() {
     run(async {
-        let cluster = LocalCluster::start(ClusterOptions {
-            servers: 3,
-            fault_injection: true,
-            command: Some(server_command()),
-            ..ClusterOptions::default()
-        })
-        .expect("start the cluster");
-        cluster
-            .wait_converged(BOOT_TIMEOUT)
-            .await
-            .expect("cluster serves");
-        let (old, old_status) = cluster
-            .wait_for_primary(BOOT_TIMEOUT)
-            .await
-            .expect("a primary");
+        let (cluster, old, old_status) = start_with_faults(&[]).await;
         let started = Instant::now();
         isolate(&cluster, old).await;
         let deadline = started + Duration::from_secs(10);
