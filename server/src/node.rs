@@ -141,6 +141,8 @@ pub struct Node {
     /// Writes waiting for their lsn to commit, woken one by one by `publish_commit`.
     /// `std::sync::Mutex`: short sections, taken after `state`, never across an await.
     write_waiters: Mutex<CommitWaiters>,
+    /// (epoch, lsn) the primary applied last and the flusher has to make durable.
+    dirty_tx: watch::Sender<(u64, u64)>,
     write_tx: mpsc::Sender<WriteOp>,
     write_rx: Mutex<Option<mpsc::Receiver<WriteOp>>>,
     write_permits: Arc<Semaphore>,
@@ -198,6 +200,7 @@ impl Node {
                 committed: meta.position.committed,
                 ..Default::default()
             }),
+            dirty_tx: watch::channel((0, 0)).0,
             write_tx,
             write_rx: Mutex::new(Some(write_rx)),
             write_permits: Arc::new(Semaphore::new(MAX_WRITES_IN_FLIGHT)),
@@ -241,6 +244,7 @@ impl Node {
         let rx = self.write_rx.lock().expect("write rx lock").take();
         if let Some(rx) = rx {
             tokio::spawn(self.clone().sequencer(rx));
+            tokio::spawn(self.clone().flusher(self.dirty_tx.subscribe()));
         }
         tokio::spawn(self.clone().monitor());
     }
@@ -642,6 +646,16 @@ impl Node {
             for (reply, r) in replies {
                 let _ = reply.send(r);
             }
+            // The flusher makes it durable; the next batch need not wait for that.
+            self.dirty_tx.send_replace((epoch, applied));
+        }
+    }
+
+    /// The primary's group commit: one flush covers every batch applied while the previous
+    /// flush ran, and the sequencer never waits for a flush before taking the next batch.
+    async fn flusher(self: Arc<Self>, mut dirty: watch::Receiver<(u64, u64)>) {
+        while dirty.changed().await.is_ok() {
+            let (epoch, applied) = *dirty.borrow_and_update();
             self.store.flush_data().await.or_fail_stop(&self);
             let mut st = self.st();
             if let Some(p) = st.primary.as_mut() {
