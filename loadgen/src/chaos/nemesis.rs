@@ -330,6 +330,15 @@ impl<'a> Nemesis<'a> {
         self.rng.random_range(0..n)
     }
 
+    /// `(a, b)` or `(b, a)`, at random: which side of a link a one-way fault hits.
+    fn either_way(&mut self, a: usize, b: usize) -> (usize, usize) {
+        if self.rng.random_bool(0.5) {
+            (a, b)
+        } else {
+            (b, a)
+        }
+    }
+
     /// A server other than the primary (any server when there is none).
     async fn backup(&mut self) -> (usize, Option<usize>) {
         let n = self.n();
@@ -377,11 +386,7 @@ impl<'a> Nemesis<'a> {
                 // cannot reach the primary (and must not depose it alone).
                 let (backup, primary) = self.backup().await;
                 let other = primary.unwrap_or((backup + 1) % n);
-                let (from, to) = if self.rng.random_bool(0.5) {
-                    (other, backup)
-                } else {
-                    (backup, other)
-                };
+                let (from, to) = self.either_way(other, backup);
                 self.admin.apply(&one_way(n, from, to)).await?;
                 Ok(format!(
                     "drop requests {from} -> {to} (primary {primary:?})"
@@ -394,11 +399,7 @@ impl<'a> Nemesis<'a> {
                 // them, nor apply anything twice), or replies to the
                 // backup's forwarded writes lost (the client retries them:
                 // exactly-once).
-                let (from, to) = if self.rng.random_bool(0.5) {
-                    (other, backup)
-                } else {
-                    (backup, other)
-                };
+                let (from, to) = self.either_way(other, backup);
                 let mut rules = vec![Vec::new(); n];
                 rules[from].push(rule(
                     to,
