@@ -148,13 +148,7 @@ pub async fn run(args: ChaosArgs) -> Result<bool, BoxError> {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,replikv_loadgen=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    replikv_server::init_tracing_with_default("warn,replikv_loadgen=info");
 }
 
 /// Checks a saved history again.

@@ -104,10 +104,5 @@ async fn run_bench(args: RunArgs) -> ExitCode {
 /// Warnings only by default: the progress bar and summary are the output; `RUST_LOG=debug`
 /// shows every failed operation.
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    replikv_server::init_tracing_with_default("warn");
 }

@@ -131,10 +131,16 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Installs the tracing subscriber (`RUST_LOG`, default `info`) used by the binaries.
+/// Installs the tracing subscriber (`RUST_LOG`, default `info`) used by the server binary.
 pub fn init_tracing() {
+    init_tracing_with_default("info");
+}
+
+/// Installs the tracing subscriber on stderr: `RUST_LOG` if set, else `default` (e.g. "warn"
+/// for tools whose own output is the point); colours only on a terminal.
+pub fn init_tracing_with_default(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::convert::{record_from_pb, view_from};
-use crate::error::{status_outcome, Outcome, PrimaryHint, ServeError, StorageError};
+use crate::error::{status_outcome, PrimaryHint, ServeError, StorageError};
 use crate::fault::Faults;
 use crate::network::{NetError, PeerNetwork};
 use crate::session::{Decision, Recorded, Session, WriteResult};
@@ -911,15 +911,6 @@ impl Node {
             promised: st.promise.ballot,
             sync_mode: self.cfg.sync.as_str().into(),
             serving: self.can_read(&st, now),
-        }
-    }
-
-    /// Whether the outcome of a failed forwarded write is known.
-    pub fn outcome_of(e: &ServeError) -> Outcome {
-        match e {
-            ServeError::Unavailable { outcome, .. } => *outcome,
-            ServeError::Storage(_) => Outcome::Unknown,
-            _ => Outcome::None,
         }
     }
 

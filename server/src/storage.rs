@@ -238,11 +238,6 @@ impl Store {
         self.index.lock().expect("lsn index lock poisoned")
     }
 
-    pub fn save_position(&self, pos: Position) -> Result<(), StorageError> {
-        self.db.insert(POSITION, json(&pos))?;
-        Ok(())
-    }
-
     /// Persists Paxos state durably (whatever the sync mode: promises must survive crashes).
     pub async fn save_paxos(
         &self,
@@ -330,11 +325,6 @@ impl Store {
             .range(from..)
             .map(|(_, i)| i.clone())
             .collect())
-    }
-
-    /// Number of stored items (user keys, tombstones and sessions).
-    pub fn item_count(&self) -> usize {
-        self.db.scan_prefix(DATA).count()
     }
 }
 
