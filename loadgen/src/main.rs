@@ -5,6 +5,10 @@ use replikv_loadgen::bench::{self, BenchError, RunArgs};
 use replikv_loadgen::{chaos, compare, report};
 use replikv_server::cluster::ServerCommand;
 
+// The servers `--spawn` starts run in this binary too: see replikv-server's allocator note.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Load generator for replikv (and etcd and Redis on the same workloads).
 ///
 /// Without a subcommand it runs one benchmark, e.g. `--spawn 3 --duration 10s`.
