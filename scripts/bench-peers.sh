@@ -227,7 +227,9 @@ for clients in 64 1; do
         label="$mode-only-$clients-client$([ "$clients" -eq 1 ] || echo s)"
         common=(--clients "$clients" --read-ratio "$ratio")
         run "$label" replikv --spawn 3 --sync always "${common[@]}"
-        run "$label" etcd --servers "$ETCD_ADDRS" "${etcd_flags[@]}" "${common[@]}"
+        # etcd's own client spreads requests over the members; followers forward writes
+        # to the leader inside the cluster.
+        run "$label" etcd --servers "$ETCD_ADDRS" --route random "${etcd_flags[@]}" "${common[@]}"
         run "$label" redis --servers "$REDIS_ADDRS" --redis-wait 2 --route "$REDIS_ROUTE" \
             "${common[@]}"
     done

@@ -33,7 +33,7 @@ pub struct Opt {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub attempt_timeout: Duration,
     /// Which server a request tries first.
-    #[arg(long, value_enum, default_value_t = Route::Random)]
+    #[arg(long, value_enum, default_value_t = Route::Primary)]
     pub route: Route,
     /// Keys and values are given and printed as hex.
     #[arg(long)]

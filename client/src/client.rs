@@ -317,6 +317,8 @@ impl Client {
                         // Writes are forwarded to the primary, so only reads
                         // measure the distance to the contacted server.
                         inner.router.record_latency(server, started.elapsed());
+                    } else {
+                        self.learn_primary(server, reply.metadata());
                     }
                     return Ok(reply.into_inner());
                 }
@@ -383,6 +385,23 @@ impl Client {
         } else {
             Error::Unavailable(summary)
         })
+    }
+
+    /// A write succeeded on `server`: a server that forwarded it names the primary in the
+    /// response, one that did not is the primary. Either way, `Route::Primary` now knows
+    /// where to send writes without paying a forward.
+    fn learn_primary(&self, server: usize, metadata: &tonic::metadata::MetadataMap) {
+        let named = metadata
+            .get(replikv_proto::PRIMARY_ADDR_HEADER)
+            .and_then(|v| v.to_str().ok());
+        match named {
+            Some(addr) => {
+                if let Some(primary) = self.server_index(addr) {
+                    self.inner.router.set_primary(primary);
+                }
+            }
+            None => self.inner.router.set_primary(server),
+        }
     }
 
     /// Acts on a failed attempt's primary hint: try the primary next and

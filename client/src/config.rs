@@ -9,10 +9,12 @@ use crate::error::Error;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Route {
     /// Every request starts at a server picked at random (the classic policy).
-    #[default]
     Random,
-    /// Writes start at the primary last learned of (from an `UNAVAILABLE`
-    /// redirect or a `Status` call); reads are random.
+    /// Writes start at the primary last learned of (from the previous write's
+    /// answer, an `UNAVAILABLE` redirect or a `Status` call), which saves the
+    /// forward a backup would make; reads are random. Until a primary is known,
+    /// writes start at random too.
+    #[default]
     Primary,
     /// Reads start at the server with the lowest observed latency; writes are
     /// random.

@@ -110,6 +110,51 @@ async fn a_redirect_goes_to_the_named_primary_and_primary_routing_remembers_it()
 }
 
 #[tokio::test]
+async fn primary_routing_learns_the_primary_from_a_forwarded_write() {
+    const PRIMARY: usize = 1;
+    let fakes = FakeCluster::start(3, |call: &Call, _: &[String]| {
+        if call.server == PRIMARY {
+            Reply::Serve
+        } else {
+            Reply::ServeForwarded(PRIMARY)
+        }
+    })
+    .await;
+    let client = Client::connect(config(fakes.addrs())).await.unwrap();
+
+    // The first write goes to a random server; whichever answers, it names the primary (or
+    // is it), and every later write goes straight there.
+    bounded(client.put("first", "1")).await.unwrap();
+    for i in 0..10 {
+        bounded(client.put(format!("k{i}"), "v")).await.unwrap();
+        bounded(client.delete(format!("k{i}"))).await.unwrap();
+    }
+    let writes: Vec<_> = fakes
+        .calls()
+        .into_iter()
+        .filter(|c| c.method != "get")
+        .collect();
+    assert_eq!(writes.len(), 21, "no retries: {writes:?}");
+    assert!(
+        writes[1..].iter().all(|c| c.server == PRIMARY),
+        "later writes skip the forward: {writes:?}"
+    );
+    assert_eq!(client.stats().retries, 0);
+
+    // Random routing keeps spreading writes over every server.
+    let random = Client::connect(config(fakes.addrs()).with_route(Route::Random))
+        .await
+        .unwrap();
+    let before = fakes.calls().len();
+    for i in 0..30 {
+        bounded(random.put(format!("r{i}"), "v")).await.unwrap();
+    }
+    let servers: std::collections::BTreeSet<usize> =
+        fakes.calls()[before..].iter().map(|c| c.server).collect();
+    assert_eq!(servers.len(), 3, "random routing uses every server");
+}
+
+#[tokio::test]
 async fn a_write_whose_attempts_time_out_has_an_unknown_outcome() {
     let fakes = FakeCluster::start(2, |_: &Call, _: &[String]| {
         Reply::Stall(Duration::from_secs(3))

@@ -80,7 +80,7 @@ pub struct RunArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub warmup: Duration,
     /// Which server each request goes to first.
-    #[arg(long, value_enum, default_value = "random")]
+    #[arg(long, value_enum, default_value = "primary")]
     pub route: Route,
     /// Seed of every random choice (per-client streams derive from it).
     #[arg(long, default_value_t = 1)]

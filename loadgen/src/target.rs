@@ -59,7 +59,7 @@ impl TargetOptions {
         TargetOptions {
             kind,
             servers,
-            route: Route::Random,
+            route: Route::default(),
             request_timeout: Duration::from_secs(10),
             etcd_serializable: false,
             redis_wait: 0,

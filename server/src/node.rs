@@ -431,14 +431,18 @@ impl Node {
     // ---------------------------------------------------------------- writes
 
     /// Entry point of a client write on any server: sequenced here if primary, else
-    /// forwarded to the primary of this server's view.
-    pub async fn write(self: &Arc<Self>, req: WriteReq) -> Result<WriteResult, ServeError> {
+    /// forwarded to the primary of this server's view. A forwarded write's result names the
+    /// primary that sequenced it, so the client can send its next writes there directly.
+    pub async fn write(
+        self: &Arc<Self>,
+        req: WriteReq,
+    ) -> Result<(WriteResult, Option<PrimaryHint>), ServeError> {
         let (is_primary, primary, hint) = {
             let st = self.st();
             (st.primary.is_some(), st.view.primary, self.hint(&st))
         };
         if is_primary {
-            return self.write_local(req).await;
+            return Ok((self.write_local(req).await?, None));
         }
         if primary == self.me {
             return Err(ServeError::unavailable("primary is recovering", hint));
@@ -449,9 +453,12 @@ impl Node {
             id: req.id,
         };
         match self.net.forward(primary, pb, FORWARD_TIMEOUT).await {
-            Ok(r) => Ok(WriteResult {
-                old: r.had_old.then_some(r.old_value),
-            }),
+            Ok(r) => Ok((
+                WriteResult {
+                    old: r.had_old.then_some(r.old_value),
+                },
+                hint,
+            )),
             Err(NetError::Status(s)) => Err(match s.code() {
                 tonic::Code::InvalidArgument => {
                     ServeError::InvalidArgument(s.message().to_string())

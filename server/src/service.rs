@@ -13,11 +13,12 @@ use replikv_proto::kv::*;
 use replikv_proto::peer::admin_server::Admin;
 use replikv_proto::peer::peer_server::Peer;
 use replikv_proto::peer::*;
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use crate::config::Limits;
-use crate::error::ServeError;
+use crate::error::{PrimaryHint, ServeError};
 use crate::fault::Action;
 use crate::network::FROM_HEADER;
 use crate::node::{Node, WriteReq};
@@ -68,21 +69,33 @@ impl KvService {
         key: Bytes,
         value: Option<Bytes>,
         id: Option<RequestId>,
-    ) -> Result<(bool, Bytes), Status> {
+    ) -> Result<(bool, Bytes, Option<PrimaryHint>), Status> {
         check_key(&key, &self.limits).map_err(ServeError::into_status)?;
         if let Some(v) = &value {
             check_value(v, &self.limits).map_err(ServeError::into_status)?;
         }
-        let r = self
+        let (r, forwarded_to) = self
             .node
             .write(WriteReq { key, value, id })
             .await
             .map_err(ServeError::into_status)?;
         Ok(match r.old {
-            Some(v) => (true, v),
-            None => (false, Bytes::new()),
+            Some(v) => (true, v, forwarded_to),
+            None => (false, Bytes::new(), forwarded_to),
         })
     }
+}
+
+/// A write response; one that was forwarded names the primary that sequenced it.
+fn write_response<T>(body: T, forwarded_to: Option<PrimaryHint>) -> Response<T> {
+    let mut resp = Response::new(body);
+    if let Some(p) = forwarded_to {
+        if let Ok(v) = MetadataValue::try_from(p.addr.as_str()) {
+            resp.metadata_mut()
+                .insert(replikv_proto::PRIMARY_ADDR_HEADER, v);
+        }
+    }
+    resp
 }
 
 #[tonic::async_trait]
@@ -108,8 +121,8 @@ impl Kv for KvService {
     #[instrument(level = "debug", skip_all)]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let r = req.into_inner();
-        let (had_old, old_value) = self.write(r.key, Some(r.value), r.id).await?;
-        Ok(Response::new(PutResponse { had_old, old_value }))
+        let (had_old, old_value, via) = self.write(r.key, Some(r.value), r.id).await?;
+        Ok(write_response(PutResponse { had_old, old_value }, via))
     }
 
     #[instrument(level = "debug", skip_all)]
@@ -118,8 +131,8 @@ impl Kv for KvService {
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let r = req.into_inner();
-        let (had_old, old_value) = self.write(r.key, None, r.id).await?;
-        Ok(Response::new(DeleteResponse { had_old, old_value }))
+        let (had_old, old_value, via) = self.write(r.key, None, r.id).await?;
+        Ok(write_response(DeleteResponse { had_old, old_value }, via))
     }
 
     async fn status(

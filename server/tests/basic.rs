@@ -65,6 +65,42 @@ fn put_through_one_server_reads_back_from_every_server() {
 }
 
 #[test]
+fn a_forwarded_write_names_the_primary_and_one_on_the_primary_does_not() {
+    use replikv_proto::kv::kv_client::KvClient;
+    use replikv_proto::kv::PutRequest;
+    common::run(async {
+        let (cluster, primary) = common::start_healthy(3, &[]).await;
+        let put = |rank: usize, key: &'static str| {
+            let addr = format!("http://{}", cluster.addr(rank));
+            async move {
+                let mut stub = KvClient::connect(addr).await.unwrap();
+                stub.put(PutRequest {
+                    key: bytes(key),
+                    value: bytes("v"),
+                    id: None,
+                })
+                .await
+                .unwrap()
+            }
+        };
+        let named = |r: &tonic::Response<_>| {
+            r.metadata()
+                .get(replikv_proto::PRIMARY_ADDR_HEADER)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let backup = (primary + 1) % cluster.len();
+        let forwarded = put(backup, "via-backup").await;
+        assert_eq!(
+            named(&forwarded),
+            Some(cluster.addr(primary)),
+            "a backup's answer names the primary it forwarded to"
+        );
+        let direct = put(primary, "on-primary").await;
+        assert_eq!(named(&direct), None, "the primary names nobody");
+    });
+}
+
+#[test]
 fn empty_and_binary_values_round_trip_on_every_server() {
     common::run(async {
         let (cluster, _) = common::start_healthy(3, &[]).await;

@@ -41,6 +41,9 @@ pub struct Call {
 pub enum Reply {
     /// Serve it from the shared map.
     Serve,
+    /// Serve it as a backup that forwarded it to server `.0`, which the
+    /// response names as the primary.
+    ServeForwarded(usize),
     /// Fail with this status.
     Fail(Status),
     /// Wait this long (at most [`MAX_STALL`]), then serve it.
@@ -175,13 +178,13 @@ struct FakeKv {
 
 impl FakeKv {
     /// Logs the call and carries out the script's decision; `Ok` means
-    /// "serve it now".
+    /// "serve it now", naming the primary it was forwarded to, if any.
     async fn admit(
         &self,
         method: &'static str,
         key: &Bytes,
         id: Option<RequestId>,
-    ) -> Result<(), Status> {
+    ) -> Result<Option<String>, Status> {
         let call = {
             let mut calls = self.shared.calls.lock().unwrap();
             let call = Call {
@@ -195,14 +198,25 @@ impl FakeKv {
             call
         };
         match (self.shared.script)(&call, &self.shared.addrs) {
-            Reply::Serve => Ok(()),
+            Reply::Serve => Ok(None),
+            Reply::ServeForwarded(primary) => Ok(Some(self.shared.addrs[primary].clone())),
             Reply::Fail(status) => Err(status),
             Reply::Stall(d) => {
                 tokio::time::sleep(d.min(MAX_STALL)).await;
-                Ok(())
+                Ok(None)
             }
         }
     }
+}
+
+/// A write response, naming the primary as a server that forwarded it does.
+fn write_response<T>(body: T, forwarded_to: Option<String>) -> Response<T> {
+    let mut resp = Response::new(body);
+    if let Some(addr) = forwarded_to {
+        resp.metadata_mut()
+            .insert(replikv_proto::PRIMARY_ADDR_HEADER, addr.parse().unwrap());
+    }
+    resp
 }
 
 #[tonic::async_trait]
@@ -219,12 +233,15 @@ impl Kv for FakeKv {
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let req = request.into_inner();
-        self.admit("put", &req.key, req.id).await?;
+        let via = self.admit("put", &req.key, req.id).await?;
         let old = self.shared.data.lock().unwrap().insert(req.key, req.value);
-        Ok(Response::new(PutResponse {
-            had_old: old.is_some(),
-            old_value: old.unwrap_or_default(),
-        }))
+        Ok(write_response(
+            PutResponse {
+                had_old: old.is_some(),
+                old_value: old.unwrap_or_default(),
+            },
+            via,
+        ))
     }
 
     async fn delete(
@@ -232,12 +249,15 @@ impl Kv for FakeKv {
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let req = request.into_inner();
-        self.admit("delete", &req.key, req.id).await?;
+        let via = self.admit("delete", &req.key, req.id).await?;
         let old = self.shared.data.lock().unwrap().remove(&req.key);
-        Ok(Response::new(DeleteResponse {
-            had_old: old.is_some(),
-            old_value: old.unwrap_or_default(),
-        }))
+        Ok(write_response(
+            DeleteResponse {
+                had_old: old.is_some(),
+                old_value: old.unwrap_or_default(),
+            },
+            via,
+        ))
     }
 
     async fn status(

@@ -87,9 +87,13 @@ pub async fn start_healthy(servers: usize, extra_args: &[&str]) -> (LocalCluster
 
 /// A client of the whole cluster (random routing, as the classic client).
 pub async fn client(cluster: &LocalCluster) -> Client {
-    Client::connect(ClientConfig::new(cluster.addrs()).with_request_timeout(REQUEST_TIMEOUT))
-        .await
-        .expect("client config is valid")
+    Client::connect(
+        ClientConfig::new(cluster.addrs())
+            .with_request_timeout(REQUEST_TIMEOUT)
+            .with_route(Route::Random),
+    )
+    .await
+    .expect("client config is valid")
 }
 
 /// A client that sends writes to the primary first, having learned which
