@@ -38,6 +38,9 @@ const COMMIT_WAIT: Duration = Duration::from_secs(5);
 const PENDING_READ_WAIT: Duration = Duration::from_secs(1);
 /// Deadline of a forwarded write.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(4);
+/// Longest the primary's flusher waits for its last flush's writes to commit before it
+/// flushes again (see `Node::flusher`).
+const FLUSH_PACE: Duration = Duration::from_millis(2);
 
 /// The commit point as readers and write waiters see it. `term` changes whenever this server
 /// stops being primary: writes it sequenced but had not committed then have unknown outcome.
@@ -660,17 +663,32 @@ impl Node {
 
     /// The primary's group commit: one flush covers every batch applied while the previous
     /// flush ran, and the sequencer never waits for a flush before taking the next batch.
+    ///
+    /// Flushes keep step with replication: after a flush, the next one waits until the
+    /// flushed writes have committed (the backups' acks, which take longer than a local
+    /// flush, are then in) or `FLUSH_PACE` has passed. A flush begun sooner would hold back
+    /// nothing, since those writes are still on their way to the backups, and would only
+    /// split the same writes over more flushes.
     async fn flusher(self: Arc<Self>, mut dirty: watch::Receiver<(u64, u64)>) {
+        let mut commits = self.commit_tx.subscribe();
         while dirty.changed().await.is_ok() {
             let (epoch, applied) = *dirty.borrow_and_update();
             self.store.flush_data().await.or_fail_stop(&self);
-            let mut st = self.st();
-            if let Some(p) = st.primary.as_mut() {
-                if p.epoch == epoch {
-                    p.durable = p.durable.max(applied);
+            let term = {
+                let mut st = self.st();
+                if let Some(p) = st.primary.as_mut() {
+                    if p.epoch == epoch {
+                        p.durable = p.durable.max(applied);
+                    }
                 }
-            }
-            self.advance_commit(&mut st);
+                self.advance_commit(&mut st);
+                st.term
+            };
+            let _ = tokio::time::timeout(
+                FLUSH_PACE,
+                commits.wait_for(|c| c.committed >= applied || c.term != term),
+            )
+            .await;
         }
     }
 
