@@ -7,8 +7,11 @@
 //!   without costing the write path extra tree updates; a record's items share its lsn.
 //! - `m/...`: view, promise, accepted proposal, applied / committed / last record epoch.
 //!
-//! Every applied batch of records is one atomic sled batch; in `--sync always` mode the caller
-//! flushes once per batch before acknowledging. Paxos state is always flushed before replying.
+//! Applied records are staged in memory (visible to every read at once) and written to sled
+//! as one atomic batch by the next flush, with the log position they lead to; in
+//! `--sync always` mode the caller flushes before acknowledging. Staging matters on the
+//! primary, whose sequencer applies many small batches between two flushes: every sled batch
+//! costs a log-buffer write of its own. Paxos state is always flushed before replying.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,8 +86,21 @@ impl LsnIndex {
     }
 }
 
+/// Applied data not yet handed to sled: each item's latest entry (`None`: removed) and the
+/// log position they lead to.
+#[derive(Default)]
+struct Staged {
+    items: std::collections::HashMap<Bytes, Option<Entry>>,
+    position: Option<Position>,
+}
+
 pub struct Store {
     db: sled::Db,
+    /// `std::sync::Mutex`: short sections, never held across an await.
+    staged: std::sync::Mutex<Staged>,
+    /// One writer of staged data to sled at a time, so an older snapshot is never written
+    /// over a newer one.
+    writing: std::sync::Mutex<()>,
     /// `std::sync::Mutex`: updated right after each applied batch and read in short pages,
     /// never held across an await.
     index: std::sync::Mutex<LsnIndex>,
@@ -151,6 +167,8 @@ impl Store {
         }
         Ok(Store {
             db,
+            staged: Default::default(),
+            writing: Default::default(),
             index: std::sync::Mutex::new(index),
             sync,
             fail_next_flush: AtomicBool::new(false),
@@ -173,65 +191,109 @@ impl Store {
         if let Some(v) = self.db.get(POSITION)? {
             m.position = unjson(&v, "position")?;
         }
+        if let Some(pos) = self.staged().position {
+            m.position = pos;
+        }
         Ok(m)
     }
 
     pub fn get(&self, item: &[u8]) -> Result<Option<Entry>, StorageError> {
+        if let Some(staged) = self.staged().items.get(item) {
+            return Ok(staged.clone());
+        }
         self.db
             .get(data_key(item))?
             .map(|raw| decode_entry(&raw))
             .transpose()
     }
 
-    /// Applies records (in lsn order) and the new log position as one atomic batch.
+    /// Applies records (in lsn order) and the new log position: readable at once, written to
+    /// sled as one atomic batch by the next flush.
     pub fn apply_records(&self, records: &[Record], pos: Position) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
+        let mut staged = self.staged();
+        let mut index = self.index();
         for r in records {
             for item in &r.items {
                 let e = Entry {
                     lsn: r.lsn,
                     value: item.value.clone(),
                 };
-                batch.insert(data_key(&item.key), encode_entry(&e));
-            }
-        }
-        batch.insert(POSITION, json(&pos));
-        self.db.apply_batch(batch)?;
-        let mut index = self.index();
-        for r in records {
-            for item in &r.items {
+                staged.items.insert(item.key.clone(), Some(e));
                 index.set(&item.key, Some(r.lsn));
             }
         }
+        staged.position = Some(pos);
         drop(index);
+        drop(staged);
         self.writes
             .fetch_add(records.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
     /// Sets entries unconditionally (state transfer, DESIGN.md §7) and, with the final chunk,
-    /// the log position, as one atomic batch.
+    /// the log position. Written to sled at once (not durable before a flush), so a long
+    /// transfer is not held in memory.
     pub fn set_entries(
         &self,
         entries: &[SyncEntry],
         pos: Option<Position>,
     ) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for se in entries {
-            match &se.entry {
-                Some(e) => batch.insert(data_key(&se.key), encode_entry(e)),
-                None => batch.remove(data_key(&se.key)),
+        {
+            let mut staged = self.staged();
+            let mut index = self.index();
+            for se in entries {
+                staged.items.insert(se.key.clone(), se.entry.clone());
+                index.set(&se.key, se.entry.as_ref().map(|e| e.lsn));
+            }
+            if pos.is_some() {
+                staged.position = pos;
             }
         }
-        if let Some(pos) = pos {
-            batch.insert(POSITION, json(&pos));
+        self.write_staged()
+    }
+
+    /// Hands everything staged to sled as one atomic batch (not yet durable). Items stay
+    /// readable from the stage until sled has them.
+    pub(crate) fn write_staged(&self) -> Result<(), StorageError> {
+        let _writing = self.writing.lock().expect("store writer lock poisoned");
+        let (items, position) = {
+            let staged = self.staged();
+            if staged.items.is_empty() && staged.position.is_none() {
+                return Ok(());
+            }
+            let items: Vec<(Bytes, Option<Entry>)> = staged
+                .items
+                .iter()
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect();
+            (items, staged.position)
+        };
+        let mut batch = sled::Batch::default();
+        for (item, entry) in &items {
+            match entry {
+                Some(e) => batch.insert(data_key(item), encode_entry(e)),
+                None => batch.remove(data_key(item)),
+            }
+        }
+        if let Some(pos) = &position {
+            batch.insert(POSITION, json(pos));
         }
         self.db.apply_batch(batch)?;
-        let mut index = self.index();
-        for se in entries {
-            index.set(&se.key, se.entry.as_ref().map(|e| e.lsn));
+        // Drop what sled now has, unless it was staged again meanwhile.
+        let mut staged = self.staged();
+        for (item, entry) in items {
+            if staged.items.get(&item) == Some(&entry) {
+                staged.items.remove(&item);
+            }
+        }
+        if staged.position == position {
+            staged.position = None;
         }
         Ok(())
+    }
+
+    fn staged(&self) -> std::sync::MutexGuard<'_, Staged> {
+        self.staged.lock().expect("staged data lock poisoned")
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, LsnIndex> {
@@ -261,11 +323,12 @@ impl Store {
         self.flush_always().await
     }
 
-    /// Makes applied data durable as the sync mode requires before it is acknowledged.
+    /// Writes applied data to sled and makes it durable as the sync mode requires before it
+    /// is acknowledged.
     pub async fn flush_data(&self) -> Result<(), StorageError> {
         match self.sync {
             SyncMode::Always => self.flush_always().await,
-            SyncMode::None => Ok(()),
+            SyncMode::None => self.write_staged(),
         }
     }
 
@@ -273,6 +336,7 @@ impl Store {
         if self.fail_next_flush.swap(false, Ordering::SeqCst) {
             return Err(StorageError::Injected);
         }
+        self.write_staged()?;
         self.db.flush_async().await?;
         self.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -450,6 +514,38 @@ mod tests {
         assert_eq!(s.load_meta().unwrap().position.last_epoch, 2);
     }
 
+    #[tokio::test]
+    async fn applied_records_are_readable_at_once_and_stored_with_their_position_by_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let pos = |applied| Position {
+            applied,
+            committed: applied,
+            last_epoch: 1,
+        };
+        {
+            let s = Store::open(dir.path(), SyncMode::Always).unwrap();
+            s.apply_records(&[rec(1, "a", Some("1")), rec(2, "b", Some("2"))], pos(2))
+                .unwrap();
+            assert_eq!(s.get(b"a").unwrap().unwrap().value, Some(Bytes::from("1")));
+            s.flush_data().await.unwrap();
+            // Staged again after the flush: newer than what sled has, read from the stage.
+            s.apply_records(&[rec(3, "a", Some("3"))], pos(3)).unwrap();
+            assert_eq!(s.get(b"a").unwrap().unwrap().lsn, 3);
+            s.flush_data().await.unwrap();
+            // Never flushed: lost with the process, position and all.
+            s.apply_records(&[rec(4, "b", None)], pos(4)).unwrap();
+            assert_eq!(s.get(b"b").unwrap().unwrap().value, None);
+        }
+        let s = reopen(dir.path());
+        assert_eq!(s.load_meta().unwrap().position, pos(3));
+        assert_eq!(s.get(b"a").unwrap().unwrap().value, Some(Bytes::from("3")));
+        assert_eq!(s.get(b"b").unwrap().unwrap().value, Some(Bytes::from("2")));
+        assert_eq!(
+            keys(&s, 0),
+            vec![("b".into(), Some(2)), ("a".into(), Some(3))]
+        );
+    }
+
     #[test]
     fn lsn_index_is_rebuilt_on_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -464,6 +560,7 @@ mod tests {
                 Position::default(),
             )
             .unwrap();
+            s.write_staged().unwrap();
             s.db.flush().unwrap();
         }
         let s = reopen(dir.path());
