@@ -67,6 +67,9 @@ pub struct MeasureArgs {
     /// Concurrent sessions writing them.
     #[arg(long, default_value_t = 64)]
     pub catch_up_clients: usize,
+    /// Bytes per value of the catch-up writes.
+    #[arg(long, default_value_t = 256)]
+    pub catch_up_value_size: usize,
     /// Where the CSVs go.
     #[arg(long, default_value = "results/chaos")]
     pub out_dir: PathBuf,
@@ -103,6 +106,10 @@ struct CatchUpRow {
     writes_per_sec: f64,
     primary_applied: u64,
     catch_up_ms: f64,
+    /// Keys and values the restarted server had missed, in MB (10^6 bytes).
+    missed_mb: f64,
+    /// `missed_mb` over the whole catch-up (restart, transfer and rejoin).
+    catch_up_mb_per_sec: f64,
 }
 
 pub async fn run(args: &ChaosArgs, m: &MeasureArgs) -> Result<bool, BoxError> {
@@ -119,8 +126,14 @@ pub async fn run(args: &ChaosArgs, m: &MeasureArgs) -> Result<bool, BoxError> {
         if scenario == Scenario::CatchUp {
             let row = catch_up(&mut cluster, args, m).await?;
             println!(
-                "catch-up: {} writes in {:.1} s ({:.0}/s) by {} sessions; the restarted server caught up in {:.0} ms",
-                row.writes, row.write_secs, row.writes_per_sec, row.clients, row.catch_up_ms
+                "catch-up: {} writes ({:.1} MB) in {:.1} s ({:.0}/s) by {} sessions; the restarted server caught up in {:.0} ms ({:.1} MB/s)",
+                row.writes,
+                row.missed_mb,
+                row.write_secs,
+                row.writes_per_sec,
+                row.clients,
+                row.catch_up_ms,
+                row.catch_up_mb_per_sec
             );
             write_csv(&m.out_dir.join(format!("{name}.csv")), &[row])?;
             continue;
@@ -332,12 +345,15 @@ async fn catch_up(
 
     let addrs = cluster.addrs();
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let missed_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let written = Instant::now();
     let mut writers = Vec::new();
     for _ in 0..m.catch_up_clients.max(1) {
         let client = Client::connect(ClientConfig::new(addrs.clone())).await?;
         let next = next.clone();
+        let missed_bytes = missed_bytes.clone();
         let total = m.catch_up_writes;
+        let value_size = m.catch_up_value_size;
         writers.push(tokio::spawn(async move {
             let mut failures = 0u64;
             loop {
@@ -345,12 +361,13 @@ async fn catch_up(
                 if i >= total {
                     return failures;
                 }
-                if client
-                    .put(format!("catch-up-{i}"), format!("v{i}"))
-                    .await
-                    .is_err()
-                {
+                let key = format!("catch-up-{i}");
+                let value = format!("v{i:0>width$}", width = value_size.saturating_sub(1));
+                let bytes = (key.len() + value.len()) as u64;
+                if client.put(key, value).await.is_err() {
                     failures += 1;
+                } else {
+                    missed_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }));
@@ -394,7 +411,11 @@ async fn catch_up(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let catch_up = restarted.elapsed();
+    let missed_mb = missed_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
     Ok(CatchUpRow {
+        missed_mb: (missed_mb * 10.0).round() / 10.0,
+        catch_up_mb_per_sec: (missed_mb / catch_up.as_secs_f64() * 10.0).round() / 10.0,
         servers: cluster.len(),
         sync: args.sync.clone(),
         writes: m.catch_up_writes,
@@ -402,7 +423,7 @@ async fn catch_up(
         write_secs: (write_secs * 100.0).round() / 100.0,
         writes_per_sec: (m.catch_up_writes as f64 / write_secs).round(),
         primary_applied,
-        catch_up_ms: millis(restarted.elapsed()),
+        catch_up_ms: millis(catch_up),
     })
 }
 
