@@ -73,15 +73,29 @@ struct LsnIndex {
 
 impl LsnIndex {
     fn set(&mut self, item: &Bytes, lsn: Option<u64>) {
-        let old = match lsn {
-            Some(l) => self.by_item.insert(item.clone(), l),
-            None => self.by_item.remove(item),
+        let Some(l) = lsn else {
+            if let Some((key, o)) = self.by_item.remove_entry(item) {
+                self.by_lsn.remove(&(o, key));
+            }
+            return;
         };
-        if let Some(o) = old {
-            self.by_lsn.remove(&(o, item.clone()));
-        }
-        if let Some(l) = lsn {
-            self.by_lsn.insert((l, item.clone()));
+        match self.by_item.get_mut(item) {
+            Some(o) => {
+                let old = std::mem::replace(o, l);
+                let (_, key) = self
+                    .by_lsn
+                    .take(&(old, item.clone()))
+                    .expect("both maps hold every item");
+                self.by_lsn.insert((l, key));
+            }
+            None => {
+                // A copy of its own: `item` usually points into a whole received request
+                // (prost decodes `bytes` fields as slices of it), which the index would
+                // otherwise keep alive for as long as the key exists.
+                let key = Bytes::copy_from_slice(item);
+                self.by_item.insert(key.clone(), l);
+                self.by_lsn.insert((l, key));
+            }
         }
     }
 }
@@ -544,6 +558,23 @@ mod tests {
             keys(&s, 0),
             vec![("b".into(), Some(2)), ("a".into(), Some(3))]
         );
+    }
+
+    #[test]
+    fn the_index_keeps_no_received_request_alive() {
+        // A key decoded from a request is a slice of the whole request's buffer.
+        let request = Bytes::from(vec![b'k'; 4096]);
+        let mut index = LsnIndex::default();
+        index.set(&request.slice(0..8), Some(1));
+        index.set(&request.slice(0..8), Some(2));
+        assert!(
+            request.is_unique(),
+            "the index holds a slice of the request"
+        );
+        assert_eq!(index.by_item.get(&request[0..8]), Some(&2));
+        assert_eq!(index.by_lsn.len(), 1);
+        index.set(&request.slice(0..8), None);
+        assert!(index.by_item.is_empty() && index.by_lsn.is_empty());
     }
 
     #[test]
