@@ -203,7 +203,8 @@ start_redis
 
 mkdir -p "$OUT/peers"
 SUMMARY="$OUT/peers.csv"
-rm -f "$SUMMARY"
+# One run's files only: older timelines would sit beside a summary that does not list them.
+rm -f "$SUMMARY" "$OUT/peers/"*.timeline.csv
 
 etcd_flags=()
 [ "$ETCD_SERIALIZABLE" = 1 ] && etcd_flags=(--etcd-serializable)

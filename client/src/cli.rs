@@ -426,7 +426,7 @@ mod tests {
             "--timeout",
             "1500ms",
             "--route",
-            "primary",
+            "random",
             "put",
             "k",
             "v",
@@ -434,7 +434,7 @@ mod tests {
         .unwrap();
         assert_eq!(opt.servers, ["a:1", "b:2"]);
         assert_eq!(opt.timeout, Duration::from_millis(1500));
-        assert_eq!(opt.route, Route::Primary);
+        assert_eq!(opt.route, Route::Random);
         assert!(matches!(opt.command, Command::Put { .. }));
         assert!(Opt::try_parse_from(["replikv", "--servers", "a:1", "frobnicate"]).is_err());
     }
