@@ -50,7 +50,7 @@ BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/replikv-loadgen"
 mkdir -p "$OUT/bench"
 SUMMARY="$OUT/bench.csv"
 # The matrix is regenerated as a whole: an old file would mix runs of another commit.
-rm -f "$SUMMARY"
+rm -f "$SUMMARY" "$OUT/bench/"*.timeline.csv
 
 workload_args() {
     case "$1" in
