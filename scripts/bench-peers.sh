@@ -41,32 +41,9 @@ READY_LIMIT=60
 
 log() { echo "bench-peers: $*" >&2; }
 
-TMP="$(mktemp -d -t replikv-peers-XXXXXX)"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    # Bounded wait for a clean exit (an etcd member whose peers are already gone takes a
-    # few seconds), then SIGKILL.
-    for _ in $(seq 1 100); do
-        local alive=0
-        for pid in "${PIDS[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
-        done
-        [ "$alive" -eq 0 ] && break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do
-        kill -9 "$pid" 2>/dev/null || true
-        # Reap quietly (no "Killed" job notice).
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+TMP_PREFIX=replikv-peers
+# shellcheck source=scripts/lib-processes.sh
+source "$ROOT/scripts/lib-processes.sh"
 
 # --- installs ---------------------------------------------------------------------------
 
@@ -91,39 +68,6 @@ install_missing() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
     [ "$created_policy" -eq 1 ] && $sudo rm -f "$policy"
     return 0
-}
-
-# --- ports ------------------------------------------------------------------------------
-
-USED_PORTS=" "
-# A loopback port nothing listens on and this script has not handed out yet.
-free_port() {
-    local port
-    for _ in $(seq 1 200); do
-        port=$(( 20000 + RANDOM % 30000 ))
-        case "$USED_PORTS" in *" $port "*) continue ;; esac
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            USED_PORTS="$USED_PORTS$port "
-            echo "$port"
-            return 0
-        fi
-    done
-    log "no free port found"
-    return 1
-}
-
-wait_until() {
-    local what="$1"
-    shift
-    local deadline=$(( $(date +%s) + READY_LIMIT ))
-    until "$@" >/dev/null 2>&1; do
-        if [ "$(date +%s)" -ge "$deadline" ]; then
-            log "$what not ready after ${READY_LIMIT}s; logs in $TMP:"
-            tail -n 20 "$TMP"/*.log >&2 || true
-            return 1
-        fi
-        sleep 0.2
-    done
 }
 
 # --- etcd -------------------------------------------------------------------------------

@@ -37,29 +37,9 @@ READY_LIMIT=60
 
 log() { echo "bench-scaling: $*" >&2; }
 
-TMP="$(mktemp -d -t replikv-scaling-XXXXXX)"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for _ in $(seq 1 50); do
-        local alive=0
-        for pid in "${PIDS[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
-        done
-        [ "$alive" -eq 0 ] && break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+TMP_PREFIX=replikv-scaling
+# shellcheck source=scripts/lib-processes.sh
+source "$ROOT/scripts/lib-processes.sh"
 
 log "building replikv-loadgen (release)"
 cargo build --release -p replikv-loadgen >&2
@@ -115,22 +95,6 @@ sweep_values() {
 
 # --- memory per million keys ------------------------------------------------------------
 
-USED_PORTS=" "
-free_port() {
-    local port
-    for _ in $(seq 1 200); do
-        port=$(( 20000 + RANDOM % 30000 ))
-        case "$USED_PORTS" in *" $port "*) continue ;; esac
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            USED_PORTS="$USED_PORTS$port "
-            echo "$port"
-            return 0
-        fi
-    done
-    log "no free port found"
-    return 1
-}
-
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 sweep_memory() {
@@ -145,12 +109,8 @@ sweep_memory() {
         PIDS+=("$!")
         pids+=("$!")
     done
-    local deadline=$(( $(date +%s) + READY_LIMIT ))
-    until "$BIN" --servers "$peers" --no-preload --duration 200ms --warmup 0s --clients 1 \
-        --read-ratio 0 --quiet --out "$TMP/ready" >/dev/null 2>&1; do
-        [ "$(date +%s)" -lt "$deadline" ] || { log "memory cluster not ready"; return 1; }
-        sleep 0.5
-    done
+    wait_until "memory cluster" "$BIN" --servers "$peers" --no-preload --duration 200ms \
+        --warmup 0s --clients 1 --read-ratio 0 --quiet --out "$TMP/ready" || return 1
     local before=() i
     for i in 0 1 2; do before+=("$(rss_kib "${pids[$i]}")"); done
     log "memory: writing $MEMORY_KEYS keys of 256 bytes"
