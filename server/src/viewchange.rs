@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use futures::future::{Either, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 use replikv_proto::peer::{
@@ -17,6 +18,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::convert::view_from;
+use crate::network::NetResult;
 use crate::node::{Node, OrFailStop};
 use crate::storage::{Accepted, Promise};
 use crate::types::{most_advanced, LogState, Rank, View};
@@ -83,6 +85,35 @@ where
 }
 
 impl Node {
+    /// Sends `req` to every rank in `to` (this server answers its own copy through `local`,
+    /// the others through `remote`) and gathers the replies of a phase of `from`'s view
+    /// change (see [`gather`]).
+    async fn ask<Req, R, LF, NF>(
+        &self,
+        from: &View,
+        to: impl IntoIterator<Item = Rank>,
+        req: &Req,
+        local: impl Fn(Req) -> LF,
+        remote: impl Fn(Rank, Req) -> NF,
+        yes: impl Fn(&R) -> bool,
+    ) -> Vec<(Rank, Result<R, String>)>
+    where
+        Req: Clone,
+        LF: std::future::Future<Output = R>,
+        NF: std::future::Future<Output = NetResult<R>>,
+    {
+        let calls = to.into_iter().map(|m| {
+            let req = req.clone();
+            let call = if m == self.me {
+                Either::Left(local(req).map(Ok))
+            } else {
+                Either::Right(remote(m, req).map(|r| r.map_err(|e| e.to_string())))
+            };
+            call.map(move |r| (m, r))
+        });
+        gather(from, calls, yes).await
+    }
+
     /// Whether `reason` still calls for a view change given the current state.
     fn still_needed(&self, reason: Reason) -> Result<(), String> {
         let st = self.st();
@@ -148,25 +179,16 @@ impl Node {
                 proposer: self.me,
                 view: Some((&from).into()),
             };
-            let replies = gather(
-                &from,
-                from.members.iter().map(|&m| {
-                    let req = req.clone();
-                    async move {
-                        let r = if m == self.me {
-                            Ok(self.on_prepare(req).await)
-                        } else {
-                            self.net
-                                .prepare(m, req, PREPARE_TIMEOUT)
-                                .await
-                                .map_err(|e| e.to_string())
-                        };
-                        (m, r)
-                    }
-                }),
-                |r: &PrepareResponse| r.promised,
-            )
-            .await;
+            let replies = self
+                .ask(
+                    &from,
+                    from.members.iter().copied(),
+                    &req,
+                    move |req| self.on_prepare(req),
+                    move |m, req| self.net.prepare(m, req, PREPARE_TIMEOUT),
+                    |r: &PrepareResponse| r.promised,
+                )
+                .await;
             let mut promisers = BTreeSet::new();
             let mut states = Vec::new();
             let mut best: Option<Accepted> = None;
@@ -230,25 +252,16 @@ impl Node {
                 from_view: Some((&from).into()),
                 view: Some((&view).into()),
             };
-            let replies = gather(
-                &from,
-                promisers.iter().map(|&m| {
-                    let req = req.clone();
-                    async move {
-                        let r = if m == self.me {
-                            Ok(self.on_accept(req).await)
-                        } else {
-                            self.net
-                                .accept(m, req, PREPARE_TIMEOUT)
-                                .await
-                                .map_err(|e| e.to_string())
-                        };
-                        (m, r)
-                    }
-                }),
-                |r: &AcceptResponse| r.accepted,
-            )
-            .await;
+            let replies = self
+                .ask(
+                    &from,
+                    promisers.iter().copied(),
+                    &req,
+                    move |req| self.on_accept(req),
+                    move |m, req| self.net.accept(m, req, PREPARE_TIMEOUT),
+                    |r: &AcceptResponse| r.accepted,
+                )
+                .await;
             let accepters: BTreeSet<Rank> = replies
                 .into_iter()
                 .filter_map(|(m, r)| {
