@@ -1,6 +1,6 @@
 //! Error types of the server, and the one place they become gRPC statuses (DESIGN.md §6).
 
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
 use crate::types::Rank;
@@ -37,6 +37,18 @@ pub enum Outcome {
 pub struct PrimaryHint {
     pub rank: Rank,
     pub addr: String,
+}
+
+impl PrimaryHint {
+    /// Names this primary in a response's (or error's) metadata.
+    pub fn insert_into(&self, metadata: &mut MetadataMap) {
+        if let Ok(v) = MetadataValue::try_from(self.rank.to_string()) {
+            metadata.insert(replikv_proto::PRIMARY_RANK_HEADER, v);
+        }
+        if let Ok(v) = MetadataValue::try_from(self.addr.as_str()) {
+            metadata.insert(replikv_proto::PRIMARY_ADDR_HEADER, v);
+        }
+    }
 }
 
 /// Why a request was not served.
@@ -92,14 +104,7 @@ impl ServeError {
             } => {
                 let mut s = with_outcome(Status::unavailable(reason), outcome);
                 if let Some(p) = primary {
-                    if let Ok(v) = MetadataValue::try_from(p.rank.to_string()) {
-                        s.metadata_mut()
-                            .insert(replikv_proto::PRIMARY_RANK_HEADER, v);
-                    }
-                    if let Ok(v) = MetadataValue::try_from(p.addr.as_str()) {
-                        s.metadata_mut()
-                            .insert(replikv_proto::PRIMARY_ADDR_HEADER, v);
-                    }
+                    p.insert_into(s.metadata_mut());
                 }
                 s
             }

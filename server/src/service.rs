@@ -13,7 +13,6 @@ use replikv_proto::kv::*;
 use replikv_proto::peer::admin_server::Admin;
 use replikv_proto::peer::peer_server::Peer;
 use replikv_proto::peer::*;
-use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
@@ -90,10 +89,7 @@ impl KvService {
 fn write_response<T>(body: T, forwarded_to: Option<PrimaryHint>) -> Response<T> {
     let mut resp = Response::new(body);
     if let Some(p) = forwarded_to {
-        if let Ok(v) = MetadataValue::try_from(p.addr.as_str()) {
-            resp.metadata_mut()
-                .insert(replikv_proto::PRIMARY_ADDR_HEADER, v);
-        }
+        p.insert_into(resp.metadata_mut());
     }
     resp
 }
