@@ -34,22 +34,36 @@ pub struct ClientStats {
 }
 
 /// A replikv client: cheap to clone (clones share channels, routing state and
-/// the write session), `Send + Sync`.
+/// the write session), `Send + Sync`. [`Client::new_session`] gives another
+/// session over the same connections.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
 }
 
 struct Inner {
+    transport: Arc<Transport>,
+    session: Session,
+    retries: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// What every session of one [`Client::connect`] shares.
+struct Transport {
     servers: Vec<String>,
     /// One per server, built once: a tonic `Channel` multiplexes every
     /// request over one HTTP/2 connection and reconnects by itself.
     stubs: Vec<KvClient<Channel>>,
     config: ClientConfig,
     router: Router,
-    session: Session,
-    retries: AtomicU64,
-    requests: AtomicU64,
+}
+
+impl std::ops::Deref for Inner {
+    type Target = Transport;
+
+    fn deref(&self) -> &Transport {
+        &self.transport
+    }
 }
 
 impl fmt::Debug for Client {
@@ -88,17 +102,32 @@ impl Client {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let client_id = config.client_id.unwrap_or_else(random_client_id);
-        Ok(Client {
+        let transport = Arc::new(Transport {
+            router: Router::new(config.route, servers.len()),
+            servers,
+            stubs,
+            config,
+        });
+        Ok(Client::with_session(transport, client_id))
+    }
+
+    fn with_session(transport: Arc<Transport>, client_id: u64) -> Client {
+        Client {
             inner: Arc::new(Inner {
-                router: Router::new(config.route, servers.len()),
+                transport,
                 session: Session::new(client_id),
-                servers,
-                stubs,
-                config,
                 retries: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
             }),
-        })
+        }
+    }
+
+    /// Another client with a write session of its own (a fresh random client id) that
+    /// shares this one's connections and what it learned of the primary. Many independent
+    /// writers can so share a few HTTP/2 connections, whose frames the connection then
+    /// batches into fewer system calls than one connection per writer would take.
+    pub fn new_session(&self) -> Client {
+        Client::with_session(self.inner.transport.clone(), random_client_id())
     }
 
     /// Reads `key`: `None` when it is absent.
@@ -513,6 +542,19 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(fixed.client_id(), 9);
+    }
+
+    #[tokio::test]
+    async fn a_new_session_shares_the_servers_but_not_the_id() {
+        let client = Client::connect(ClientConfig::new(["127.0.0.1:1"]).with_client_id(9))
+            .await
+            .unwrap();
+        let other = client.new_session();
+        assert_eq!(other.servers(), client.servers());
+        assert!(Arc::ptr_eq(&other.inner.transport, &client.inner.transport));
+        assert_ne!(other.client_id(), 9);
+        assert_ne!(other.client_id(), 0);
+        assert_eq!(other.stats(), ClientStats::default());
     }
 
     #[tokio::test]

@@ -131,6 +131,44 @@ async fn a_write_after_the_primary_dies_succeeds_once_a_new_primary_takes_over()
     assert_ne!(new_primary, old_primary);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_sharing_connections_keep_exactly_once_ids_of_their_own() {
+    let cluster = start_cluster().await;
+    let first = Client::connect(ClientConfig::new(cluster.addrs()).with_client_id(7))
+        .await
+        .unwrap();
+    let sessions: Vec<Client> = (0..8).map(|_| first.new_session()).collect();
+    let mut ids: Vec<u64> = sessions.iter().map(Client::client_id).collect();
+    ids.push(first.client_id());
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 9, "every session has an id of its own");
+
+    // Each session's first write carries seq 1. Were the sessions one, the servers would
+    // answer all but the first of these as duplicates and apply none of them.
+    bounded(first.put("session-first", "first")).await.unwrap();
+    let writes = sessions
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.put(format!("session-{i}"), format!("value-{i}")));
+    for result in bounded(futures::future::join_all(writes)).await {
+        assert_eq!(result.unwrap(), None);
+    }
+    let reader = Client::connect(ClientConfig::new(cluster.addrs()))
+        .await
+        .unwrap();
+    assert_eq!(
+        bounded(reader.get("session-first")).await.unwrap(),
+        Some(Bytes::from("first"))
+    );
+    for i in 0..sessions.len() {
+        assert_eq!(
+            bounded(reader.get(format!("session-{i}"))).await.unwrap(),
+            Some(Bytes::from(format!("value-{i}")))
+        );
+    }
+}
+
 async fn replikv(servers: &str, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_replikv"));
     cmd.env("REPLIKV_SERVERS", servers)
