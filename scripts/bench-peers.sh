@@ -19,6 +19,9 @@
 #   REDIS_ROUTE    primary (default: every read on the primary, which is what makes Redis
 #                  reads consistent) or random (reads spread over the replicas too)
 #   ETCD_SERIALIZABLE  1 for member-local etcd reads (default 0: linearizable)
+#   CONNS          connections (one to each server) the clients of a run share, as the
+#                  tasks of one application share a client (default 4; 0: one per client).
+#                  replikv and etcd alike; Redis clients keep their own (WAIT blocks one)
 #
 # Installs etcd-server and redis-server from Debian's packages when they are missing.
 # Everything it starts is stopped when it exits, however it exits.
@@ -32,6 +35,7 @@ WARMUP="${WARMUP:-1s}"
 OUT="${OUT:-results}"
 REDIS_ROUTE="${REDIS_ROUTE:-primary}"
 ETCD_SERIALIZABLE="${ETCD_SERIALIZABLE:-0}"
+CONNS="${CONNS:-4}"
 KEYS=10000
 VALUE_SIZE=256
 # One run may take this long (cluster start, preload, warm-up, measurement) before it is
@@ -170,7 +174,7 @@ for clients in 64 1; do
     for mode in put get; do
         case "$mode" in put) ratio=0 ;; get) ratio=1 ;; esac
         label="$mode-only-$clients-client$([ "$clients" -eq 1 ] || echo s)"
-        common=(--clients "$clients" --read-ratio "$ratio")
+        common=(--clients "$clients" --conns "$CONNS" --read-ratio "$ratio")
         run "$label" replikv --spawn 3 --sync always "${common[@]}"
         # etcd's own client spreads requests over the members; followers forward writes
         # to the leader inside the cluster.

@@ -64,9 +64,13 @@ pub struct RunArgs {
     /// Bytes per value written.
     #[arg(long, default_value_t = 256)]
     pub value_size: usize,
-    /// Concurrent clients, each its own session with its own connections.
+    /// Concurrent clients, each its own session.
     #[arg(long, default_value_t = 16)]
     pub clients: usize,
+    /// Connections (one to each server) that the clients share, client i using set
+    /// i mod N; 0 gives every client its own. Redis clients always have their own.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub conns: usize,
     /// Open loop: total operations per second over all clients (default: closed loop).
     #[arg(long)]
     pub rate: Option<f64>,
@@ -311,6 +315,7 @@ async fn run_with(
         keys: args.keys,
         value_size: args.value_size,
         clients: args.clients,
+        conns: args.conns,
         rate: args.rate,
         stop: args.stop(),
         warmup_s: args.warmup.as_secs_f64(),
@@ -334,7 +339,7 @@ async fn run_with(
     } else {
         args.clients.max(PRELOAD_SESSIONS)
     };
-    let connect = futures::future::try_join_all((0..sessions).map(|_| Target::connect(&target)));
+    let connect = Target::connect_many(&target, sessions, args.conns);
     let targets = tokio::select! {
         targets = connect => targets?,
         _ = live.stopped() => return Err(BenchError::Interrupted),

@@ -170,6 +170,35 @@ impl Target {
             .map_err(|_| TargetError::Timeout(deadline))?
     }
 
+    /// Opens `sessions` sessions. With `conns` > 0 they share `conns` sets of connections
+    /// (session i uses set i mod `conns`), as one application process shares a few
+    /// connections among its tasks; with 0 every session has connections of its own. Redis
+    /// sessions always have their own: `WAIT` blocks the connection it is sent on.
+    pub async fn connect_many(
+        opts: &TargetOptions,
+        sessions: usize,
+        conns: usize,
+    ) -> Result<Vec<Target>, TargetError> {
+        let own = conns == 0 || opts.kind == TargetKind::Redis;
+        let first = if own { sessions } else { conns.min(sessions) };
+        let mut targets =
+            futures::future::try_join_all((0..first).map(|_| Target::connect(opts))).await?;
+        for i in first..sessions {
+            let shared = targets[i % first].new_session();
+            targets.push(shared);
+        }
+        Ok(targets)
+    }
+
+    /// Another session over this one's connections.
+    fn new_session(&self) -> Target {
+        match self {
+            Target::Replikv(client) => Target::Replikv(client.new_session()),
+            Target::Etcd(etcd) => Target::Etcd(etcd.new_session()),
+            Target::Redis(_) => unreachable!("Redis sessions never share a connection"),
+        }
+    }
+
     /// Reads `key`; `None` when it is absent.
     pub async fn get(&mut self, key: Bytes) -> Result<Option<Bytes>, TargetError> {
         match self {
@@ -228,6 +257,30 @@ mod tests {
             !TargetError::Replikv(replikv_client::Error::Unavailable("down".into()))
                 .may_have_applied()
         );
+    }
+
+    #[tokio::test]
+    async fn sessions_share_the_requested_connections_with_ids_of_their_own() {
+        // Nothing listens on port 1: replikv connections open lazily, so no I/O happens.
+        let opts = TargetOptions::new(TargetKind::Replikv, vec!["127.0.0.1:1".into()]);
+        for conns in [0, 1, 2, 9] {
+            let targets = Target::connect_many(&opts, 5, conns).await.unwrap();
+            assert_eq!(targets.len(), 5);
+            let mut ids: Vec<u64> = targets
+                .iter()
+                .map(|t| match t {
+                    Target::Replikv(c) => c.client_id(),
+                    _ => unreachable!(),
+                })
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(
+                ids.len(),
+                5,
+                "conns {conns}: one exactly-once id per session"
+            );
+        }
     }
 
     #[test]

@@ -31,6 +31,7 @@ const SUMMARY_COLUMNS: &[&str] = &[
     "keys",
     "value_size",
     "clients",
+    "conns",
     "rate",
     "duration_s",
     "ops_limit",
@@ -223,6 +224,8 @@ fn spawned_run_writes_the_documented_csvs_with_real_counts() {
         "500ms",
         "--clients",
         "4",
+        "--conns",
+        "2",
         "--keys",
         "200",
         "--value-size",
@@ -248,6 +251,7 @@ fn spawned_run_writes_the_documented_csvs_with_real_counts() {
     assert_eq!(row["spawned"], "true");
     assert_eq!(row["sync"], "always");
     assert_eq!(row["clients"], "4");
+    assert_eq!(row["conns"], "2");
     assert_eq!(row["keys"], "200");
     assert_eq!(row["interrupted"], "false");
     assert_eq!(row["duration_s"], "2");

@@ -146,6 +146,19 @@ impl EtcdKv {
         })
     }
 
+    /// Another session over the same channels (etcd's own client shares one connection
+    /// among all the goroutines that use it).
+    pub fn new_session(&self) -> Self {
+        EtcdKv {
+            members: self.members.clone(),
+            route: self.route,
+            serializable: self.serializable,
+            timeout: self.timeout,
+            rng: StdRng::from_os_rng(),
+            requests: 0,
+        }
+    }
+
     pub async fn get(&mut self, key: Bytes) -> Result<Option<Bytes>, TargetError> {
         let request = RangeRequest {
             key,
