@@ -80,6 +80,10 @@ impl ServerCommand {
     }
 }
 
+/// Sizes a server's tokio runtime (read by tokio itself); a local cluster sets it for its
+/// servers unless the caller's environment already does.
+const WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
+
 /// What [`LocalCluster::start`] runs.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -397,6 +401,15 @@ impl LocalCluster {
         })
     }
 
+    /// Runtime threads per server: the machine's cores shared out among the servers and one
+    /// more process (the client that drives them), at least one each. Every server of a
+    /// local cluster shares the machine, so a runtime thread per core in each would only
+    /// add thread wake-ups between processes that cannot all run at once.
+    fn worker_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / (self.opts.servers + 1)).max(1)
+    }
+
     fn spawn(&mut self, rank: usize) -> io::Result<()> {
         let data_dir = self.data_dir(rank);
         std::fs::create_dir_all(&data_dir)?;
@@ -426,6 +439,9 @@ impl LocalCluster {
             .stderr(log);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
+        }
+        if std::env::var_os(WORKER_THREADS_ENV).is_none() {
+            cmd.env(WORKER_THREADS_ENV, self.worker_threads().to_string());
         }
         let child = cmd.spawn().map_err(|e| {
             io::Error::new(
