@@ -197,6 +197,8 @@ if [ -s "$SUMMARY" ]; then
         echo "Redis $(redis-server --version | awk '{print $3}' | cut -d= -f2): primary + 2 replicas," \
             "appendfsync always, WAIT 2 after every write, reads on the $REDIS_ROUTE route."
         echo "replikv: 3 servers, --sync always, linearizable reads from any member."
+        echo "Clients: replikv's and etcd's share $CONNS connection sets (\`--conns $CONNS\`);" \
+            "each Redis client has its own connection."
         echo
         "$BIN" compare --summary "$SUMMARY" --plot "$OUT/peers.png" \
             --title "replikv, etcd and Redis: 3 servers each, $VALUE_SIZE-byte values"
