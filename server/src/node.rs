@@ -672,6 +672,11 @@ impl Node {
     async fn flusher(self: Arc<Self>, mut dirty: watch::Receiver<(u64, u64)>) {
         let mut commits = self.commit_tx.subscribe();
         while dirty.changed().await.is_ok() {
+            // The sequencer woke this task together with the replication tasks; let those
+            // send first. The backups' round trip takes longer than this flush, so it should
+            // start first; on a runtime thread of its own this flush would otherwise run
+            // before them and delay every append by its length.
+            tokio::task::yield_now().await;
             let (epoch, applied) = *dirty.borrow_and_update();
             self.store.flush_data().await.or_fail_stop(&self);
             let term = {
