@@ -80,8 +80,10 @@ ETCD_ADDRS=""
 start_etcd() {
     local client_ports=() peer_ports=() cluster="" i
     for i in 0 1 2; do
-        client_ports+=("$(free_port)")
-        peer_ports+=("$(free_port)")
+        free_port
+        client_ports+=("$FREE_PORT")
+        free_port
+        peer_ports+=("$FREE_PORT")
         cluster="${cluster:+$cluster,}m$i=http://127.0.0.1:${peer_ports[$i]}"
     done
     for i in 0 1 2; do
@@ -118,7 +120,8 @@ REDIS_ADDRS=""
 start_redis() {
     local ports=() i
     for i in 0 1 2; do
-        ports+=("$(free_port)")
+        free_port
+        ports+=("$FREE_PORT")
     done
     for i in 0 1 2; do
         mkdir -p "$TMP/redis$i"

@@ -100,7 +100,8 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 sweep_memory() {
     local ports=() peers="" i pids=()
     for i in 0 1 2; do
-        ports+=("$(free_port)")
+        free_port
+        ports+=("$FREE_PORT")
         peers="${peers:+$peers,}127.0.0.1:${ports[$i]}"
     done
     for i in 0 1 2; do

@@ -32,15 +32,22 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 USED_PORTS=" "
-# A loopback port nothing listens on and this script has not handed out yet.
+# Ports are picked below the kernel's ephemeral range: a port inside it that nothing listens
+# on can still be the local end of an outgoing connection (etcd members dial each other), and
+# then a server cannot bind it.
+read -r EPHEMERAL_LOW _ < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || EPHEMERAL_LOW=32768
+PORT_LOW=10000
+PORT_SPAN=$(( EPHEMERAL_LOW > PORT_LOW + 1000 ? EPHEMERAL_LOW - PORT_LOW : 20000 ))
+# Sets FREE_PORT to a loopback port nothing listens on and this script has not handed out
+# yet. Not for `$(...)`: the record of handed-out ports must stay in this shell.
 free_port() {
     local port
     for _ in $(seq 1 200); do
-        port=$(( 20000 + RANDOM % 30000 ))
+        port=$(( PORT_LOW + RANDOM % PORT_SPAN ))
         case "$USED_PORTS" in *" $port "*) continue ;; esac
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             USED_PORTS="$USED_PORTS$port "
-            echo "$port"
+            FREE_PORT=$port
             return 0
         fi
     done
