@@ -35,7 +35,7 @@ USED_PORTS=" "
 # Ports are picked below the kernel's ephemeral range: a port inside it that nothing listens
 # on can still be the local end of an outgoing connection (etcd members dial each other), and
 # then a server cannot bind it.
-read -r EPHEMERAL_LOW _ < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || EPHEMERAL_LOW=32768
+read -r EPHEMERAL_LOW _ 2>/dev/null </proc/sys/net/ipv4/ip_local_port_range || EPHEMERAL_LOW=32768
 PORT_LOW=10000
 PORT_SPAN=$(( EPHEMERAL_LOW > PORT_LOW + 1000 ? EPHEMERAL_LOW - PORT_LOW : 20000 ))
 # Sets FREE_PORT to a loopback port nothing listens on and this script has not handed out
