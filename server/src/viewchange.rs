@@ -7,8 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
-use futures::future::{Either, FutureExt};
+use futures::future::{join_all, Either, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 use replikv_proto::peer::{
