@@ -29,6 +29,7 @@ pub mod storage;
 pub mod transfer;
 pub mod types;
 pub mod viewchange;
+pub mod wal;
 
 use std::future::Future;
 use std::sync::Arc;

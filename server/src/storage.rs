@@ -12,9 +12,15 @@
 //! `--sync always` mode the caller flushes before acknowledging. Staging matters on the
 //! primary, whose sequencer applies many small batches between two flushes: every sled batch
 //! costs a log-buffer write of its own. Paxos state is always flushed before replying.
+//!
+//! Every batch goes to the write-ahead log (`wal.rs`) before sled, and a flush is an
+//! `fdatasync` of that log: sled's own flush does not survive a power failure. sled is made
+//! durable at checkpoints, when the log has grown by a segment; opening the store replays
+//! what the log still holds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -22,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::SyncMode;
 use crate::error::StorageError;
 use crate::types::{Entry, Rank, Record, SyncEntry, View};
+use crate::wal::{Op, Wal};
 
 const DATA: &[u8] = b"d/";
 const VIEW: &[u8] = b"m/view";
@@ -108,16 +115,83 @@ struct Staged {
     position: Option<Position>,
 }
 
+fn sled_batch(ops: &[Op]) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for op in ops {
+        match &op.value {
+            Some(v) => batch.insert(op.key.as_slice(), v.as_slice()),
+            None => batch.remove(op.key.as_slice()),
+        }
+    }
+    batch
+}
+
+/// What a checkpoint needs, shared with the thread that runs it.
+struct Durable {
+    db: sled::Db,
+    /// sled's data file, `fsync`ed at checkpoints.
+    db_file: PathBuf,
+    wal: Wal,
+    /// One writer to the log and sled at a time, so an older snapshot is never written over
+    /// a newer one and both see batches in the same order.
+    writing: Mutex<()>,
+    checkpointing: AtomicBool,
+}
+
+impl Durable {
+    /// Appends a batch to the log, then hands it to sled (neither durable yet).
+    fn write(&self, ops: &[Op]) -> Result<(), StorageError> {
+        let _writing = self.writing.lock().expect("store writer lock poisoned");
+        self.write_locked(ops)
+    }
+
+    fn write_locked(&self, ops: &[Op]) -> Result<(), StorageError> {
+        self.wal.append(ops)?;
+        self.db.apply_batch(sled_batch(ops))?;
+        Ok(())
+    }
+
+    /// Makes sled durable up to the start of a new log segment and deletes the older ones.
+    fn checkpoint(&self) -> Result<(), StorageError> {
+        {
+            let _writing = self.writing.lock().expect("store writer lock poisoned");
+            self.wal.rotate()?;
+        }
+        let older = self.wal.older()?;
+        self.db.flush()?;
+        std::fs::File::open(&self.db_file)?.sync_all()?;
+        self.wal.remove(&older)
+    }
+
+    /// Starts a checkpoint on a thread of its own once the log has grown by a segment.
+    fn checkpoint_if_full(self: &Arc<Self>) {
+        if !self.wal.full() || self.checkpointing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                if let Err(e) = this.checkpoint() {
+                    tracing::warn!(error = %e, "checkpoint failed; the log keeps its segments");
+                }
+                this.checkpointing.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start a checkpoint");
+            self.checkpointing.store(false, Ordering::Release);
+        }
+    }
+}
+
 pub struct Store {
     db: sled::Db,
+    durable: Arc<Durable>,
     /// `std::sync::Mutex`: short sections, never held across an await.
-    staged: std::sync::Mutex<Staged>,
-    /// One writer of staged data to sled at a time, so an older snapshot is never written
-    /// over a newer one.
-    writing: std::sync::Mutex<()>,
+    staged: Mutex<Staged>,
     /// `std::sync::Mutex`: updated right after each applied batch and read in short pages,
     /// never held across an await.
-    index: std::sync::Mutex<LsnIndex>,
+    index: Mutex<LsnIndex>,
     sync: SyncMode,
     /// Fault-injection hook: the next flush fails.
     fail_next_flush: AtomicBool,
@@ -173,6 +247,20 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(500))
             .open()?;
+        let (wal, unsaved) = Wal::open(&dir.join("wal"))?;
+        let durable = Arc::new(Durable {
+            db: db.clone(),
+            db_file: dir.join("db"),
+            wal,
+            writing: Mutex::new(()),
+            checkpointing: AtomicBool::new(false),
+        });
+        // Batches the log holds may be missing from sled after a crash; applying them again
+        // is harmless (each sets whole entries), and a checkpoint then retires the log.
+        for ops in &unsaved {
+            db.apply_batch(sled_batch(ops))?;
+        }
+        durable.checkpoint()?;
         let mut index = LsnIndex::default();
         for kv in db.scan_prefix(DATA) {
             let (k, v) = kv?;
@@ -181,9 +269,9 @@ impl Store {
         }
         Ok(Store {
             db,
+            durable,
             staged: Default::default(),
-            writing: Default::default(),
-            index: std::sync::Mutex::new(index),
+            index: Mutex::new(index),
             sync,
             fail_next_flush: AtomicBool::new(false),
             writes: AtomicU64::new(0),
@@ -266,10 +354,14 @@ impl Store {
         self.write_staged()
     }
 
-    /// Hands everything staged to sled as one atomic batch (not yet durable). Items stay
-    /// readable from the stage until sled has them.
+    /// Hands everything staged to the log and sled as one atomic batch (not yet durable).
+    /// Items stay readable from the stage until sled has them.
     pub(crate) fn write_staged(&self) -> Result<(), StorageError> {
-        let _writing = self.writing.lock().expect("store writer lock poisoned");
+        let _writing = self
+            .durable
+            .writing
+            .lock()
+            .expect("store writer lock poisoned");
         let (items, position) = {
             let staged = self.staged();
             if staged.items.is_empty() && staged.position.is_none() {
@@ -282,17 +374,20 @@ impl Store {
                 .collect();
             (items, staged.position)
         };
-        let mut batch = sled::Batch::default();
-        for (item, entry) in &items {
-            match entry {
-                Some(e) => batch.insert(data_key(item), encode_entry(e)),
-                None => batch.remove(data_key(item)),
-            }
-        }
+        let mut ops: Vec<Op> = items
+            .iter()
+            .map(|(item, entry)| Op {
+                key: data_key(item),
+                value: entry.as_ref().map(encode_entry),
+            })
+            .collect();
         if let Some(pos) = &position {
-            batch.insert(POSITION, json(pos));
+            ops.push(Op {
+                key: POSITION.to_vec(),
+                value: Some(json(pos)),
+            });
         }
-        self.db.apply_batch(batch)?;
+        self.durable.write_locked(&ops)?;
         // Drop what sled now has, unless it was staged again meanwhile.
         let mut staged = self.staged();
         for (item, entry) in items {
@@ -303,14 +398,16 @@ impl Store {
         if staged.position == position {
             staged.position = None;
         }
+        drop(staged);
+        self.durable.checkpoint_if_full();
         Ok(())
     }
 
-    fn staged(&self) -> std::sync::MutexGuard<'_, Staged> {
+    fn staged(&self) -> MutexGuard<'_, Staged> {
         self.staged.lock().expect("staged data lock poisoned")
     }
 
-    fn index(&self) -> std::sync::MutexGuard<'_, LsnIndex> {
+    fn index(&self) -> MutexGuard<'_, LsnIndex> {
         self.index.lock().expect("lsn index lock poisoned")
     }
 
@@ -321,19 +418,21 @@ impl Store {
         promise: Option<Promise>,
         accepted: Option<Option<&Accepted>>,
     ) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
+        let set = |key: &[u8], value: Option<Vec<u8>>| Op {
+            key: key.to_vec(),
+            value,
+        };
+        let mut ops = Vec::new();
         if let Some(v) = view {
-            batch.insert(VIEW, json(v));
+            ops.push(set(VIEW, Some(json(v))));
         }
         if let Some(p) = promise {
-            batch.insert(PROMISE, json(&p));
+            ops.push(set(PROMISE, Some(json(&p))));
         }
-        match accepted {
-            Some(Some(a)) => batch.insert(ACCEPTED, json(a)),
-            Some(None) => batch.remove(ACCEPTED),
-            None => {}
+        if let Some(a) = accepted {
+            ops.push(set(ACCEPTED, a.map(json)));
         }
-        self.db.apply_batch(batch)?;
+        self.durable.write(&ops)?;
         self.flush_always().await
     }
 
@@ -351,7 +450,7 @@ impl Store {
             return Err(StorageError::Injected);
         }
         self.write_staged()?;
-        self.db.flush_async().await?;
+        self.durable.wal.sync().await?;
         self.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -558,6 +657,89 @@ mod tests {
             keys(&s, 0),
             vec![("b".into(), Some(2)), ("a".into(), Some(3))]
         );
+    }
+
+    #[tokio::test]
+    async fn a_flushed_write_is_recovered_from_the_log_alone() {
+        let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let pos = Position {
+            applied: 2,
+            committed: 1,
+            last_epoch: 1,
+        };
+        let s = Store::open(old.path(), SyncMode::Always).unwrap();
+        s.save_paxos(None, Some(Promise { ballot: 7, to: 1 }), None)
+            .await
+            .unwrap();
+        s.apply_records(&[rec(1, "a", Some("1")), rec(2, "a", None)], pos)
+            .unwrap();
+        s.flush_data().await.unwrap();
+        // A server whose sled lost everything since its last checkpoint: only the log is left.
+        std::fs::create_dir_all(new.path().join("wal")).unwrap();
+        for seg in std::fs::read_dir(old.path().join("wal")).unwrap() {
+            let seg = seg.unwrap();
+            std::fs::copy(seg.path(), new.path().join("wal").join(seg.file_name())).unwrap();
+        }
+        let r = Store::open(new.path(), SyncMode::Always).unwrap();
+        let meta = r.load_meta().unwrap();
+        assert_eq!(meta.position, pos);
+        assert_eq!(meta.promise, Promise { ballot: 7, to: 1 });
+        assert_eq!(
+            r.get(b"a").unwrap().unwrap(),
+            Entry {
+                lsn: 2,
+                value: None
+            }
+        );
+        assert_eq!(keys(&r, 0), vec![("a".into(), Some(2))]);
+    }
+
+    #[tokio::test]
+    async fn checkpoints_keep_the_log_short_and_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = |dir: &Path| std::fs::read_dir(dir.join("wal")).unwrap().count();
+        let logged = |dir: &Path| -> u64 {
+            std::fs::read_dir(dir.join("wal"))
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().len())
+                .sum()
+        };
+        {
+            let s = Store::open(dir.path(), SyncMode::Always).unwrap();
+            s.durable.wal.set_segment_bytes(4096);
+            for lsn in 1..=400u64 {
+                let key = format!("k{}", lsn % 50);
+                let pos = Position {
+                    applied: lsn,
+                    committed: lsn,
+                    last_epoch: 1,
+                };
+                s.apply_records(&[rec(lsn, &key, Some(&"v".repeat(100)))], pos)
+                    .unwrap();
+                s.flush_data().await.unwrap();
+            }
+            // ~60 KB were logged; checkpoints keep about one segment of it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while s.durable.checkpointing.load(Ordering::Acquire) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "checkpoint never ended"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert!(
+                logged(dir.path()) < 3 * 4096,
+                "{} bytes logged",
+                logged(dir.path())
+            );
+        }
+        let s = reopen(dir.path());
+        assert_eq!(s.load_meta().unwrap().position.applied, 400);
+        for lsn in 351..=400u64 {
+            let e = s.get(format!("k{}", lsn % 50).as_bytes()).unwrap().unwrap();
+            assert_eq!(e.lsn, lsn);
+        }
+        assert_eq!(segments(dir.path()), 1, "opening retires the old log");
     }
 
     #[test]
