@@ -260,6 +260,12 @@ impl Store {
         for ops in &unsaved {
             db.apply_batch(sled_batch(ops))?;
         }
+        if !unsaved.is_empty() {
+            tracing::info!(
+                batches = unsaved.len(),
+                "applied the write-ahead log's batches"
+            );
+        }
         durable.checkpoint()?;
         let mut index = LsnIndex::default();
         for kv in db.scan_prefix(DATA) {
