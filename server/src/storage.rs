@@ -185,7 +185,7 @@ impl Durable {
 }
 
 pub struct Store {
-    db: sled::Db,
+    /// sled and the log in front of it.
     durable: Arc<Durable>,
     /// `std::sync::Mutex`: short sections, never held across an await.
     staged: Mutex<Staged>,
@@ -249,7 +249,7 @@ impl Store {
             .open()?;
         let (wal, unsaved) = Wal::open(&dir.join("wal"))?;
         let durable = Arc::new(Durable {
-            db: db.clone(),
+            db,
             db_file: dir.join("db"),
             wal,
             writing: Mutex::new(()),
@@ -258,7 +258,7 @@ impl Store {
         // Batches the log holds may be missing from sled after a crash; applying them again
         // is harmless (each sets whole entries), and a checkpoint then retires the log.
         for ops in &unsaved {
-            db.apply_batch(sled_batch(ops))?;
+            durable.db.apply_batch(sled_batch(ops))?;
         }
         if !unsaved.is_empty() {
             tracing::info!(
@@ -268,13 +268,12 @@ impl Store {
         }
         durable.checkpoint()?;
         let mut index = LsnIndex::default();
-        for kv in db.scan_prefix(DATA) {
+        for kv in durable.db.scan_prefix(DATA) {
             let (k, v) = kv?;
             let e = decode_entry(&v)?;
             index.set(&Bytes::copy_from_slice(&k[DATA.len()..]), Some(e.lsn));
         }
         Ok(Store {
-            db,
             durable,
             staged: Default::default(),
             index: Mutex::new(index),
@@ -287,16 +286,16 @@ impl Store {
 
     pub fn load_meta(&self) -> Result<Meta, StorageError> {
         let mut m = Meta::default();
-        if let Some(v) = self.db.get(VIEW)? {
+        if let Some(v) = self.durable.db.get(VIEW)? {
             m.view = Some(unjson(&v, "view")?);
         }
-        if let Some(v) = self.db.get(PROMISE)? {
+        if let Some(v) = self.durable.db.get(PROMISE)? {
             m.promise = unjson(&v, "promise")?;
         }
-        if let Some(v) = self.db.get(ACCEPTED)? {
+        if let Some(v) = self.durable.db.get(ACCEPTED)? {
             m.accepted = unjson(&v, "accepted")?;
         }
-        if let Some(v) = self.db.get(POSITION)? {
+        if let Some(v) = self.durable.db.get(POSITION)? {
             m.position = unjson(&v, "position")?;
         }
         if let Some(pos) = self.staged().position {
@@ -309,7 +308,8 @@ impl Store {
         if let Some(staged) = self.staged().items.get(item) {
             return Ok(staged.clone());
         }
-        self.db
+        self.durable
+            .db
             .get(data_key(item))?
             .map(|raw| decode_entry(&raw))
             .transpose()
@@ -793,7 +793,7 @@ mod tests {
             )
             .unwrap();
             s.write_staged().unwrap();
-            s.db.flush().unwrap();
+            s.durable.db.flush().unwrap();
         }
         let s = reopen(dir.path());
         assert_eq!(
