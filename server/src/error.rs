@@ -19,6 +19,8 @@ pub enum StorageError {
     Io(#[from] std::io::Error),
     #[error("corrupt data: {0}")]
     Corrupt(String),
+    #[error("a batch of {0} bytes is larger than a write-ahead log record can hold")]
+    BatchTooLarge(usize),
     #[error("injected storage fault")]
     Injected,
 }

@@ -74,11 +74,15 @@ fn segment_ids(dir: &Path) -> Result<Vec<u64>, StorageError> {
     Ok(ids)
 }
 
-fn encode(ops: &[Op]) -> Vec<u8> {
+fn encode(ops: &[Op]) -> Result<Vec<u8>, StorageError> {
     let size: usize = ops
         .iter()
         .map(|o| 9 + o.key.len() + o.value.as_ref().map_or(0, Vec::len))
         .sum();
+    // Every length in a record is at most the payload's, so one check covers them all.
+    if u32::try_from(size).is_err() {
+        return Err(StorageError::BatchTooLarge(size));
+    }
     let mut rec = Vec::with_capacity(8 + size);
     rec.extend_from_slice(&[0; 8]);
     for op in ops {
@@ -97,7 +101,7 @@ fn encode(ops: &[Op]) -> Vec<u8> {
     let crc = crc32fast::hash(&rec[8..]);
     rec[..4].copy_from_slice(&len.to_le_bytes());
     rec[4..8].copy_from_slice(&crc.to_le_bytes());
-    rec
+    Ok(rec)
 }
 
 /// Splits `n` bytes off the front of `buf`.
@@ -210,7 +214,7 @@ impl Wal {
             // An empty record would read back as the zeros that end the log.
             return Ok(());
         }
-        let rec = encode(ops);
+        let rec = encode(ops)?;
         let mut active = self.active();
         let end = active.len + rec.len() as u64;
         if end > active.zeroed {
@@ -329,8 +333,8 @@ mod tests {
             let (wal, _) = Wal::open(dir.path()).unwrap();
             wal.append(std::slice::from_ref(&c)).unwrap();
         }
-        let first = encode(std::slice::from_ref(&a)).len() as u64;
-        let second = encode(std::slice::from_ref(&b)).len() as u64;
+        let first = encode(std::slice::from_ref(&a)).unwrap().len() as u64;
+        let second = encode(std::slice::from_ref(&b)).unwrap().len() as u64;
         // The second record cut short: its last bytes never reached the disk.
         damage(dir.path(), 1, first + second - 3, &[0, 0, 0]);
         let (_, old) = Wal::open(dir.path()).unwrap();
