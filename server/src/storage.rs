@@ -129,8 +129,11 @@ fn sled_batch(ops: &[Op]) -> sled::Batch {
 /// What a checkpoint needs, shared with the thread that runs it.
 struct Durable {
     db: sled::Db,
-    /// sled's data file, `fsync`ed at checkpoints.
-    db_file: PathBuf,
+    /// sled's directory: its data file `db` and the `blobs/` it writes large nodes and values
+    /// to (without syncing them) are `fsync`ed at checkpoints.
+    dir: PathBuf,
+    /// The blobs already `fsync`ed: a blob file is written once and never changed.
+    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
     wal: Wal,
     /// One writer to the log and sled at a time, so an older snapshot is never written over
     /// a newer one and both see batches in the same order.
@@ -159,8 +162,32 @@ impl Durable {
         }
         let older = self.wal.older()?;
         self.db.flush()?;
-        std::fs::File::open(&self.db_file)?.sync_all()?;
+        std::fs::File::open(self.dir.join("db"))?.sync_all()?;
+        self.sync_blobs()?;
         self.wal.remove(&older)
+    }
+
+    /// `fsync`s the blobs sled wrote since the last checkpoint, and their directory.
+    fn sync_blobs(&self) -> Result<(), StorageError> {
+        let blobs = self.dir.join("blobs");
+        let mut synced = self.synced_blobs.lock().expect("blob list lock poisoned");
+        let mut present = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&blobs)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match std::fs::File::open(entry.path()) {
+                    Ok(f) => f.sync_all()?,
+                    // Collected by sled meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            present.insert(name);
+        }
+        std::fs::File::open(&blobs)?.sync_all()?;
+        *synced = present;
+        Ok(())
     }
 
     /// Starts a checkpoint on a thread of its own once the log has grown by a segment.
@@ -250,7 +277,8 @@ impl Store {
         let (wal, unsaved) = Wal::open(&dir.join("wal"))?;
         let durable = Arc::new(Durable {
             db,
-            db_file: dir.join("db"),
+            dir: dir.to_path_buf(),
+            synced_blobs: Default::default(),
             wal,
             writing: Mutex::new(()),
             checkpointing: AtomicBool::new(false),
@@ -759,6 +787,34 @@ mod tests {
             assert_eq!(e.lsn, lsn);
         }
         assert_eq!(segments(dir.path()), 1, "opening retires the old log");
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_syncs_the_blobs_sled_writes_large_values_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), SyncMode::Always).unwrap();
+        let big = "b".repeat(300 * 1024);
+        let pos = Position {
+            applied: 1,
+            committed: 1,
+            last_epoch: 1,
+        };
+        s.apply_records(&[rec(1, "big", Some(&big))], pos).unwrap();
+        s.flush_data().await.unwrap();
+        s.durable.checkpoint().unwrap();
+        let on_disk: std::collections::HashSet<_> = std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            !on_disk.is_empty(),
+            "sled wrote no blob for a 300 KiB value"
+        );
+        assert_eq!(*s.durable.synced_blobs.lock().unwrap(), on_disk);
+        assert_eq!(
+            s.get(b"big").unwrap().unwrap().value.unwrap().len(),
+            big.len()
+        );
     }
 
     #[test]
