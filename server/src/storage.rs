@@ -731,21 +731,9 @@ mod tests {
     #[tokio::test]
     async fn checkpoints_keep_the_log_short_and_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let segments = |dir: &Path| std::fs::read_dir(dir.join("wal")).unwrap().count();
-        let newest = |dir: &Path| -> u64 {
-            std::fs::read_dir(dir.join("wal"))
-                .unwrap()
-                .filter_map(|e| {
-                    e.unwrap()
-                        .file_name()
-                        .to_str()?
-                        .strip_suffix(".log")?
-                        .parse()
-                        .ok()
-                })
-                .max()
-                .unwrap()
-        };
+        let ids = |dir: &Path| crate::wal::segment_ids(&dir.join("wal")).unwrap();
+        let segments = |dir: &Path| ids(dir).len();
+        let newest = |dir: &Path| *ids(dir).last().unwrap();
         {
             let s = Store::open(dir.path(), SyncMode::Always).unwrap();
             s.durable.wal.set_segment_bytes(4096);

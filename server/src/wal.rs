@@ -57,7 +57,7 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
 }
 
 /// The ids of the segments in `dir`, ascending.
-fn segment_ids(dir: &Path) -> Result<Vec<u64>, StorageError> {
+pub(crate) fn segment_ids(dir: &Path) -> Result<Vec<u64>, StorageError> {
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
