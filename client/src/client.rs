@@ -329,13 +329,19 @@ impl Client {
             if now >= deadline {
                 break;
             }
+            let timeout = inner.config.attempt_timeout.min(deadline - now);
+            // A retry left with a sliver of the budget is mostly cut short, and a write cut
+            // short may have been applied: it would turn the definite answers so far
+            // (overloaded, unavailable) into an unknown outcome.
+            if attempts > 0 && timeout < inner.config.attempt_timeout / 4 {
+                break;
+            }
             let server = plan.next_server();
             let addr = &inner.servers[server];
             if attempts > 0 {
                 inner.retries.fetch_add(1, Ordering::Relaxed);
             }
             attempts += 1;
-            let timeout = inner.config.attempt_timeout.min(deadline - now);
             let started = Instant::now();
             let outcome =
                 tokio::time::timeout(timeout, attempt(inner.stubs[server].clone(), timeout)).await;
