@@ -21,6 +21,8 @@ pub enum StorageError {
     Corrupt(String),
     #[error("a batch of {0} bytes is larger than a write-ahead log record can hold")]
     BatchTooLarge(usize),
+    #[error("an earlier write to sled failed: {0}")]
+    EarlierWriteFailed(String),
     #[error("injected storage fault")]
     Injected,
 }

@@ -7,20 +7,22 @@
 //!   without costing the write path extra tree updates; a record's items share its lsn.
 //! - `m/...`: view, promise, accepted proposal, applied / committed / last record epoch.
 //!
-//! Applied records are staged in memory (visible to every read at once) and written to sled
-//! as one atomic batch by the next flush, with the log position they lead to; in
-//! `--sync always` mode the caller flushes before acknowledging. Staging matters on the
-//! primary, whose sequencer applies many small batches between two flushes: every sled batch
-//! costs a log-buffer write of its own. Paxos state is always flushed before replying.
+//! Applied records are staged in memory (visible to every read at once) and appended to the
+//! write-ahead log (`wal.rs`) as one batch by the next flush, with the log position they lead
+//! to; in `--sync always` mode the caller flushes before acknowledging. Staging matters on the
+//! primary, whose sequencer applies many small batches between two flushes. Paxos state is
+//! always flushed before replying.
 //!
-//! Every batch goes to the write-ahead log (`wal.rs`) before sled, and a flush is an
-//! `fdatasync` of that log: sled's own flush does not survive a power failure. sled is made
-//! durable at checkpoints, when the log has grown by a segment; opening the store replays
-//! what the log still holds.
+//! A flush is an `fdatasync` of the log: sled's own flush does not survive a power failure.
+//! The log is the store's atomicity and durability; sled is where reads find the data. A
+//! thread of its own writes logged operations to sled thousands at a time (until then they
+//! are read from memory), after the log holding them is durable, so sled never holds what
+//! the log could lose. sled is made durable at checkpoints, when the log has grown by a
+//! segment; opening the store replays what the log still holds.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -115,15 +117,42 @@ struct Staged {
     position: Option<Position>,
 }
 
-fn sled_batch(ops: &[Op]) -> sled::Batch {
-    let mut batch = sled::Batch::default();
-    for op in ops {
-        match &op.value {
-            Some(v) => batch.insert(op.key.as_slice(), v.as_slice()),
-            None => batch.remove(op.key.as_slice()),
-        }
+/// Operations in the log that sled does not have yet, latest per sled key (`None`: removed).
+/// sled gets them from a thread of its own, many at a time: each sled batch costs sled two
+/// log-buffer writes and a wake-up of every one of its I/O threads, whatever its size, which
+/// made sled the largest cost of a replicated write when every flush wrote one.
+#[derive(Default)]
+struct Logged {
+    fresh: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    fresh_bytes: usize,
+    /// What the applier is writing to sled right now, still read from here until sled has it.
+    applying: Arc<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// Set when the store closes: the applier stops.
+    closing: bool,
+    /// A failed apply: the store stops taking writes (fail-stop, DESIGN.md §3).
+    failed: Option<String>,
+}
+
+impl Logged {
+    fn lookup(&self, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        self.fresh
+            .get(key)
+            .or_else(|| self.applying.get(key))
+            .cloned()
     }
-    batch
+}
+
+/// The applier writes the logged operations to sled once this many have gathered ...
+const APPLY_OPS: usize = 4096;
+/// ... or they hold this many bytes ...
+const APPLY_BYTES: usize = 8 << 20;
+/// ... or this long after the last time; and the log's writer does it itself past this size,
+/// so a writer faster than sled cannot grow the map without bound.
+const APPLY_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const APPLY_INLINE_BYTES: usize = 64 << 20;
+
+fn op_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
+    key.len() + value.as_ref().map_or(0, Vec::len)
 }
 
 /// What a checkpoint needs, shared with the thread that runs it.
@@ -135,23 +164,122 @@ struct Durable {
     /// The blobs already `fsync`ed: a blob file is written once and never changed.
     synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
     wal: Wal,
-    /// One writer to the log and sled at a time, so an older snapshot is never written over
-    /// a newer one and both see batches in the same order.
+    /// One writer to the log at a time, so an older snapshot is never logged after a newer
+    /// one.
     writing: Mutex<()>,
     checkpointing: AtomicBool,
+    /// `std::sync::Mutex`: short sections (lookups, merging one batch), never held across an
+    /// await or while sled works.
+    logged: Mutex<Logged>,
+    /// Wakes the applier.
+    logged_grew: Condvar,
+    /// One apply at a time (the applier's, or a checkpoint's), so sled never gets an older
+    /// value after a newer one.
+    applying: Mutex<()>,
 }
 
 impl Durable {
-    /// Appends a batch to the log, then hands it to sled (neither durable yet).
-    fn write(&self, ops: &[Op]) -> Result<(), StorageError> {
-        let _writing = self.writing.lock().expect("store writer lock poisoned");
-        self.write_locked(ops)
+    fn logged(&self) -> MutexGuard<'_, Logged> {
+        self.logged.lock().expect("logged operations lock poisoned")
     }
 
-    fn write_locked(&self, ops: &[Op]) -> Result<(), StorageError> {
-        self.wal.append(ops)?;
-        self.db.apply_batch(sled_batch(ops))?;
+    /// Appends a batch to the log (not yet durable); readable at once, in sled later.
+    fn log(&self, ops: Vec<Op>) -> Result<(), StorageError> {
+        let _writing = self.writing.lock().expect("store writer lock poisoned");
+        self.log_locked(ops)
+    }
+
+    fn log_locked(&self, ops: Vec<Op>) -> Result<(), StorageError> {
+        if let Some(e) = &self.logged().failed {
+            return Err(StorageError::EarlierWriteFailed(e.clone()));
+        }
+        self.wal.append(&ops)?;
+        let (wake, inline) = {
+            let mut logged = self.logged();
+            for Op { key, value } in ops {
+                logged.fresh_bytes += op_bytes(&key, &value);
+                logged.fresh.insert(key, value);
+            }
+            (
+                logged.fresh.len() >= APPLY_OPS || logged.fresh_bytes >= APPLY_BYTES,
+                logged.fresh_bytes >= APPLY_INLINE_BYTES,
+            )
+        };
+        if inline {
+            self.apply_logged()?;
+        } else if wake {
+            self.logged_grew.notify_one();
+        }
         Ok(())
+    }
+
+    /// The value of a sled key: logged or in sled.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        if let Some(v) = self.logged().lookup(key) {
+            return Ok(v);
+        }
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Writes everything logged so far to sled. The log is made durable first: sled persists
+    /// on its own schedule, and must never hold what a power failure could take from the log
+    /// (replaying an older log over it would mix old and new).
+    fn apply_logged(&self) -> Result<(), StorageError> {
+        let _applying = self.applying.lock().expect("apply lock poisoned");
+        let batch = {
+            let mut logged = self.logged();
+            if logged.fresh.is_empty() {
+                return Ok(());
+            }
+            logged.fresh_bytes = 0;
+            let batch = Arc::new(std::mem::take(&mut logged.fresh));
+            logged.applying = batch.clone();
+            batch
+        };
+        let result = self.wal.sync_blocking().and_then(|()| {
+            // One insert at a time: a sled batch would also take sled's global lock, which
+            // every read then waits on.
+            for (key, value) in batch.iter() {
+                match value {
+                    Some(v) => self.db.insert(key.as_slice(), v.as_slice())?,
+                    None => self.db.remove(key.as_slice())?,
+                };
+            }
+            Ok(())
+        });
+        let mut logged = self.logged();
+        match &result {
+            Ok(()) => logged.applying = Default::default(),
+            // Left readable in `applying`; no later write is taken.
+            Err(e) => logged.failed = Some(e.to_string()),
+        }
+        result
+    }
+
+    /// The applier: writes logged operations to sled until the store closes.
+    fn run_applier(&self) {
+        let mut logged = self.logged();
+        loop {
+            if logged.closing || logged.failed.is_some() {
+                return;
+            }
+            let due = logged.fresh.len() >= APPLY_OPS || logged.fresh_bytes >= APPLY_BYTES;
+            if !due {
+                let (guard, waited) = self
+                    .logged_grew
+                    .wait_timeout(logged, APPLY_EVERY)
+                    .expect("logged operations lock poisoned");
+                logged = guard;
+                if !waited.timed_out() || logged.fresh.is_empty() {
+                    continue;
+                }
+            }
+            drop(logged);
+            if let Err(e) = self.apply_logged() {
+                tracing::error!(error = %e, "writing the log to sled failed; no more writes are taken");
+            }
+            logged = self.logged();
+        }
     }
 
     /// Makes sled durable up to the start of a new log segment and deletes the older ones.
@@ -161,6 +289,7 @@ impl Durable {
             self.wal.rotate()?;
         }
         let older = self.wal.older()?;
+        self.apply_logged()?;
         self.db.flush()?;
         std::fs::File::open(self.dir.join("db"))?.sync_all()?;
         self.sync_blobs()?;
@@ -214,6 +343,8 @@ impl Durable {
 pub struct Store {
     /// sled and the log in front of it.
     durable: Arc<Durable>,
+    /// The thread that writes logged operations to sled; stopped and joined on drop.
+    applier: Option<std::thread::JoinHandle<()>>,
     /// `std::sync::Mutex`: short sections, never held across an await.
     staged: Mutex<Staged>,
     /// `std::sync::Mutex`: updated right after each applied batch and read in short pages,
@@ -225,6 +356,17 @@ pub struct Store {
     /// Writes (records) applied and flushes done, for the group-commit figure in `status`.
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.durable.logged().closing = true;
+        self.durable.logged_grew.notify_one();
+        if let Some(applier) = self.applier.take() {
+            // What it had not written to sled yet is in the log, and replayed at the next open.
+            let _ = applier.join();
+        }
+    }
 }
 
 fn data_key(item: &[u8]) -> Vec<u8> {
@@ -282,11 +424,17 @@ impl Store {
             wal,
             writing: Mutex::new(()),
             checkpointing: AtomicBool::new(false),
+            logged: Default::default(),
+            logged_grew: Condvar::new(),
+            applying: Mutex::new(()),
         });
         // Batches the log holds may be missing from sled after a crash; applying them again
         // is harmless (each sets whole entries), and a checkpoint then retires the log.
-        for ops in &unsaved {
-            durable.db.apply_batch(sled_batch(ops))?;
+        for op in unsaved.iter().flatten() {
+            match &op.value {
+                Some(v) => durable.db.insert(op.key.as_slice(), v.as_slice())?,
+                None => durable.db.remove(op.key.as_slice())?,
+            };
         }
         if !unsaved.is_empty() {
             tracing::info!(
@@ -301,8 +449,15 @@ impl Store {
             let e = decode_entry(&v)?;
             index.set(&Bytes::copy_from_slice(&k[DATA.len()..]), Some(e.lsn));
         }
+        let applier = {
+            let durable = durable.clone();
+            std::thread::Builder::new()
+                .name("sled-applier".into())
+                .spawn(move || durable.run_applier())?
+        };
         Ok(Store {
             durable,
+            applier: Some(applier),
             staged: Default::default(),
             index: Mutex::new(index),
             sync,
@@ -314,16 +469,16 @@ impl Store {
 
     pub fn load_meta(&self) -> Result<Meta, StorageError> {
         let mut m = Meta::default();
-        if let Some(v) = self.durable.db.get(VIEW)? {
+        if let Some(v) = self.durable.get(VIEW)? {
             m.view = Some(unjson(&v, "view")?);
         }
-        if let Some(v) = self.durable.db.get(PROMISE)? {
+        if let Some(v) = self.durable.get(PROMISE)? {
             m.promise = unjson(&v, "promise")?;
         }
-        if let Some(v) = self.durable.db.get(ACCEPTED)? {
+        if let Some(v) = self.durable.get(ACCEPTED)? {
             m.accepted = unjson(&v, "accepted")?;
         }
-        if let Some(v) = self.durable.db.get(POSITION)? {
+        if let Some(v) = self.durable.get(POSITION)? {
             m.position = unjson(&v, "position")?;
         }
         if let Some(pos) = self.staged().position {
@@ -337,8 +492,7 @@ impl Store {
             return Ok(staged.clone());
         }
         self.durable
-            .db
-            .get(data_key(item))?
+            .get(&data_key(item))?
             .map(|raw| decode_entry(&raw))
             .transpose()
     }
@@ -388,8 +542,7 @@ impl Store {
         self.write_staged()
     }
 
-    /// Hands everything staged to the log and sled as one atomic batch (not yet durable).
-    /// Items stay readable from the stage until sled has them.
+    /// Hands everything staged to the log as one batch (not yet durable).
     pub(crate) fn write_staged(&self) -> Result<(), StorageError> {
         let _writing = self
             .durable
@@ -421,8 +574,8 @@ impl Store {
                 value: Some(json(pos)),
             });
         }
-        self.durable.write_locked(&ops)?;
-        // Drop what sled now has, unless it was staged again meanwhile.
+        self.durable.log_locked(ops)?;
+        // Drop what the log now has, unless it was staged again meanwhile.
         let mut staged = self.staged();
         for (item, entry) in items {
             if staged.items.get(&item) == Some(&entry) {
@@ -466,7 +619,7 @@ impl Store {
         if let Some(a) = accepted {
             ops.push(set(ACCEPTED, a.map(json)));
         }
-        self.durable.write(&ops)?;
+        self.durable.log(ops)?;
         self.flush_always().await
     }
 
@@ -729,6 +882,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn logged_writes_reach_sled_by_themselves_and_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), SyncMode::Always).unwrap();
+        let pos = Position {
+            applied: 2,
+            committed: 2,
+            last_epoch: 1,
+        };
+        s.apply_records(&[rec(1, "a", Some("1")), rec(2, "b", Some("2"))], pos)
+            .unwrap();
+        s.flush_data().await.unwrap();
+        let in_sled = |item: &str| s.durable.db.get(data_key(item.as_bytes())).unwrap();
+        let deadline = std::time::Instant::now() + APPLY_EVERY * 50;
+        while in_sled("b").is_none() {
+            assert_eq!(
+                s.get(b"b").unwrap().unwrap().lsn,
+                2,
+                "readable while logged"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the applier never wrote the log to sled"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(in_sled("a").is_some());
+        assert_eq!(s.get(b"a").unwrap().unwrap().value.unwrap(), "1");
+        assert_eq!(s.load_meta().unwrap().position, pos);
+        assert!(s.durable.logged().fresh.is_empty());
+    }
+
+    #[tokio::test]
     async fn checkpoints_keep_the_log_short_and_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let ids = |dir: &Path| crate::wal::segment_ids(&dir.join("wal")).unwrap();
@@ -837,6 +1022,7 @@ mod tests {
             )
             .unwrap();
             s.write_staged().unwrap();
+            s.durable.apply_logged().unwrap();
             s.durable.db.flush().unwrap();
         }
         let s = reopen(dir.path());

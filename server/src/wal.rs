@@ -237,6 +237,13 @@ impl Wal {
         Ok(())
     }
 
+    /// [`Wal::sync`] for a caller that may block.
+    pub fn sync_blocking(&self) -> Result<(), StorageError> {
+        let file = self.active().file.clone();
+        file.sync_data()?;
+        Ok(())
+    }
+
     /// Whether the active segment has grown enough for a checkpoint.
     pub fn full(&self) -> bool {
         self.active().len >= self.segment_bytes.load(Ordering::Relaxed)
