@@ -167,6 +167,9 @@ impl Wal {
         let mut batches = Vec::new();
         for &id in &ids {
             let path = segment_path(dir, id);
+            // Its records go to sled next, and sled must never hold what the log could
+            // still lose: a crash may have left them written but not yet durable.
+            File::open(&path)?.sync_data()?;
             let data = std::fs::read(&path)?;
             let (found, whole) = decode_records(&data);
             batches.extend(found);
