@@ -4,7 +4,8 @@
 //! - [`error`]: error enums and their single mapping to `tonic::Status`.
 //! - [`types`]: views and the quorum rule, records, entries: pure domain logic.
 //! - [`session`]: exactly-once session table (pure).
-//! - [`storage`]: sled layout, atomic batch apply, lsn index, persisted Paxos state.
+//! - [`storage`]: sled layout, write-ahead log batches and the sled applier, lsn index,
+//!   persisted Paxos state.
 //! - [`convert`]: protobuf <-> domain conversions, the only place that knows both.
 //! - [`network`]: the peer network trait and its gRPC implementation.
 //! - [`fault`]: fault-injection rules for the peer network.

@@ -497,8 +497,8 @@ impl Store {
             .transpose()
     }
 
-    /// Applies records (in lsn order) and the new log position: readable at once, written to
-    /// sled as one atomic batch by the next flush.
+    /// Applies records (in lsn order) and the new log position: readable at once, appended to
+    /// the log as one batch by the next flush.
     pub fn apply_records(&self, records: &[Record], pos: Position) -> Result<(), StorageError> {
         let mut staged = self.staged();
         let mut index = self.index();
