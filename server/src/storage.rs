@@ -213,6 +213,15 @@ impl Durable {
         Ok(())
     }
 
+    /// Sets (or with `None` removes) one key in sled.
+    fn set_in_sled(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StorageError> {
+        match value {
+            Some(v) => self.db.insert(key, v)?,
+            None => self.db.remove(key)?,
+        };
+        Ok(())
+    }
+
     /// The value of a sled key: logged or in sled.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         if let Some(v) = self.logged().lookup(key) {
@@ -239,13 +248,9 @@ impl Durable {
         let result = self.wal.sync_blocking().and_then(|()| {
             // One insert at a time: a sled batch would also take sled's global lock, which
             // every read then waits on.
-            for (key, value) in batch.iter() {
-                match value {
-                    Some(v) => self.db.insert(key.as_slice(), v.as_slice())?,
-                    None => self.db.remove(key.as_slice())?,
-                };
-            }
-            Ok(())
+            batch
+                .iter()
+                .try_for_each(|(key, value)| self.set_in_sled(key, value.as_deref()))
         });
         let mut logged = self.logged();
         match &result {
@@ -431,10 +436,7 @@ impl Store {
         // Batches the log holds may be missing from sled after a crash; applying them again
         // is harmless (each sets whole entries), and a checkpoint then retires the log.
         for op in unsaved.iter().flatten() {
-            match &op.value {
-                Some(v) => durable.db.insert(op.key.as_slice(), v.as_slice())?,
-                None => durable.db.remove(op.key.as_slice())?,
-            };
+            durable.set_in_sled(&op.key, op.value.as_deref())?;
         }
         if !unsaved.is_empty() {
             tracing::info!(
