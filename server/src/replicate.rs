@@ -26,6 +26,18 @@ const MAX_BYTES_PER_MESSAGE: usize = 16 << 20;
 /// much longer for its commit notice.
 const COMMIT_LINGER: std::time::Duration = std::time::Duration::from_micros(500);
 
+/// Queues a batch from the sequencer's feed, or notes that the feed has ended.
+fn take(
+    batch: Option<Arc<[Record]>>,
+    queue: &mut std::collections::VecDeque<Record>,
+    closed: &mut bool,
+) {
+    match batch {
+        Some(b) => queue.extend(b.iter().cloned()),
+        None => *closed = true,
+    }
+}
+
 impl Node {
     /// Streams records to `to` for the primary term `epoch`, starting after `prev` (the lsn the
     /// member is known to hold). Ends when the term ends or the member fails.
@@ -47,20 +59,14 @@ impl Node {
                 let committed_now = commits.borrow().committed;
                 if committed_now <= sent_committed {
                     tokio::select! {
-                        b = feed.recv() => match b {
-                            Some(b) => queue.extend(b.iter().cloned()),
-                            None => closed = true,
-                        },
+                        b = feed.recv() => take(b, &mut queue, &mut closed),
                         _ = commits.changed() => {}
                         _ = tokio::time::sleep(heartbeat) => {}
                     }
                 }
                 if queue.is_empty() && !closed && commits.borrow().committed > sent_committed {
                     tokio::select! {
-                        b = feed.recv() => match b {
-                            Some(b) => queue.extend(b.iter().cloned()),
-                            None => closed = true,
-                        },
+                        b = feed.recv() => take(b, &mut queue, &mut closed),
                         _ = tokio::time::sleep(COMMIT_LINGER) => {}
                     }
                 }
