@@ -16,7 +16,8 @@ pub enum SyncMode {
     /// One flush per applied batch (group commit) before acking.
     #[default]
     Always,
-    /// sled's background flush; durability comes from replication.
+    /// No flush before acking: the log is synced in the background, within ~100 ms of a write;
+    /// durability comes from replication.
     None,
 }
 
