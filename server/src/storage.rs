@@ -155,7 +155,7 @@ fn op_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
     key.len() + value.as_ref().map_or(0, Vec::len)
 }
 
-/// What a checkpoint needs, shared with the thread that runs it.
+/// sled and the log in front of it, shared with the applier and checkpoint threads.
 struct Durable {
     db: sled::Db,
     /// sled's directory: its data file `db` and the `blobs/` it writes large nodes and values

@@ -257,8 +257,8 @@ impl Wal {
         self.segment_bytes.store(bytes, Ordering::Relaxed);
     }
 
-    /// Starts a new segment. The caller holds off appends while it also hands batches to
-    /// sled, so a batch in an older segment is always in sled too.
+    /// Starts a new segment. The caller holds off appends meanwhile, and has sled take every
+    /// batch logged so far before it deletes the older segments.
     pub fn rotate(&self) -> Result<(), StorageError> {
         let mut active = self.active();
         // Records written to the old segment are durable before anyone syncs the new one.
