@@ -56,7 +56,9 @@ impl Node {
         let mut closed = false;
         loop {
             if queue.is_empty() && !closed {
-                let committed_now = commits.borrow().committed;
+                // Marks the commit point seen: a change already carried by the last message
+                // must not wake the wait below and send an empty message behind it.
+                let committed_now = commits.borrow_and_update().committed;
                 if committed_now <= sent_committed {
                     tokio::select! {
                         b = feed.recv() => take(b, &mut queue, &mut closed),
