@@ -10,9 +10,11 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use replikv_proto::peer::peer_client::PeerClient;
 use replikv_proto::peer::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
-use tonic::Request;
+use tonic::{Request, Streaming};
 
 use crate::fault::{Action, Faults};
 use crate::types::Rank;
@@ -40,12 +42,9 @@ pub trait PeerNetwork: Send + Sync + 'static {
         req: WriteRequest,
         timeout: Duration,
     ) -> BoxFuture<'_, NetResult<WriteResponse>>;
-    fn append(
-        &self,
-        to: Rank,
-        req: AppendRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'_, NetResult<AppendResponse>>;
+    /// The ordered append stream to `to` for one primary term (DESIGN.md §4). It opens with
+    /// the first message; dropping the link closes it.
+    fn open_append(&self, to: Rank) -> NetResult<Box<dyn AppendLink>>;
     fn prepare(
         &self,
         to: Rank,
@@ -83,6 +82,17 @@ pub trait PeerNetwork: Send + Sync + 'static {
         req: SyncRequest,
         timeout: Duration,
     ) -> BoxFuture<'_, NetResult<BoxStream<'static, NetResult<SyncChunk>>>>;
+}
+
+/// One member's end of the primary's append stream: a response per request, in order.
+pub trait AppendLink: Send {
+    /// Sends one message and waits for its response, within `timeout`. After an error the
+    /// link is unusable: a response may still be on its way.
+    fn call(
+        &mut self,
+        req: AppendRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'_, NetResult<AppendResponse>>;
 }
 
 /// gRPC transport: one lazily connected tonic `Channel` per peer, cloned per call.
@@ -143,30 +153,48 @@ impl GrpcNetwork {
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
         let client = self.client(to)?;
-        let action = self.faults.outgoing(to);
-        let started = tokio::time::Instant::now();
-        match action {
-            Some(Action::Drop) => {
-                // A lost message looks like silence until the caller gives up.
-                tokio::time::sleep(timeout).await;
-                return Err(NetError::Timeout(timeout));
-            }
-            Some(Action::Delay(d)) => tokio::time::sleep(d.min(timeout)).await,
-            _ => {}
-        }
-        let left = timeout.saturating_sub(started.elapsed());
-        let req = self.request(msg, left);
-        let res = tokio::time::timeout(left, f(client, req)).await;
-        let res = match res {
-            Err(_) => return Err(NetError::Timeout(timeout)),
-            Ok(r) => r.map(|r| r.into_inner()).map_err(NetError::Status)?,
-        };
-        if let Some(Action::DropResponse) = action {
-            tokio::time::sleep(timeout.saturating_sub(started.elapsed())).await;
+        through_faults(&self.faults, to, timeout, |left| async move {
+            f(client, self.request(msg, left))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(NetError::Status)
+        })
+        .await
+    }
+}
+
+/// Runs one exchange with `to` under the outgoing fault rules, bounded by `timeout`; the
+/// exchange gets the time left after any injected delay.
+async fn through_faults<R, F, Fut>(
+    faults: &Faults,
+    to: Rank,
+    timeout: Duration,
+    exchange: F,
+) -> NetResult<R>
+where
+    F: FnOnce(Duration) -> Fut,
+    Fut: std::future::Future<Output = NetResult<R>>,
+{
+    let action = faults.outgoing(to);
+    let started = tokio::time::Instant::now();
+    match action {
+        Some(Action::Drop) => {
+            // A lost message looks like silence until the caller gives up.
+            tokio::time::sleep(timeout).await;
             return Err(NetError::Timeout(timeout));
         }
-        Ok(res)
+        Some(Action::Delay(d)) => tokio::time::sleep(d.min(timeout)).await,
+        _ => {}
     }
+    let left = timeout.saturating_sub(started.elapsed());
+    let res = tokio::time::timeout(left, exchange(left))
+        .await
+        .map_err(|_| NetError::Timeout(timeout))??;
+    if let Some(Action::DropResponse) = action {
+        tokio::time::sleep(timeout.saturating_sub(started.elapsed())).await;
+        return Err(NetError::Timeout(timeout));
+    }
+    Ok(res)
 }
 
 impl PeerNetwork for GrpcNetwork {
@@ -179,14 +207,14 @@ impl PeerNetwork for GrpcNetwork {
         self.call(to, req, t, |mut c, r| async move { c.forward(r).await })
             .boxed()
     }
-    fn append(
-        &self,
-        to: Rank,
-        req: AppendRequest,
-        t: Duration,
-    ) -> BoxFuture<'_, NetResult<AppendResponse>> {
-        self.call(to, req, t, |mut c, r| async move { c.append(r).await })
-            .boxed()
+    fn open_append(&self, to: Rank) -> NetResult<Box<dyn AppendLink>> {
+        Ok(Box::new(GrpcAppendLink {
+            to,
+            me: self.me,
+            client: self.client(to)?,
+            faults: self.faults.clone(),
+            stream: None,
+        }))
     }
     fn prepare(
         &self,
@@ -260,5 +288,63 @@ impl PeerNetwork for GrpcNetwork {
             Ok(s.boxed())
         }
         .boxed()
+    }
+}
+
+/// [`AppendLink`] over one bidirectional gRPC call, through the fault layer per message.
+struct GrpcAppendLink {
+    to: Rank,
+    me: Rank,
+    client: PeerClient<Channel>,
+    faults: Arc<Faults>,
+    /// The open call: where requests go and responses come from.
+    stream: Option<(mpsc::Sender<AppendRequest>, Streaming<AppendResponse>)>,
+}
+
+impl GrpcAppendLink {
+    /// Sends `req` on the stream, opening it first if needed, and reads its response.
+    async fn exchange(&mut self, req: AppendRequest) -> NetResult<AppendResponse> {
+        let responses = match &mut self.stream {
+            Some((tx, responses)) => {
+                tx.send(req).await.map_err(|_| closed())?;
+                responses
+            }
+            None => {
+                // Stop-and-wait: one request at a time is ever queued.
+                let (tx, rx) = mpsc::channel(1);
+                tx.send(req).await.map_err(|_| closed())?;
+                // No deadline on the call itself: it lasts the whole term.
+                let mut open = Request::new(ReceiverStream::new(rx));
+                open.metadata_mut()
+                    .insert(FROM_HEADER, MetadataValue::from(self.me));
+                let responses = self
+                    .client
+                    .append(open)
+                    .await
+                    .map_err(NetError::Status)?
+                    .into_inner();
+                &mut self.stream.insert((tx, responses)).1
+            }
+        };
+        match responses.message().await {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(closed()),
+            Err(s) => Err(NetError::Status(s)),
+        }
+    }
+}
+
+fn closed() -> NetError {
+    NetError::Status(tonic::Status::unavailable("append stream closed"))
+}
+
+impl AppendLink for GrpcAppendLink {
+    fn call(
+        &mut self,
+        req: AppendRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'_, NetResult<AppendResponse>> {
+        let (faults, to) = (self.faults.clone(), self.to);
+        async move { through_faults(&faults, to, timeout, |_| self.exchange(req)).await }.boxed()
     }
 }

@@ -1,7 +1,8 @@
-//! The primary's ordered stream to one member (DESIGN.md §4): batches records while a batch
-//! is in flight (one in flight per member, so many writes share one message and one flush at
-//! the member), carries the commit point promptly, heartbeats every H with the lease the
-//! member may borrow, and reports a member whose acks time out so the primary drops it.
+//! The primary's ordered stream to one member (DESIGN.md §4), a gRPC stream open for the
+//! term: batches records while a batch is in flight (one in flight per member, so many
+//! writes share one message and one flush at the member), carries the commit point
+//! promptly, heartbeats every H with the lease the member may borrow, and reports a member
+//! whose acks time out so the primary drops it.
 
 use std::sync::Arc;
 
@@ -54,6 +55,14 @@ impl Node {
         let mut sent_committed = 0u64;
         let heartbeat = self.cfg.timing.heartbeat;
         let mut closed = false;
+        let mut link = match self.net.open_append(to) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(peer = to, epoch, error = %e, "cannot open append stream");
+                self.member_failed(to, epoch);
+                return;
+            }
+        };
         loop {
             if queue.is_empty() && !closed {
                 // Marks the commit point seen: a change already carried by the last message
@@ -129,7 +138,7 @@ impl Node {
                 prev_lsn: prev,
             };
             sent_committed = committed;
-            let res = self.net.append(to, req, self.cfg.timing.ack_timeout).await;
+            let res = link.call(req, self.cfg.timing.ack_timeout).await;
             match res {
                 Ok(r) if r.status == AppendStatus::Ok as i32 => {
                     prev = last;

@@ -13,7 +13,7 @@ use replikv_proto::kv::*;
 use replikv_proto::peer::admin_server::Admin;
 use replikv_proto::peer::peer_server::Peer;
 use replikv_proto::peer::*;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
 use crate::config::Limits;
@@ -152,16 +152,7 @@ impl PeerService {
     /// Incoming fault rules for a request from the peer named in its metadata. Returns the
     /// action still to apply after handling (a lost response).
     async fn incoming<T>(&self, req: &Request<T>) -> Result<Option<Action>, Status> {
-        if self.node.faults.is_empty() {
-            return Ok(None);
-        }
-        let from = req
-            .metadata()
-            .get(FROM_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u32>().ok());
-        let Some(from) = from else { return Ok(None) };
-        match self.node.faults.incoming(from) {
+        match sender(req).and_then(|from| self.node.faults.incoming(from)) {
             Some(Action::Drop) => {
                 tokio::time::sleep(LOST_REQUEST_WAIT).await;
                 Err(Status::unavailable("request lost (fault injection)"))
@@ -183,7 +174,16 @@ impl PeerService {
     }
 }
 
+/// The rank of the server that sent `req`, as its metadata names it.
+fn sender<T>(req: &Request<T>) -> Option<u32> {
+    req.metadata()
+        .get(FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+}
+
 type SyncStream = Pin<Box<dyn Stream<Item = Result<SyncChunk, Status>> + Send>>;
+type AppendStream = Pin<Box<dyn Stream<Item = Result<AppendResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Peer for PeerService {
@@ -214,13 +214,34 @@ impl Peer for PeerService {
         self.finish(after, resp).await
     }
 
+    type AppendStream = AppendStream;
+
+    /// Answers each message of the primary's stream in turn, under the incoming fault rules:
+    /// a lost message or response is simply never answered, and the primary times out.
     async fn append(
         &self,
-        req: Request<AppendRequest>,
-    ) -> Result<Response<AppendResponse>, Status> {
-        let after = self.incoming(&req).await?;
-        let r = self.node.on_append(req.into_inner()).await;
-        self.finish(after, r).await
+        req: Request<Streaming<AppendRequest>>,
+    ) -> Result<Response<AppendStream>, Status> {
+        let from = sender(&req);
+        let state = (self.node.clone(), req.into_inner());
+        let responses = futures::stream::unfold(state, move |(node, mut requests)| async move {
+            loop {
+                // The primary closed the stream (its term ended or it gave up on this
+                // member) or the connection broke: nothing is left to answer.
+                let req = requests.message().await.ok()??;
+                let action = from.and_then(|from| node.faults.incoming(from));
+                match action {
+                    Some(Action::Drop) => continue,
+                    Some(Action::Delay(d)) => tokio::time::sleep(d).await,
+                    _ => {}
+                }
+                let r = node.on_append(req).await;
+                if action != Some(Action::DropResponse) {
+                    return Some((Ok(r), (node, requests)));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn prepare(
