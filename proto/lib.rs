@@ -3,6 +3,7 @@
 //! - [`kv`]: the public client API (`replikv.v1`, `proto/kv.proto`).
 //! - [`peer`]: the server-to-server protocol and the fault-injection admin
 //!   service (`replikv.peer.v1`, `proto/peer.proto`).
+//! - [`pipeline`]: serving and reading the `Pipeline` call of `Kv`.
 //! - Header names and limits every crate agrees on.
 //!
 //! Generated code stays at the edge: the server converts these types into its
@@ -22,6 +23,8 @@ mod generated {
         }
     }
 }
+
+pub mod pipeline;
 
 pub use generated::replikv::peer::v1 as peer;
 pub use generated::replikv::v1 as kv;

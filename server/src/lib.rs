@@ -39,11 +39,14 @@ use replikv_proto::kv::kv_server::KvServer;
 use replikv_proto::peer::admin_server::AdminServer;
 use replikv_proto::peer::peer_server::PeerServer;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::{Config, Opt, SyncMode};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a shutdown waits for open calls to finish.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs a server with the given options until SIGTERM / Ctrl-C.
 pub async fn serve(opt: Opt) -> Result<(), BoxError> {
@@ -100,10 +103,26 @@ pub async fn run(
         .add_service(kv)
         .add_service(peer)
         .add_optional_service(admin)
-        .serve_with_incoming_shutdown(incoming, shutdown);
+        .serve_with_incoming_shutdown(incoming, {
+            let node = node.clone();
+            async move {
+                shutdown.await;
+                // A graceful shutdown waits for every open call to end, and the pipeline
+                // and append streams would not end by themselves.
+                node.stop_streams();
+            }
+        });
     let booting = node.clone();
     tokio::spawn(async move { booting.boot().await });
-    server.await?;
+    // A client that keeps its side of a stream open could hold the graceful shutdown up
+    // for ever: past the grace period, the remaining connections are simply dropped.
+    let stopped = node.stopped();
+    tokio::select! {
+        r = server => r?,
+        _ = async { stopped.await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            warn!(grace = ?SHUTDOWN_GRACE, "calls still open after the grace period; closing them");
+        }
+    }
     info!("shutting down");
     node.store.flush_data().await.ok();
     Ok(())

@@ -151,6 +151,8 @@ pub struct Node {
     write_permits: Arc<Semaphore>,
     /// Highest ballot seen anywhere, so a proposer's next ballot beats it.
     pub(crate) max_ballot: std::sync::atomic::AtomicU64,
+    /// Set when the server shuts down: long-lived calls end so the shutdown need not wait.
+    stopping: watch::Sender<bool>,
 }
 
 impl Node {
@@ -208,9 +210,23 @@ impl Node {
             write_rx: Mutex::new(Some(write_rx)),
             write_permits: Arc::new(Semaphore::new(MAX_WRITES_IN_FLIGHT)),
             max_ballot: max_ballot.into(),
+            stopping: watch::channel(false).0,
             cfg,
         };
         Ok(Arc::new(node))
+    }
+
+    /// Ends the streaming calls this server answers (see [`Node::stopped`]).
+    pub fn stop_streams(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Completes once the server shuts down; a streaming call's answers end with it.
+    pub(crate) fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        }
     }
 
     pub(crate) fn st(&self) -> MutexGuard<'_, State> {

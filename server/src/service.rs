@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use replikv_proto::kv::kv_server::Kv;
 use replikv_proto::kv::*;
 use replikv_proto::peer::admin_server::Admin;
@@ -25,6 +25,7 @@ use crate::node::{Node, WriteReq};
 /// How long a request "lost" by fault injection keeps its caller waiting.
 const LOST_REQUEST_WAIT: Duration = Duration::from_secs(2);
 
+#[derive(Clone)]
 pub struct KvService {
     node: Arc<Node>,
     limits: Limits,
@@ -137,6 +138,19 @@ impl Kv for KvService {
     ) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(self.node.status()))
     }
+
+    type PipelineStream = replikv_proto::pipeline::Answers;
+
+    async fn pipeline(
+        &self,
+        req: Request<Streaming<PipelineRequest>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        Ok(Response::new(replikv_proto::pipeline::serve(
+            self.clone(),
+            req.into_inner(),
+            self.node.stopped(),
+        )))
+    }
 }
 
 pub struct PeerService {
@@ -241,7 +255,9 @@ impl Peer for PeerService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(Box::pin(
+            responses.take_until(self.node.stopped()),
+        )))
     }
 
     async fn prepare(

@@ -12,14 +12,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use replikv_proto::kv::kv_server::{Kv, KvServer};
 use replikv_proto::kv::{
-    DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse, RequestId,
-    StatusRequest, StatusResponse, View,
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, PipelineRequest, PutRequest,
+    PutResponse, RequestId, StatusRequest, StatusResponse, View,
 };
 use replikv_proto::{OUTCOME_HEADER, OUTCOME_NONE, OUTCOME_UNKNOWN, PRIMARY_ADDR_HEADER};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::metadata::MetadataValue;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 /// Longest a stalled call waits before answering anyway, so no fake can hang
 /// a test.
@@ -171,6 +171,7 @@ pub fn unavailable(outcome: Option<&'static str>, primary: Option<&str>) -> Stat
     status
 }
 
+#[derive(Clone)]
 struct FakeKv {
     index: usize,
     shared: Arc<Shared>,
@@ -258,6 +259,19 @@ impl Kv for FakeKv {
             },
             via,
         ))
+    }
+
+    type PipelineStream = replikv_proto::pipeline::Answers;
+
+    async fn pipeline(
+        &self,
+        request: Request<Streaming<PipelineRequest>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        Ok(Response::new(replikv_proto::pipeline::serve(
+            self.clone(),
+            request.into_inner(),
+            std::future::pending(),
+        )))
     }
 
     async fn status(
