@@ -9,7 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::join_all;
 use replikv_proto::kv::kv_client::KvClient;
-use replikv_proto::kv::{DeleteRequest, GetRequest, PutRequest, StatusRequest, StatusResponse};
+use replikv_proto::kv::pipeline_request::Op;
+use replikv_proto::kv::{
+    pipeline_response, DeleteRequest, GetRequest, PutRequest, StatusRequest, StatusResponse,
+};
 use replikv_proto::MAX_MESSAGE_BYTES;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -18,6 +21,7 @@ use tracing::debug;
 use crate::backoff::Backoff;
 use crate::config::ClientConfig;
 use crate::error::{AttemptFailure, Error, Next};
+use crate::pipe::Pipe;
 use crate::routing::{OpKind, Plan, Router};
 use crate::session::Session;
 
@@ -54,6 +58,8 @@ struct Transport {
     /// One per server, built once: a tonic `Channel` multiplexes every
     /// request over one HTTP/2 connection and reconnects by itself.
     stubs: Vec<KvClient<Channel>>,
+    /// One per server, over its stub's connection: gets, puts and deletes.
+    pipes: Vec<Pipe>,
     config: ClientConfig,
     router: Router,
 }
@@ -105,6 +111,7 @@ impl Client {
         let transport = Arc::new(Transport {
             router: Router::new(config.route, servers.len()),
             servers,
+            pipes: stubs.iter().cloned().map(Pipe::new).collect(),
             stubs,
             config,
         });
@@ -139,9 +146,9 @@ impl Client {
             kind: OpKind::Read,
         };
         let reply = self
-            .request(spec, |mut stub, timeout| {
-                let req = with_timeout(GetRequest { key: key.clone() }, timeout);
-                async move { stub.get(req).await }
+            .request(spec, |pipe| {
+                let op = Op::Get(GetRequest { key: key.clone() });
+                async move { answer(pipe.call(op).await, |r| as_variant!(r, Get)) }
             })
             .await?;
         Ok(reply.found.then_some(reply.value))
@@ -163,16 +170,13 @@ impl Client {
             kind: OpKind::Write,
         };
         let reply = self
-            .request(spec, |mut stub, timeout| {
-                let req = with_timeout(
-                    PutRequest {
-                        key: key.clone(),
-                        value: value.clone(),
-                        id,
-                    },
-                    timeout,
-                );
-                async move { stub.put(req).await }
+            .request(spec, |pipe| {
+                let op = Op::Put(PutRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                    id,
+                });
+                async move { answer(pipe.call(op).await, |r| as_variant!(r, Put)) }
             })
             .await?;
         drop(ticket);
@@ -191,15 +195,12 @@ impl Client {
             kind: OpKind::Write,
         };
         let reply = self
-            .request(spec, |mut stub, timeout| {
-                let req = with_timeout(
-                    DeleteRequest {
-                        key: key.clone(),
-                        id,
-                    },
-                    timeout,
-                );
-                async move { stub.delete(req).await }
+            .request(spec, |pipe| {
+                let op = Op::Delete(DeleteRequest {
+                    key: key.clone(),
+                    id,
+                });
+                async move { answer(pipe.call(op).await, |r| as_variant!(r, Delete)) }
             })
             .await?;
         drop(ticket);
@@ -305,9 +306,9 @@ impl Client {
     /// Runs one request: attempts on one server after another, with backoff,
     /// until one succeeds, one says the input is bad, or the request deadline
     /// passes (DESIGN.md §6).
-    async fn request<T, F, Fut>(&self, spec: RequestSpec, mut attempt: F) -> Result<T, Error>
+    async fn request<'s, T, F, Fut>(&'s self, spec: RequestSpec, mut attempt: F) -> Result<T, Error>
     where
-        F: FnMut(KvClient<Channel>, Duration) -> Fut,
+        F: FnMut(&'s Pipe) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let inner = &*self.inner;
@@ -343,8 +344,7 @@ impl Client {
             }
             attempts += 1;
             let started = Instant::now();
-            let outcome =
-                tokio::time::timeout(timeout, attempt(inner.stubs[server].clone(), timeout)).await;
+            let outcome = tokio::time::timeout(timeout, attempt(&inner.pipes[server])).await;
             let failure = match outcome {
                 Ok(Ok(reply)) => {
                     inner.router.mark_responsive(server);
@@ -489,6 +489,31 @@ fn check_input(key: &[u8], value_len: usize) -> Result<(), Error> {
 
 /// Wraps a message in a request that tells the server how long the client
 /// will wait (`grpc-timeout`), so it can give up on work nobody awaits.
+/// A pipelined answer as the unary call of its kind would have returned it.
+fn answer<T>(
+    reply: Result<tonic::Response<pipeline_response::Result>, tonic::Status>,
+    unwrap: impl FnOnce(pipeline_response::Result) -> Option<T>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    let (metadata, result, extensions) = reply?.into_parts();
+    match unwrap(result) {
+        Some(r) => Ok(tonic::Response::from_parts(metadata, r, extensions)),
+        None => Err(tonic::Status::internal(
+            "answer of another kind than the request",
+        )),
+    }
+}
+
+/// The `$variant` answer, or `None`.
+macro_rules! as_variant {
+    ($r:expr, $variant:ident) => {
+        match $r {
+            pipeline_response::Result::$variant(v) => Some(v),
+            _ => None,
+        }
+    };
+}
+use as_variant;
+
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.set_timeout(timeout);

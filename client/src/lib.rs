@@ -29,6 +29,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+mod pipe;
 mod routing;
 mod session;
 

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -374,4 +375,48 @@ fn blocking_client_serves_many_threads_at_once() {
 
     drop(client);
     drop(fakes);
+}
+
+#[tokio::test]
+async fn concurrent_requests_on_one_connection_each_get_their_own_answer() {
+    // Earlier requests stall longer, so the server answers them in reverse order; the
+    // first read of one key stalls past the attempt timeout, and its late answer must not
+    // reach anyone.
+    let stalled_once = std::sync::atomic::AtomicBool::new(false);
+    let fakes = FakeCluster::start(1, move |call: &Call, _: &[String]| {
+        let i: u64 = std::str::from_utf8(&call.key[1..])
+            .unwrap()
+            .parse()
+            .unwrap();
+        if call.method == "get" && i == 7 && !stalled_once.swap(true, Ordering::SeqCst) {
+            return Reply::Stall(Duration::from_millis(400));
+        }
+        Reply::Stall(Duration::from_millis((20 - i) * 5))
+    })
+    .await;
+    let client =
+        Client::connect(config(fakes.addrs()).with_request_timeout(Duration::from_secs(2)))
+            .await
+            .unwrap();
+    let writers = (0..20u64).map(|i| {
+        let c = client.new_session();
+        async move {
+            let key = format!("k{i}");
+            let first = c.put(key.clone(), format!("a{i}")).await;
+            let second = c.put(key.clone(), format!("b{i}")).await;
+            let read = c.get(key).await;
+            (i, first, second, read)
+        }
+    });
+    for (i, first, second, read) in bounded(futures::future::join_all(writers)).await {
+        assert_eq!(first.unwrap(), None, "k{i} was new");
+        assert_eq!(second.unwrap(), Some(Bytes::from(format!("a{i}"))), "k{i}");
+        assert_eq!(read.unwrap(), Some(Bytes::from(format!("b{i}"))), "k{i}");
+    }
+    assert_eq!(fakes.calls_of("put").len(), 40, "no put was retried");
+    assert_eq!(
+        fakes.calls_of("get").len(),
+        21,
+        "the stalled get was retried"
+    );
 }
