@@ -246,10 +246,12 @@ impl Durable {
             batch
         };
         let result = self.wal.sync_blocking().and_then(|()| {
-            // One insert at a time: a sled batch would also take sled's global lock, which
-            // every read then waits on.
-            batch
-                .iter()
+            // In key order, so consecutive inserts land in the same sled leaf. One insert at
+            // a time: a sled batch would also take sled's global lock, which every read then
+            // waits on.
+            let mut ops: Vec<_> = batch.iter().collect();
+            ops.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            ops.into_iter()
                 .try_for_each(|(key, value)| self.set_in_sled(key, value.as_deref()))
         });
         let mut logged = self.logged();
