@@ -217,7 +217,7 @@ impl Node {
     }
 
     /// Ends the streaming calls this server answers (see [`Node::stopped`]).
-    pub fn stop_streams(&self) {
+    pub(crate) fn stop_streams(&self) {
         self.stopping.send_replace(true);
     }
 
