@@ -487,8 +487,6 @@ fn check_input(key: &[u8], value_len: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Wraps a message in a request that tells the server how long the client
-/// will wait (`grpc-timeout`), so it can give up on work nobody awaits.
 /// A pipelined answer as the unary call of its kind would have returned it.
 fn answer<T>(
     reply: Result<tonic::Response<pipeline_response::Result>, tonic::Status>,
@@ -514,6 +512,8 @@ macro_rules! as_variant {
 }
 use as_variant;
 
+/// Wraps a message in a request that tells the server how long the client
+/// will wait (`grpc-timeout`), so it can give up on work nobody awaits.
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.set_timeout(timeout);
