@@ -142,13 +142,14 @@ impl Logged {
     }
 }
 
-/// The applier writes the logged operations to sled once this many have gathered ...
-const APPLY_OPS: usize = 4096;
+/// The applier writes the logged operations to sled once this many keys have gathered ...
+const APPLY_OPS: usize = 65536;
 /// ... or they hold this many bytes ...
 const APPLY_BYTES: usize = 8 << 20;
 /// ... or this long after the last time; and the log's writer does it itself past this size,
-/// so a writer faster than sled cannot grow the map without bound.
-const APPLY_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// so a writer faster than sled cannot grow the map without bound. A key written again
+/// within the window costs sled nothing more, and is read from memory meanwhile.
+const APPLY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const APPLY_INLINE_BYTES: usize = 64 << 20;
 
 fn op_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
