@@ -151,6 +151,8 @@ const APPLY_BYTES: usize = 8 << 20;
 /// within the window costs sled nothing more, and is read from memory meanwhile.
 const APPLY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const APPLY_INLINE_BYTES: usize = 64 << 20;
+/// With `--sync none`, how long a logged write may wait for its `fdatasync`.
+const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn op_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
     key.len() + value.as_ref().map_or(0, Vec::len)
@@ -264,28 +266,39 @@ impl Durable {
         result
     }
 
-    /// The applier: writes logged operations to sled until the store closes.
-    fn run_applier(&self) {
+    /// The applier: writes logged operations to sled until the store closes. With `--sync
+    /// none` it also syncs the log every `SYNC_EVERY` meanwhile, which nothing else does.
+    fn run_applier(&self, sync: SyncMode) {
+        let mut applied_at = std::time::Instant::now();
         let mut logged = self.logged();
         loop {
             if logged.closing || logged.failed.is_some() {
                 return;
             }
-            let due = logged.fresh.len() >= APPLY_OPS || logged.fresh_bytes >= APPLY_BYTES;
+            let due = logged.fresh.len() >= APPLY_OPS
+                || logged.fresh_bytes >= APPLY_BYTES
+                || (!logged.fresh.is_empty() && applied_at.elapsed() >= APPLY_EVERY);
             if !due {
                 let (guard, waited) = self
                     .logged_grew
-                    .wait_timeout(logged, APPLY_EVERY)
+                    .wait_timeout(logged, SYNC_EVERY)
                     .expect("logged operations lock poisoned");
                 logged = guard;
-                if !waited.timed_out() || logged.fresh.is_empty() {
-                    continue;
+                if waited.timed_out() && sync == SyncMode::None && !logged.fresh.is_empty() {
+                    drop(logged);
+                    if let Err(e) = self.wal.sync_blocking() {
+                        tracing::error!(error = %e, "syncing the log failed; no more writes are taken");
+                        self.logged().failed = Some(e.to_string());
+                    }
+                    logged = self.logged();
                 }
+                continue;
             }
             drop(logged);
             if let Err(e) = self.apply_logged() {
                 tracing::error!(error = %e, "writing the log to sled failed; no more writes are taken");
             }
+            applied_at = std::time::Instant::now();
             logged = self.logged();
         }
     }
@@ -458,7 +471,7 @@ impl Store {
             let durable = durable.clone();
             std::thread::Builder::new()
                 .name("sled-applier".into())
-                .spawn(move || durable.run_applier())?
+                .spawn(move || durable.run_applier(sync))?
         };
         Ok(Store {
             durable,
@@ -899,7 +912,7 @@ mod tests {
             .unwrap();
         s.flush_data().await.unwrap();
         let in_sled = |item: &str| s.durable.db.get(data_key(item.as_bytes())).unwrap();
-        let deadline = std::time::Instant::now() + APPLY_EVERY * 50;
+        let deadline = std::time::Instant::now() + APPLY_EVERY * 10;
         while in_sled("b").is_none() {
             assert_eq!(
                 s.get(b"b").unwrap().unwrap().lsn,
