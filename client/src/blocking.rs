@@ -35,6 +35,23 @@ impl std::fmt::Debug for BlockingClient {
     }
 }
 
+/// Blocks SIGPIPE on the calling thread (each of the private runtime's threads). A C or C++
+/// program that hosts this client (the kv739 library) keeps SIGPIPE's default action, which
+/// ends the process, and a write to a connection whose server has just died raises it (HTTP/2
+/// writes use `writev`, which cannot ask for `MSG_NOSIGNAL`). Blocked, the write fails with
+/// `EPIPE` and the request fails over like after any broken connection. The host's own
+/// signal handling is left as it is.
+fn block_sigpipe() {
+    // SAFETY: `set` is a local signal set initialised by `sigemptyset` before use, and
+    // `pthread_sigmask` only changes the calling thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 impl BlockingClient {
     /// Starts the private runtime and builds the client on it (no network
     /// I/O; see [`Client::connect`]).
@@ -43,6 +60,7 @@ impl BlockingClient {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)
             .thread_name("replikv-client")
+            .on_thread_start(block_sigpipe)
             .enable_all()
             .build()
             .map_err(|e| Error::Config(format!("cannot start the client runtime: {e}")))?;
@@ -143,6 +161,32 @@ mod tests {
                 });
             }
         });
+    }
+
+    /// Whether SIGPIPE is blocked on the calling thread.
+    fn sigpipe_blocked() -> bool {
+        // SAFETY: reads the calling thread's mask into a local set.
+        unsafe {
+            let mut mask: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask);
+            libc::sigismember(&mask, libc::SIGPIPE) == 1
+        }
+    }
+
+    /// A C host keeps SIGPIPE's default action (end the process); the client's threads, which
+    /// do its socket writes, must not take it when a server dies under them.
+    #[test]
+    fn the_client_threads_never_take_sigpipe() {
+        assert!(!sigpipe_blocked(), "the test's own thread starts unblocked");
+        let client = BlockingClient::connect(ClientConfig::new(["127.0.0.1:1"])).unwrap();
+        let on_worker = client.runtime.spawn(async { sigpipe_blocked() });
+        let on_blocking = client.runtime.spawn_blocking(sigpipe_blocked);
+        assert!(client.runtime.block_on(on_worker).unwrap(), "worker thread");
+        assert!(
+            client.runtime.block_on(on_blocking).unwrap(),
+            "blocking thread"
+        );
+        assert!(!sigpipe_blocked(), "the caller's thread is left alone");
     }
 
     #[tokio::test]
