@@ -68,6 +68,7 @@ impl Session {
                 client_id: self.client_id,
                 seq,
                 first_unfinished,
+                client_id_hi: 0,
             },
         }
     }

@@ -32,6 +32,7 @@ fn id(client_id: u64, seq: u64, first_unfinished: u64) -> Option<RequestId> {
         client_id,
         seq,
         first_unfinished,
+        client_id_hi: 0,
     })
 }
 

@@ -35,6 +35,7 @@ fn some_id(seq: u64) -> Option<RequestId> {
         client_id: 0xbad1d,
         seq,
         first_unfinished: seq,
+        client_id_hi: 0,
     })
 }
 
