@@ -106,7 +106,7 @@ sweep_memory() {
     done
     for i in 0 1 2; do
         RUST_LOG=warn "$BIN" server --rank "$i" --peers "$peers" --data-dir "$TMP/mem$i" \
-            --sync always >"$TMP/mem$i.log" 2>&1 &
+            --sync always --bootstrap >"$TMP/mem$i.log" 2>&1 &
         PIDS+=("$!")
         pids+=("$!")
     done

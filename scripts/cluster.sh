@@ -101,7 +101,7 @@ launch() {
     # shellcheck disable=SC2086 # REPLIKV_SERVER_ARGS is a list of flags
     RUST_LOG="${RUST_LOG:-info}" nohup "$bin" \
         --rank "$r" --peers "$(cat "$STATE_DIR/peers")" \
-        --data-dir "$STATE_DIR/data-$r" ${REPLIKV_SERVER_ARGS:-} \
+        --data-dir "$STATE_DIR/data-$r" --bootstrap ${REPLIKV_SERVER_ARGS:-} \
         >>"$STATE_DIR/server-$r.log" 2>&1 </dev/null &
     echo $! >"$STATE_DIR/pid-$r"
     echo "rank $r: pid $!, 127.0.0.1:$((BASE_PORT + r)), log $STATE_DIR/server-$r.log"

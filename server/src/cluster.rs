@@ -281,6 +281,24 @@ impl LocalCluster {
         self.spawn(rank)
     }
 
+    /// Replaces the data directory of a stopped server by an empty one, as a lost or
+    /// replaced disk would. Refuses while the server runs.
+    pub fn wipe(&mut self, rank: usize) -> io::Result<()> {
+        if self.is_running(rank) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("server {rank} is running: stop it before wiping its data"),
+            ));
+        }
+        let dir = self.data_dir(rank);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir_all(dir)
+    }
+
     /// Whether the process is alive (paused counts as alive). A server that
     /// exited by itself is reaped here.
     pub fn is_running(&mut self, rank: usize) -> bool {
@@ -429,7 +447,10 @@ impl LocalCluster {
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--sync")
-            .arg(&self.opts.sync);
+            .arg(&self.opts.sync)
+            // Every restart uses the same flags, as a StatefulSet does: --bootstrap forms a
+            // cluster only when no server holds any state (DESIGN.md §10).
+            .arg("--bootstrap");
         if self.opts.fault_injection {
             cmd.arg("--enable-fault-injection");
         }

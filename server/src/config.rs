@@ -61,6 +61,12 @@ pub struct Opt {
     /// A member that has not acknowledged an append for this long is dropped.
     #[arg(long)]
     pub ack_timeout_ms: Option<u64>,
+    /// Form a new cluster (DESIGN.md §10): on rank 0 with an empty data directory, once every
+    /// server of --peers answers that it holds no state either. Safe to leave on: a server
+    /// whose data directory was lost never forms a new cluster while any peer holds the
+    /// cluster's state; it rejoins that cluster instead. Ignored on other ranks.
+    #[arg(long)]
+    pub bootstrap: bool,
     /// Largest key in bytes.
     #[arg(long)]
     pub max_key_bytes: Option<usize>,
@@ -84,6 +90,7 @@ struct FileConfig {
     lease_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
     ack_timeout_ms: Option<u64>,
+    bootstrap: Option<bool>,
     max_key_bytes: Option<usize>,
     max_value_bytes: Option<usize>,
     enable_fault_injection: Option<bool>,
@@ -100,6 +107,8 @@ pub struct Config {
     pub timing: Timing,
     pub limits: Limits,
     pub fault_injection: bool,
+    /// May form a new cluster (see [`Opt::bootstrap`]).
+    pub bootstrap: bool,
 }
 
 /// The protocol's clocks (DESIGN.md §2, §4, §5).
@@ -256,6 +265,7 @@ impl Opt {
             limits,
             fault_injection: self.enable_fault_injection
                 || file.enable_fault_injection.unwrap_or(false),
+            bootstrap: self.bootstrap || file.bootstrap.unwrap_or(false),
         })
     }
 }

@@ -3,7 +3,7 @@
 
 use replikv_proto::{kv, peer};
 
-use crate::types::{Entry, Item, LogState, Record, SyncEntry, View};
+use crate::types::{Entry, Item, LogState, Record, SyncEntry, View, MAX_EPOCH};
 
 impl From<&View> for kv::View {
     fn from(v: &View) -> kv::View {
@@ -15,11 +15,12 @@ impl From<&View> for kv::View {
     }
 }
 
-/// A view from the wire; `None` when absent or malformed (no epoch, primary not a member,
-/// a rank outside the peer list of `n` servers).
+/// A view from the wire; `None` when absent or malformed (no epoch or one past
+/// [`MAX_EPOCH`], primary not a member, a rank outside the peer list of `n` servers).
 pub fn view_from(v: Option<&kv::View>, n: usize) -> Option<View> {
     let v = v?;
     let valid = v.epoch > 0
+        && v.epoch <= MAX_EPOCH
         && v.members.contains(&v.primary)
         && v.members.iter().all(|&m| (m as usize) < n);
     valid.then(|| View::new(v.epoch, v.primary, v.members.iter().copied()))

@@ -1,6 +1,8 @@
 //! replikv replica: a fully replicated primary-backup key-value server (see DESIGN.md).
 //!
 //! - [`config`]: flags / TOML config, validated into [`config::Config`].
+//! - [`identity`]: the cluster id, and what a data directory stores about its cluster.
+//! - [`clock`]: the boot clock leases are measured on (it keeps running through a suspend).
 //! - [`error`]: error enums and their single mapping to `tonic::Status`.
 //! - [`types`]: views and the quorum rule, records, entries: pure domain logic.
 //! - [`session`]: exactly-once session table (pure).
@@ -16,11 +18,13 @@
 //! - [`service`]: the gRPC services (Kv, Peer, Admin).
 //! - [`cluster`]: [`cluster::LocalCluster`], N real server processes on loopback for tests and tools.
 
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod fault;
+pub mod identity;
 pub mod network;
 pub mod node;
 pub mod replicate;
@@ -48,8 +52,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long a shutdown waits for open calls to finish.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Exit status of a server that stopped itself (fail-stop): a storage failure or a panic.
+pub const FAIL_STOP_EXIT: i32 = 70;
+
 /// Runs a server with the given options until SIGTERM / Ctrl-C.
 pub async fn serve(opt: Opt) -> Result<(), BoxError> {
+    fail_stop_on_panic();
     let config = opt.resolve()?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -66,12 +74,15 @@ pub async fn run(
     let store = storage::Store::open(&config.data_dir, config.sync)
         .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
     let faults = Arc::new(fault::Faults::default());
+    let identity = Arc::new(identity::Identity::default());
     let net = Arc::new(network::GrpcNetwork::new(
         config.rank,
         &config.peers,
         faults.clone(),
+        identity.clone(),
     )?);
-    let node = node::Node::open(config.clone(), store, net, faults)?;
+    let node = node::Node::open(config.clone(), store, net, faults, identity)
+        .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
     let limits = config.limits;
     let addr = listener.local_addr()?;
     info!(rank = config.rank, %addr, peers = ?config.peers, sync = config.sync.as_str(), "replikv server starting");
@@ -126,6 +137,18 @@ pub async fn run(
     info!("shutting down");
     node.store.flush_data().await.ok();
     Ok(())
+}
+
+/// A panic anywhere in the server stops the process (DESIGN.md §10, fail-stop): tokio would
+/// otherwise end only the task that panicked, and the server would go on serving without its
+/// sequencer, replicator, monitor or flusher. The default hook prints the panic first.
+pub fn fail_stop_on_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        tracing::error!(panic = %info, "a server task panicked: stopping (fail-stop)");
+        std::process::exit(FAIL_STOP_EXIT);
+    }));
 }
 
 /// Completes on SIGTERM or Ctrl-C.

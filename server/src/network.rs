@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Streaming};
 
 use crate::fault::{Action, Faults};
+use crate::identity::{Identity, CLUSTER_HEADER};
 use crate::types::Rank;
 
 /// Metadata header naming the calling server's rank on every peer request.
@@ -100,11 +101,17 @@ pub struct GrpcNetwork {
     me: Rank,
     channels: Vec<Channel>,
     faults: Arc<Faults>,
+    identity: Arc<Identity>,
 }
 
 impl GrpcNetwork {
     /// Must be called inside a tokio runtime (lazy channels spawn their connection tasks).
-    pub fn new(me: Rank, peers: &[String], faults: Arc<Faults>) -> Result<GrpcNetwork, String> {
+    pub fn new(
+        me: Rank,
+        peers: &[String],
+        faults: Arc<Faults>,
+        identity: Arc<Identity>,
+    ) -> Result<GrpcNetwork, String> {
         let channels = peers
             .iter()
             .map(|p| {
@@ -125,6 +132,7 @@ impl GrpcNetwork {
             me,
             channels,
             faults,
+            identity,
         })
     }
 
@@ -141,8 +149,7 @@ impl GrpcNetwork {
     fn request<T>(&self, msg: T, timeout: Duration) -> Request<T> {
         let mut r = Request::new(msg);
         r.set_timeout(timeout);
-        r.metadata_mut()
-            .insert(FROM_HEADER, MetadataValue::from(self.me));
+        identify(&mut r, self.me, &self.identity);
         r
     }
 
@@ -160,6 +167,17 @@ impl GrpcNetwork {
                 .map_err(NetError::Status)
         })
         .await
+    }
+}
+
+/// Names the sender and, once it has one, its cluster (DESIGN.md §10) on a peer request.
+fn identify<T>(r: &mut Request<T>, me: Rank, identity: &Identity) {
+    r.metadata_mut()
+        .insert(FROM_HEADER, MetadataValue::from(me));
+    if let Some(id) = identity.get() {
+        if let Ok(v) = MetadataValue::try_from(id.to_string()) {
+            r.metadata_mut().insert(CLUSTER_HEADER, v);
+        }
     }
 }
 
@@ -213,6 +231,7 @@ impl PeerNetwork for GrpcNetwork {
             me: self.me,
             client: self.client(to)?,
             faults: self.faults.clone(),
+            identity: self.identity.clone(),
             stream: None,
         }))
     }
@@ -297,6 +316,7 @@ struct GrpcAppendLink {
     me: Rank,
     client: PeerClient<Channel>,
     faults: Arc<Faults>,
+    identity: Arc<Identity>,
     /// The open call: where requests go and responses come from.
     stream: Option<(mpsc::Sender<AppendRequest>, Streaming<AppendResponse>)>,
 }
@@ -315,8 +335,7 @@ impl GrpcAppendLink {
                 tx.send(req).await.map_err(|_| closed())?;
                 // No deadline on the call itself: it lasts the whole term.
                 let mut open = Request::new(ReceiverStream::new(rx));
-                open.metadata_mut()
-                    .insert(FROM_HEADER, MetadataValue::from(self.me));
+                identify(&mut open, self.me, &self.identity);
                 let responses = self
                     .client
                     .append(open)

@@ -14,15 +14,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use replikv_proto::kv::RequestId;
-use replikv_proto::peer::{self, AppendRequest, AppendResponse, AppendStatus};
+use replikv_proto::peer::{self, AppendRequest, AppendResponse, AppendStatus, DiscoverResponse};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::clock::BootInstant;
 use crate::config::Config;
 use crate::convert::{record_from_pb, view_from};
 use crate::error::{status_outcome, PrimaryHint, ServeError, StorageError};
 use crate::fault::Faults;
+use crate::identity::{ClusterId, Identity, Membership};
 use crate::network::{NetError, PeerNetwork};
 use crate::session::{Decision, Recorded, Session, WriteResult};
 use crate::storage::{Accepted, Position, Promise, Store};
@@ -76,8 +78,9 @@ pub(crate) struct WriteOp {
 pub(crate) struct Progress {
     /// Highest lsn the member acknowledged.
     pub acked: u64,
-    /// Send time of the latest message the member acknowledged (the primary's lease).
-    pub ack_sent_at: Option<Instant>,
+    /// Send time of the latest message the member acknowledged (the primary's lease), on
+    /// the boot clock (`clock`).
+    pub ack_sent_at: Option<BootInstant>,
     /// Send time of the latest message sent to it (bounds the lease it may hold).
     pub last_send: Option<Instant>,
 }
@@ -86,7 +89,7 @@ pub(crate) struct Progress {
 pub(crate) struct PrimaryState {
     pub epoch: u64,
     /// When this server took the role for this view.
-    pub since: Instant,
+    pub since: BootInstant,
     /// A new primary waits out every lease of the previous view before serving (§5 step 5).
     pub serve_after: Instant,
     /// A removed member's lease must run out before anything commits without it.
@@ -105,7 +108,7 @@ pub(crate) struct PrimaryState {
 pub(crate) struct StreamMark {
     pub epoch: u64,
     pub msg_seq: u64,
-    pub answered_at: Instant,
+    pub answered_at: BootInstant,
 }
 
 pub(crate) struct State {
@@ -118,7 +121,8 @@ pub(crate) struct State {
     pub promise: Promise,
     pub accepted: Option<Accepted>,
     pub pos: Position,
-    pub lease_until: Option<Instant>,
+    /// End of the read lease the primary granted, on the boot clock (`clock`).
+    pub lease_until: Option<BootInstant>,
     /// When this server last heard from its view's primary (appends, installs).
     pub last_heard: Instant,
     pub stream: Option<StreamMark>,
@@ -126,6 +130,9 @@ pub(crate) struct State {
     pub term: u64,
     /// Ranks the primary is already trying to drop.
     pub dropping: Vec<Rank>,
+    /// `Some(e)` while this server is amnesiac (see [`Membership::amnesiac_until`]): it lost
+    /// its state, so it neither votes nor proposes until installed in a view newer than `e`.
+    pub amnesiac_until: Option<u64>,
 }
 
 pub struct Node {
@@ -135,6 +142,11 @@ pub struct Node {
     pub(crate) store: Store,
     pub(crate) net: Arc<dyn PeerNetwork>,
     pub(crate) faults: Arc<Faults>,
+    /// This server's cluster id, once known (DESIGN.md §10); the network sends it on every call.
+    pub(crate) identity: Arc<Identity>,
+    /// Held while Paxos state is written, so that writes reach the disk in the order the
+    /// state changed (each writes the latest view, promise and accepted proposal).
+    paxos_io: tokio::sync::Mutex<()>,
     /// See the module doc: short sections only, never held across an await.
     pub(crate) state: Mutex<State>,
     pub(crate) data: tokio::sync::Mutex<()>,
@@ -165,14 +177,28 @@ impl Node {
         store: Store,
         net: Arc<dyn PeerNetwork>,
         faults: Arc<Faults>,
+        identity: Arc<Identity>,
     ) -> Result<Arc<Node>, StorageError> {
         let meta = store.load_meta()?;
         let n = cfg.peers.len();
         let me = cfg.rank;
-        let (view, member) = match meta.view {
-            Some(v) => (v, false),
-            None => (View::initial(n), true),
+        // Every server restarts as a non-member and becomes one again only through an
+        // install (§7); one without state first finds its cluster (`boot`).
+        let (view, amnesiac_until) = match (meta.cluster, meta.view) {
+            (Some(m), view) => {
+                identity.set(m.cluster);
+                (view.unwrap_or_else(View::bootstrap), m.amnesiac_until)
+            }
+            (None, None) => (View::bootstrap(), None),
+            (None, Some(_)) => {
+                return Err(StorageError::Corrupt(
+                    "the data directory holds a view but no cluster id (m/cluster); \
+                     wipe it and let the server rejoin"
+                        .into(),
+                ))
+            }
         };
+        let member = false;
         let (write_tx, write_rx) = mpsc::channel(MAX_WRITES_IN_FLIGHT);
         let (commit_tx, _) = watch::channel(CommitPoint {
             committed: meta.position.committed,
@@ -197,6 +223,7 @@ impl Node {
                 primary: None,
                 term: 0,
                 dropping: Vec::new(),
+                amnesiac_until,
             }),
             data: tokio::sync::Mutex::new(()),
             proposing: tokio::sync::Mutex::new(()),
@@ -210,6 +237,8 @@ impl Node {
             write_rx: Mutex::new(Some(write_rx)),
             write_permits: Arc::new(Semaphore::new(MAX_WRITES_IN_FLIGHT)),
             max_ballot: max_ballot.into(),
+            identity,
+            paxos_io: tokio::sync::Mutex::new(()),
             stopping: watch::channel(false).0,
             cfg,
         };
@@ -233,32 +262,11 @@ impl Node {
         self.state.lock().expect("replica state lock poisoned")
     }
 
-    /// Starts the background tasks: the sequencer and the monitor (silence detection,
-    /// revival). A fresh server first asks its peers whether the cluster already moved on.
+    /// Starts the background tasks: the sequencer, the flusher and the monitor (silence
+    /// detection, revival). A server without state first finds its cluster or forms one.
     pub async fn boot(self: &Arc<Self>) {
-        let fresh = self.st().member;
-        if fresh && self.cluster_has_history().await {
-            info!("fresh data directory but the cluster has history: joining as a new member");
-            self.st().member = false;
-        }
-        let fresh_primary = {
-            let st = self.st();
-            st.member && st.view.primary == self.me
-        };
-        if fresh_primary {
-            let view = self.st().view.clone();
-            self.store
-                .save_paxos(Some(&view), None, None)
-                .await
-                .or_fail_stop(self);
-            // Nobody held a lease in a brand-new cluster: serve at once.
-            self.become_primary(&view, Instant::now(), Instant::now(), true);
-        } else if fresh {
-            let view = self.st().view.clone();
-            self.store
-                .save_paxos(Some(&view), None, None)
-                .await
-                .or_fail_stop(self);
+        if self.identity.get().is_none() {
+            self.find_cluster().await;
         }
         let rx = self.write_rx.lock().expect("write rx lock").take();
         if let Some(rx) = rx {
@@ -268,18 +276,161 @@ impl Node {
         tokio::spawn(self.clone().monitor());
     }
 
-    /// Whether any reachable peer reports a view past the initial one or any data.
-    async fn cluster_has_history(&self) -> bool {
-        let replies = self.discover_all().await;
-        replies
+    /// A server without state (new, or its data directory lost) asks its peers until it can
+    /// either join the cluster one of them belongs to, or (rank 0 with `--bootstrap` only)
+    /// form a new cluster because every peer answered that it holds no state either
+    /// (DESIGN.md §10). An empty data directory alone never means "new cluster": the peers
+    /// that hold the data may simply not be up yet.
+    async fn find_cluster(self: &Arc<Self>) {
+        let started = Instant::now();
+        let mut next_log = started + Duration::from_secs(5);
+        loop {
+            let replies = self.discover_all().await;
+            let ids: std::collections::BTreeSet<ClusterId> = replies
+                .iter()
+                .filter_map(|r| r.cluster_id.parse().ok())
+                .collect();
+            if ids.len() > 1 {
+                error!(ids = ?ids, "peers belong to different clusters; joining none of them");
+            } else if let Some(&id) = ids.first() {
+                self.adopt_cluster(id, &replies).await;
+                return;
+            } else if self.me == 0 && self.cfg.bootstrap && replies.len() + 1 == self.n {
+                self.form_cluster().await;
+                return;
+            }
+            if Instant::now() >= next_log {
+                next_log = Instant::now() + Duration::from_secs(5);
+                info!(
+                    answered = replies.len(),
+                    peers = self.n - 1,
+                    waited_s = started.elapsed().as_secs(),
+                    "no state here and no cluster found yet: waiting for a peer that holds \
+                     the cluster's state{}",
+                    if self.me == 0 && self.cfg.bootstrap {
+                        ", or for every peer to answer to form a new cluster"
+                    } else if self.me == 0 {
+                        " (start with --bootstrap to form a new cluster)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Bootstrap: a new cluster whose first view is rank 0 alone; the other servers join it
+    /// through state transfers, as any server without state does. The id and the view are
+    /// one log batch, so a crash leaves either both or neither.
+    async fn form_cluster(self: &Arc<Self>) {
+        let id = match ClusterId::generate() {
+            Ok(id) => id,
+            Err(e) => self.fail_stop(StorageError::Corrupt(format!(
+                "no randomness for a cluster id: {e}"
+            ))),
+        };
+        let view = View::bootstrap();
+        let membership = Membership {
+            cluster: id,
+            amnesiac_until: None,
+        };
+        self.store
+            .save_membership(&membership, Some(&view))
+            .await
+            .or_fail_stop(self);
+        self.identity.set(id);
+        info!(cluster = %id, "formed a new cluster: every peer answered that it holds no state");
+        let now = Instant::now();
+        // Nobody held a lease in a brand-new cluster: serve at once.
+        self.become_primary(&view, now, now, &Default::default());
+    }
+
+    /// Joins the cluster `id` with no state: amnesiac until a state transfer and an install
+    /// make this server a member of a view newer than anything it may have voted in.
+    async fn adopt_cluster(self: &Arc<Self>, id: ClusterId, replies: &[DiscoverResponse]) {
+        let ours: Vec<&DiscoverResponse> = replies
             .iter()
-            .any(|r| r.view.as_ref().is_some_and(|v| v.epoch > 1) || r.applied > 0)
+            .filter(|r| r.cluster_id.parse() == Ok(id))
+            .collect();
+        let newest = ours
+            .iter()
+            .filter_map(|r| self.peer_view(r.view.as_ref()))
+            .max_by_key(|v| v.epoch);
+        let heard = ours
+            .iter()
+            .map(|r| r.promised.max(r.view.as_ref().map_or(0, |v| v.epoch)))
+            .max()
+            .unwrap_or(0);
+        let membership = Membership {
+            cluster: id,
+            amnesiac_until: Some(heard),
+        };
+        let view = {
+            let mut st = self.st();
+            if let Some(v) = newest {
+                st.view = v;
+            }
+            st.member = false;
+            st.amnesiac_until = Some(heard);
+            st.view.clone()
+        };
+        self.note_ballot(heard);
+        self.store
+            .save_membership(&membership, Some(&view))
+            .await
+            .or_fail_stop(self);
+        self.identity.set(id);
+        info!(cluster = %id, epoch = view.epoch, heard, "no state here: joining the existing cluster through a state transfer");
+    }
+
+    /// Persists the current view, promise and accepted proposal, in the order they changed:
+    /// call after changing them and before any reply that depends on them (DESIGN.md §10).
+    pub(crate) async fn persist_paxos(&self) {
+        let _io = self.paxos_io.lock().await;
+        let (view, promise, accepted) = {
+            let st = self.st();
+            (st.view.clone(), st.promise, st.accepted.clone())
+        };
+        self.store
+            .save_paxos(Some(&view), Some(promise), Some(accepted.as_ref()))
+            .await
+            .or_fail_stop(self);
+    }
+
+    /// An install made this server a synced member of `view`: an amnesiac server votes
+    /// again once that view is newer than anything it heard of when it lost its state.
+    pub(crate) async fn end_amnesia_if_past(&self, view: &View) {
+        let ended = {
+            let mut st = self.st();
+            match st.amnesiac_until {
+                Some(e) if view.epoch > e && st.member && st.view.epoch == view.epoch => {
+                    st.amnesiac_until = None;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if let (true, Some(id)) = (ended, self.identity.get()) {
+            let m = Membership {
+                cluster: id,
+                amnesiac_until: None,
+            };
+            self.store
+                .save_membership(&m, None)
+                .await
+                .or_fail_stop(self);
+            info!(
+                epoch = view.epoch,
+                "rejoined through a state transfer: voting again"
+            );
+        }
     }
 
     /// Storage failed: stop serving rather than acknowledge what may not be durable (§3).
     pub(crate) fn fail_stop(&self, e: StorageError) -> ! {
         error!(error = %e, "storage failure: stopping (fail-stop)");
-        std::process::exit(70);
+        std::process::exit(crate::FAIL_STOP_EXIT);
     }
 }
 
@@ -335,12 +486,14 @@ impl Node {
     // ---------------------------------------------------------------- primary role
 
     /// Takes the primary role for `view` with everything up to `applied` on every member.
+    /// Members in `synced` hold everything applied (their install succeeded); the others
+    /// count as having acknowledged nothing in this view (DESIGN.md §10).
     pub(crate) fn become_primary(
         self: &Arc<Self>,
         view: &View,
         serve_after: Instant,
         commit_after: Instant,
-        all_synced: bool,
+        synced: &std::collections::BTreeSet<Rank>,
     ) {
         let mut st = self.st();
         let applied = st.pos.applied;
@@ -350,13 +503,18 @@ impl Node {
             peers.insert(
                 m,
                 Progress {
-                    acked: if all_synced { applied } else { 0 },
+                    acked: if synced.contains(&m) { applied } else { 0 },
                     ..Default::default()
                 },
             );
             let (tx, rx) = mpsc::unbounded_channel();
             feeds.push(tx);
-            tokio::spawn(self.clone().replicate_to(m, view.epoch, rx, applied));
+            tokio::spawn(self.clone().replicate_to(
+                m,
+                view.epoch,
+                rx,
+                (applied, st.pos.last_epoch),
+            ));
         }
         st.view = view.clone();
         st.member = true;
@@ -365,7 +523,7 @@ impl Node {
         st.dropping.clear();
         st.primary = Some(PrimaryState {
             epoch: view.epoch,
-            since: Instant::now(),
+            since: BootInstant::now(),
             serve_after,
             commit_after,
             durable: applied,
@@ -421,15 +579,16 @@ impl Node {
 
     /// Remaining lease of the primary: until `min over members (send time of the latest
     /// message it acked) + L`, and only once the new-primary wait is over (§4, §5).
-    pub(crate) fn primary_lease(&self, st: &State, now: Instant) -> Option<Duration> {
+    pub(crate) fn primary_lease(&self, st: &State) -> Option<Duration> {
         let p = st.primary.as_ref()?;
-        if now < p.serve_after {
+        if Instant::now() < p.serve_after {
             return None;
         }
-        let mut until: Option<Instant> = None;
+        let now = BootInstant::now();
+        let mut until: Option<BootInstant> = None;
         for m in st.view.backups() {
             let t = p.peers.get(&m)?.ack_sent_at? + self.cfg.timing.lease;
-            until = Some(until.map_or(t, |u: Instant| u.min(t)));
+            until = Some(until.map_or(t, |u: BootInstant| u.min(t)));
         }
         match until {
             None => Some(self.cfg.timing.lease), // a single-member view needs no lease
@@ -439,11 +598,11 @@ impl Node {
     }
 
     /// Whether this server may answer reads now.
-    pub(crate) fn can_read(&self, st: &State, now: Instant) -> bool {
+    pub(crate) fn can_read(&self, st: &State) -> bool {
         if st.primary.is_some() {
-            self.primary_lease(st, now).is_some()
+            self.primary_lease(st).is_some()
         } else {
-            st.member && st.lease_until.is_some_and(|u| u > now)
+            st.member && st.lease_until.is_some_and(|u| u > BootInstant::now())
         }
     }
 
@@ -750,7 +909,7 @@ impl Node {
 
     fn check_read(&self) -> Result<(), ServeError> {
         let st = self.st();
-        if self.can_read(&st, Instant::now()) {
+        if self.can_read(&st) {
             Ok(())
         } else {
             let reason = if !st.member {
@@ -795,29 +954,29 @@ impl Node {
             }
             st.last_heard = Instant::now();
         }
-        let records: Vec<Record> = req.records.into_iter().map(record_from_pb).collect();
-        let _guard = if records.is_empty() {
+        let fresh: Vec<Record> = req.records.into_iter().map(record_from_pb).collect();
+        let _guard = if fresh.is_empty() {
             None
         } else {
             Some(self.data.lock().await)
         };
-        let applied = {
+        let (applied, last_epoch) = {
             let st = self.st();
             if let Some(s) = check(&st) {
                 return reject(&st, s);
             }
-            st.pos.applied
+            (st.pos.applied, st.pos.last_epoch)
         };
-        let fresh: Vec<Record> = records.into_iter().filter(|r| r.lsn > applied).collect();
-        let contiguous = match fresh.first() {
-            Some(r) => r.lsn == applied + 1 && fresh.windows(2).all(|w| w[1].lsn == w[0].lsn + 1),
-            None => applied >= req.prev_lsn,
-        };
-        if !contiguous {
+        // History check (§10): the message continues exactly the record this member holds
+        // last, same lsn and same epoch; a member with another history there (a wiped disk,
+        // a deposed primary's tail) answers GAP and is re-synced, never patched over.
+        if !continues(applied, last_epoch, req.prev_lsn, req.prev_epoch, &fresh) {
             let st = self.st();
             warn!(
                 applied,
+                last_epoch,
                 prev_lsn = req.prev_lsn,
+                prev_epoch = req.prev_epoch,
                 "append does not continue this member's log"
             );
             return reject(&st, AppendStatus::Gap);
@@ -848,6 +1007,7 @@ impl Node {
         let new_committed = st.pos.committed.max(req.committed.min(st.pos.applied));
         st.pos.committed = new_committed;
         let now = Instant::now();
+        let answered_at = BootInstant::now();
         if let Some(mark) = st.stream {
             if mark.epoch == req.epoch && req.msg_seq == mark.msg_seq + 1 && req.lease_ms > 0 {
                 let grant = Duration::from_millis(req.lease_ms).min(self.cfg.timing.lease);
@@ -857,7 +1017,7 @@ impl Node {
         st.stream = Some(StreamMark {
             epoch: req.epoch,
             msg_seq: req.msg_seq,
-            answered_at: now,
+            answered_at,
         });
         st.last_heard = now;
         self.publish_commit(&st);
@@ -891,19 +1051,17 @@ impl Node {
             }
         };
         if adopted {
-            self.store
-                .save_paxos(Some(&view), None, None)
-                .await
-                .or_fail_stop(self);
+            self.persist_paxos().await;
         }
     }
 
     /// Replica state for `Status`.
     pub fn status(&self) -> replikv_proto::kv::StatusResponse {
-        let now = Instant::now();
         let st = self.st();
         let role = if st.primary.is_some() {
             "primary"
+        } else if st.amnesiac_until.is_some() && !st.member {
+            "amnesiac"
         } else if !st.member {
             if st.view.is_member(self.me) {
                 "recovering"
@@ -914,11 +1072,11 @@ impl Node {
             "backup"
         };
         let lease = if st.primary.is_some() {
-            self.primary_lease(&st, now)
+            self.primary_lease(&st)
         } else {
             st.lease_until
                 .filter(|_| st.member)
-                .and_then(|u| u.checked_duration_since(now))
+                .and_then(|u| u.checked_duration_since(BootInstant::now()))
         };
         let peers = self
             .cfg
@@ -956,12 +1114,67 @@ impl Node {
                 .load(std::sync::atomic::Ordering::Relaxed),
             promised: st.promise.ballot,
             sync_mode: self.cfg.sync.as_str().into(),
-            serving: self.can_read(&st, now),
+            serving: self.can_read(&st),
         }
     }
 
     /// Decodes a peer's view, ignoring malformed ones.
     pub(crate) fn peer_view(&self, v: Option<&replikv_proto::kv::View>) -> Option<View> {
         view_from(v, self.n)
+    }
+}
+
+/// Whether an append message continues this member's log (DESIGN.md §4, §10): the member
+/// holds exactly the record at `prev_lsn` with epoch `prev_epoch` as its last, and the
+/// message's records follow it without a gap.
+pub(crate) fn continues(
+    applied: u64,
+    last_epoch: u64,
+    prev_lsn: u64,
+    prev_epoch: u64,
+    records: &[Record],
+) -> bool {
+    applied == prev_lsn
+        && last_epoch == prev_epoch
+        && records
+            .first()
+            .is_none_or(|r| Some(r.lsn) == applied.checked_add(1))
+        && records
+            .windows(2)
+            .all(|w| Some(w[1].lsn) == w[0].lsn.checked_add(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(lsn: u64, epoch: u64) -> Record {
+        Record {
+            lsn,
+            epoch,
+            items: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_append_continues_only_the_same_history() {
+        assert!(continues(0, 0, 0, 0, &[rec(1, 1), rec(2, 1)]));
+        assert!(continues(5, 2, 5, 2, &[]), "a heartbeat at the same point");
+        assert!(continues(5, 2, 5, 2, &[rec(6, 3)]));
+        assert!(
+            !continues(5, 2, 5, 3, &[rec(6, 3)]),
+            "same lsn, other epoch"
+        );
+        assert!(!continues(0, 0, 5, 2, &[]), "a wiped member is behind");
+        assert!(!continues(7, 2, 5, 2, &[rec(6, 2)]), "a member ahead");
+        assert!(!continues(5, 2, 5, 2, &[rec(7, 2)]), "a gap");
+        assert!(
+            !continues(5, 2, 5, 2, &[rec(6, 2), rec(8, 2)]),
+            "a gap inside"
+        );
+        assert!(
+            !continues(u64::MAX, 1, u64::MAX, 1, &[rec(0, 1)]),
+            "no overflow"
+        );
     }
 }

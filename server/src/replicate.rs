@@ -11,9 +11,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::clock::BootInstant;
 use crate::convert::record_to_pb;
 use crate::node::Node;
-use crate::types::{Rank, Record};
+use crate::types::{Rank, Record, MAX_EPOCH};
 use crate::viewchange::Reason;
 
 /// Most records in one append message.
@@ -40,15 +41,17 @@ fn take(
 }
 
 impl Node {
-    /// Streams records to `to` for the primary term `epoch`, starting after `prev` (the lsn the
-    /// member is known to hold). Ends when the term ends or the member fails.
+    /// Streams records to `to` for the primary term `epoch`, starting after `start` (the lsn
+    /// and epoch of the last record the member is known to hold). Ends when the term ends or
+    /// the member fails.
     pub(crate) async fn replicate_to(
         self: Arc<Self>,
         to: Rank,
         epoch: u64,
         mut feed: mpsc::UnboundedReceiver<Arc<[Record]>>,
-        mut prev: u64,
+        start: (u64, u64),
     ) {
+        let (mut prev, mut prev_epoch) = start;
         let mut msg_seq = 0u64;
         let mut commits = self.commit_tx.subscribe();
         let mut queue: std::collections::VecDeque<Record> = Default::default();
@@ -91,10 +94,7 @@ impl Node {
                     Some(p) if p.epoch == epoch && st.view.is_member(to) => {}
                     _ => return,
                 }
-                let now = Instant::now();
-                let lease = self
-                    .primary_lease(&st, now)
-                    .map_or(0, |d| d.as_millis() as u64);
+                let lease = self.primary_lease(&st).map_or(0, |d| d.as_millis() as u64);
                 (st.pos.committed, lease)
             };
             if closed && queue.is_empty() {
@@ -117,9 +117,12 @@ impl Node {
                 bytes += size;
                 records.push(record_to_pb(&queue.pop_front().expect("front exists")));
             }
-            let last = records.last().map_or(prev, |r| r.lsn);
+            let (last, last_epoch) = records
+                .last()
+                .map_or((prev, prev_epoch), |r| (r.lsn, r.epoch));
             msg_seq += 1;
             let sent_at = Instant::now();
+            let sent_boot = BootInstant::now();
             {
                 let mut st = self.st();
                 if let Some(p) = st.primary.as_mut() {
@@ -136,12 +139,13 @@ impl Node {
                 committed: committed.min(last),
                 lease_ms,
                 prev_lsn: prev,
+                prev_epoch,
             };
             sent_committed = committed;
             let res = link.call(req, self.cfg.timing.ack_timeout).await;
             match res {
                 Ok(r) if r.status == AppendStatus::Ok as i32 => {
-                    prev = last;
+                    (prev, prev_epoch) = (last, last_epoch);
                     let mut st = self.st();
                     let Some(p) = st.primary.as_mut() else { return };
                     if p.epoch != epoch {
@@ -149,7 +153,7 @@ impl Node {
                     }
                     if let Some(pr) = p.peers.get_mut(&to) {
                         pr.acked = pr.acked.max(last);
-                        pr.ack_sent_at = Some(sent_at);
+                        pr.ack_sent_at = Some(sent_boot);
                     }
                     self.advance_commit(&mut st);
                 }
@@ -200,8 +204,12 @@ impl Node {
         });
     }
 
+    /// Remembers the highest ballot seen, so this server's next proposal beats it; a ballot
+    /// past [`MAX_EPOCH`] is a forgery and is ignored.
     pub(crate) fn note_ballot(&self, ballot: u64) {
-        self.max_ballot
-            .fetch_max(ballot, std::sync::atomic::Ordering::Relaxed);
+        if ballot <= MAX_EPOCH {
+            self.max_ballot
+                .fetch_max(ballot, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }

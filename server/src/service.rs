@@ -19,6 +19,7 @@ use tracing::{info, instrument};
 use crate::config::Limits;
 use crate::error::{PrimaryHint, ServeError};
 use crate::fault::Action;
+use crate::identity::CLUSTER_HEADER;
 use crate::network::FROM_HEADER;
 use crate::node::{Node, WriteReq};
 
@@ -163,9 +164,40 @@ impl PeerService {
         PeerService { node, limits }
     }
 
-    /// Incoming fault rules for a request from the peer named in its metadata. Returns the
-    /// action still to apply after handling (a lost response).
+    /// Refuses a request that does not name this server's cluster (DESIGN.md §10): servers of
+    /// different clusters never exchange data or votes, and a server without state takes
+    /// part in nothing until it has found its cluster. Discover is the exception: it is how
+    /// a server without state finds its cluster, and it reveals no data.
+    fn check_cluster<T>(&self, req: &Request<T>, discover: bool) -> Result<(), Status> {
+        let theirs = req
+            .metadata()
+            .get(CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if self.node.identity.matches(theirs) {
+            return Ok(());
+        }
+        let ours = self.node.identity.get();
+        if discover && (theirs.is_none() || ours.is_none()) {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(match ours {
+            None => "this server holds no state and has not found its cluster yet".to_string(),
+            Some(ours) => format!(
+                "cluster mismatch: this server belongs to cluster {ours}, the request names {}",
+                theirs.unwrap_or("none")
+            ),
+        }))
+    }
+
+    /// Checks the request's cluster, then applies the incoming fault rules for a request
+    /// from the peer named in its metadata. Returns the action still to apply after handling
+    /// (a lost response).
     async fn incoming<T>(&self, req: &Request<T>) -> Result<Option<Action>, Status> {
+        self.check_cluster(req, false)?;
+        self.faults_in(req).await
+    }
+
+    async fn faults_in<T>(&self, req: &Request<T>) -> Result<Option<Action>, Status> {
         match sender(req).and_then(|from| self.node.faults.incoming(from)) {
             Some(Action::Drop) => {
                 tokio::time::sleep(LOST_REQUEST_WAIT).await;
@@ -204,7 +236,11 @@ impl Peer for PeerService {
     async fn forward(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
         let after = self.incoming(&req).await?;
         let r = req.into_inner();
+        // The same limits as a client's Put: a forward is no way around them.
         check_key(&r.key, &self.limits).map_err(ServeError::into_status)?;
+        if let Some(v) = &r.value {
+            check_value(v, &self.limits).map_err(ServeError::into_status)?;
+        }
         // Only the primary sequences; a forwarded write is never forwarded again.
         let res = self
             .node
@@ -236,6 +272,7 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<AppendRequest>>,
     ) -> Result<Response<AppendStream>, Status> {
+        self.check_cluster(&req, false)?;
         let from = sender(&req);
         let state = (self.node.clone(), req.into_inner());
         let responses = futures::stream::unfold(state, move |(node, mut requests)| async move {
@@ -311,7 +348,8 @@ impl Peer for PeerService {
         &self,
         req: Request<DiscoverRequest>,
     ) -> Result<Response<DiscoverResponse>, Status> {
-        let after = self.incoming(&req).await?;
+        self.check_cluster(&req, true)?;
+        let after = self.faults_in(&req).await?;
         let r = self.node.on_discover();
         self.finish(after, r).await
     }
@@ -347,11 +385,16 @@ impl Admin for AdminService {
         if r.fail_storage {
             self.node.store.inject_flush_failure();
         }
+        if r.panic_task {
+            // A background task dies: the server must stop, not serve on without it (§10).
+            tokio::spawn(async { panic!("injected panic in a background task") });
+        }
         let rules = self.node.faults.len() as u32;
         info!(
             rules,
             heal = r.heal,
             fail_storage = r.fail_storage,
+            panic_task = r.panic_task,
             "fault rules changed"
         );
         Ok(Response::new(FaultResponse { rules }))

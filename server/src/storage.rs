@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::SyncMode;
 use crate::error::StorageError;
+use crate::identity::Membership;
 use crate::types::{Entry, Rank, Record, SyncEntry, View};
 use crate::wal::{Op, Wal};
 
@@ -37,6 +38,7 @@ const VIEW: &[u8] = b"m/view";
 const PROMISE: &[u8] = b"m/promise";
 const ACCEPTED: &[u8] = b"m/accepted";
 const POSITION: &[u8] = b"m/position";
+const CLUSTER: &[u8] = b"m/cluster";
 
 /// The highest ballot this acceptor promised, and to whom.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +70,8 @@ pub struct Meta {
     pub promise: Promise,
     pub accepted: Option<Accepted>,
     pub position: Position,
+    /// The cluster this data directory belongs to; `None` for a directory with no state.
+    pub cluster: Option<Membership>,
 }
 
 /// The lsn index (DESIGN.md §3's `l/` range, kept in memory and rebuilt from the entries at
@@ -502,6 +506,9 @@ impl Store {
         if let Some(pos) = self.staged().position {
             m.position = pos;
         }
+        if let Some(v) = self.durable.get(CLUSTER)? {
+            m.cluster = Some(unjson(&v, "cluster")?);
+        }
         Ok(m)
     }
 
@@ -636,6 +643,27 @@ impl Store {
         }
         if let Some(a) = accepted {
             ops.push(set(ACCEPTED, a.map(json)));
+        }
+        self.durable.log(ops)?;
+        self.flush_always().await
+    }
+
+    /// Persists the cluster membership, and with it `view` when given, durably (whatever
+    /// the sync mode) and atomically: one log batch.
+    pub async fn save_membership(
+        &self,
+        m: &Membership,
+        view: Option<&View>,
+    ) -> Result<(), StorageError> {
+        let mut ops = vec![Op {
+            key: CLUSTER.to_vec(),
+            value: Some(json(m)),
+        }];
+        if let Some(v) = view {
+            ops.push(Op {
+                key: VIEW.to_vec(),
+                value: Some(json(v)),
+            });
         }
         self.durable.log(ops)?;
         self.flush_always().await

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::clock::BootInstant;
 use crate::convert::{sync_entry_from_pb, sync_entry_to_pb};
 use crate::node::{Node, OrFailStop};
 use crate::storage::Position;
@@ -61,6 +62,13 @@ impl Node {
                 chunk.entries.into_iter().map(sync_entry_from_pb).collect();
             received += entries.len();
             if chunk.done {
+                if chunk.applied < since {
+                    // Never take a state that lacks what this server knows to be committed.
+                    return Err(format!(
+                        "rank {source} holds up to lsn {}, short of this server's committed {since}",
+                        chunk.applied
+                    ));
+                }
                 let pos = Position {
                     applied: chunk.applied,
                     committed: chunk.committed.min(chunk.applied),
@@ -102,6 +110,18 @@ impl Node {
                 return Err(tonic::Status::failed_precondition(
                     "only the primary serves state transfers",
                 ));
+            }
+            if st.amnesiac_until.is_some() && !st.member {
+                return Err(tonic::Status::failed_precondition(
+                    "this server lost its state and has not rejoined yet",
+                ));
+            }
+            // A transfer never lowers the receiver's committed prefix (§10).
+            if st.pos.applied < req.since {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "this server holds up to lsn {}, short of the receiver's committed {}",
+                    st.pos.applied, req.since
+                )));
             }
             st.pos
         };
@@ -205,12 +225,20 @@ impl Node {
             promised: st.promise.ballot,
             applied: st.pos.applied,
             recovering: !st.member,
+            cluster_id: self
+                .identity
+                .get()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            amnesiac: st.amnesiac_until.is_some(),
         }
     }
 
     /// Asks every peer for its view (the classic "who is primary, with which timestamp").
+    /// Once this server knows its cluster, only answers of servers of that cluster count.
     pub(crate) async fn discover_all(&self) -> Vec<DiscoverResponse> {
         let peers = (0..self.n as Rank).filter(|&r| r != self.me);
+        let ours = self.identity.get();
         join_all(peers.map(|r| {
             self.net
                 .discover(r, DiscoverRequest { from: self.me }, DISCOVER_TIMEOUT)
@@ -218,6 +246,7 @@ impl Node {
         .await
         .into_iter()
         .filter_map(Result::ok)
+        .filter(|r| ours.is_none_or(|id| r.cluster_id == id.to_string()))
         .collect()
     }
 
@@ -235,6 +264,7 @@ impl Node {
                 let stuck: Vec<(Rank, u64)> = match &st.primary {
                     Some(p) => {
                         let limit = self.cfg.timing.lease_guard() * 2;
+                        let now = BootInstant::now();
                         st.view
                             .backups()
                             .filter(|m| {
@@ -250,7 +280,7 @@ impl Node {
                     }
                     None => Vec::new(),
                 };
-                let in_view = st.view.is_member(self.me);
+                let in_view = st.view.is_member(self.me) && st.amnesiac_until.is_none();
                 let distance = (self.me as usize + self.n - st.view.primary as usize) % self.n;
                 let stagger = Duration::from_millis(150 * distance as u64);
                 let silent = now > st.last_heard + self.cfg.timing.lease_guard() + stagger;
@@ -304,8 +334,15 @@ impl Node {
     /// anyone else catches up from that view's primary and asks it to join.
     async fn rejoin(self: &Arc<Self>) -> Result<(), String> {
         self.adopt_newer_view().await;
-        let view = self.st().view.clone();
+        let (view, amnesiac) = {
+            let st = self.st();
+            (st.view.clone(), st.amnesiac_until.is_some())
+        };
         if view.primary == self.me {
+            if amnesiac {
+                // It lost its state: another member must take over, then this server joins.
+                return Err("the view names this server primary, but its state is lost".into());
+            }
             return self.change_view(Reason::Restart).await.map(|_| ());
         }
         let primary = view.primary;

@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 /// A server's index in the static peer list.
 pub type Rank = u32;
 
+/// Highest epoch or ballot a server accepts (DESIGN.md §10). A ballot grows by one per view
+/// change attempt, so no real cluster comes near it; a forged one near `u64::MAX` is refused,
+/// and arithmetic on epochs never overflows.
+pub const MAX_EPOCH: u64 = 1 << 56;
+
 /// `{epoch, primary, members}`: who is primary and who receives every write. `epoch` only
 /// grows; a higher epoch always wins. The classic dead set is every rank not in `members`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,9 +35,11 @@ impl View {
         }
     }
 
-    /// The view a fresh cluster boots into: epoch 1, rank 0 primary, everyone a member.
-    pub fn initial(n: usize) -> View {
-        View::new(1, 0, 0..n as Rank)
+    /// The view a new cluster is formed with (DESIGN.md §10): epoch 1, rank 0 its only
+    /// member. Every other server joins through a state transfer, like any server without
+    /// state, so a cluster never depends on a half-distributed bootstrap.
+    pub fn bootstrap() -> View {
+        View::new(1, 0, [0])
     }
 
     pub fn is_member(&self, rank: Rank) -> bool {

@@ -20,7 +20,7 @@ use crate::convert::view_from;
 use crate::network::NetResult;
 use crate::node::{Node, OrFailStop};
 use crate::storage::{Accepted, Promise};
-use crate::types::{most_advanced, LogState, Rank, View};
+use crate::types::{most_advanced, LogState, Rank, View, MAX_EPOCH};
 
 const PREPARE_TIMEOUT: Duration = Duration::from_millis(400);
 /// A member's install includes a state transfer from the primary, usually small (members
@@ -132,6 +132,9 @@ impl Node {
                 }
             }
             Reason::TakeOver => {
+                if st.amnesiac_until.is_some() {
+                    return Err("this server lost its state and has not rejoined yet".into());
+                }
                 if st.primary.is_some() || !st.view.is_member(self.me) {
                     return Err("not a backup of the current view".into());
                 }
@@ -140,6 +143,9 @@ impl Node {
                 }
             }
             Reason::Restart => {
+                if st.amnesiac_until.is_some() {
+                    return Err("this server lost its state and has not rejoined yet".into());
+                }
                 if st.view.primary != self.me || st.primary.is_some() {
                     return Err("not a restarted primary".into());
                 }
@@ -163,7 +169,9 @@ impl Node {
                 .max_ballot
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .max(from.epoch)
-                + 1;
+                .checked_add(1)
+                .filter(|&b| b <= MAX_EPOCH)
+                .ok_or("the ballots are exhausted")?;
             self.note_ballot(ballot);
             info!(
                 ?reason,
@@ -300,7 +308,7 @@ impl Node {
     pub async fn on_prepare(self: &Arc<Self>, req: PrepareRequest) -> PrepareResponse {
         let now = Instant::now();
         let from = view_from(req.view.as_ref(), self.n);
-        let (resp, persist) = {
+        let resp = {
             let mut st = self.st();
             let refuse = |st: &crate::node::State, reason: &str| PrepareResponse {
                 promised: false,
@@ -315,6 +323,13 @@ impl Node {
             let Some(from) = from else {
                 return refuse(&st, "malformed view");
             };
+            if st.amnesiac_until.is_some() {
+                // It forgot what it promised and accepted: its vote could undo a decision.
+                return refuse(&st, "this server lost its state and has not rejoined yet");
+            }
+            if req.ballot > MAX_EPOCH {
+                return refuse(&st, "ballot out of range");
+            }
             if from.epoch < st.view.epoch {
                 return refuse(&st, "a newer view exists");
             }
@@ -356,7 +371,7 @@ impl Node {
                     ballot: a.ballot,
                     view: Some((&a.view).into()),
                 });
-            let resp = PrepareResponse {
+            PrepareResponse {
                 promised: true,
                 view: Some((&st.view).into()),
                 promised_ballot: req.ballot,
@@ -365,14 +380,10 @@ impl Node {
                 committed: st.pos.committed,
                 last_epoch: st.pos.last_epoch,
                 reason: String::new(),
-            };
-            (resp, (st.view.clone(), st.promise))
+            }
         };
         self.note_ballot(req.ballot);
-        self.store
-            .save_paxos(Some(&persist.0), Some(persist.1), None)
-            .await
-            .or_fail_stop(self);
+        self.persist_paxos().await;
         resp
     }
 
@@ -389,11 +400,12 @@ impl Node {
                 view: Some((&st.view).into()),
             };
         };
-        let saved = {
+        {
             let mut st = self.st();
             // An equal ballot promised to another proposer is not ours to accept.
             let promised_other = req.ballot == st.promise.ballot && st.promise.to != req.proposer;
-            if from.epoch < st.view.epoch
+            if st.amnesiac_until.is_some()
+                || from.epoch < st.view.epoch
                 || req.ballot < st.promise.ballot
                 || promised_other
                 || view.epoch != req.ballot
@@ -413,13 +425,9 @@ impl Node {
                 from_epoch: from.epoch,
                 view,
             };
-            st.accepted = Some(a.clone());
-            (st.promise, a)
-        };
-        self.store
-            .save_paxos(None, Some(saved.0), Some(Some(&saved.1)))
-            .await
-            .or_fail_stop(self);
+            st.accepted = Some(a);
+        }
+        self.persist_paxos().await;
         AcceptResponse {
             accepted: true,
             promised_ballot: req.ballot,
@@ -468,27 +476,33 @@ impl Node {
             st.stream = None;
             (was_primary, commit_after, last_send)
         };
-        self.store
-            .save_paxos(Some(&view), None, Some(None))
-            .await
-            .or_fail_stop(self);
+        self.persist_paxos().await;
 
-        // Take the most advanced state among the members (and this server).
-        let mine = {
+        // Take the most advanced state among the members (and this server, unless it lost
+        // its state: then it must take a member's state whatever its own looks like).
+        let (mine, amnesiac) = {
             let st = self.st();
-            LogState {
+            let mine = LogState {
                 rank: self.me,
                 applied: st.pos.applied,
                 committed: st.pos.committed,
                 last_epoch: st.pos.last_epoch,
-            }
+            };
+            (mine, st.amnesiac_until.is_some())
         };
         let mut all: Vec<LogState> = states
             .into_iter()
             .filter(|s| view.is_member(s.rank) && s.rank != self.me)
             .collect();
-        all.push(mine);
-        if let Some(best) = most_advanced(&all, self.me) {
+        if !amnesiac {
+            all.push(mine);
+        }
+        let best = most_advanced(&all, self.me);
+        if amnesiac && best.is_none() {
+            drop(guard);
+            return Err("this server lost its state and no member's state is known".into());
+        }
+        if let Some(best) = best {
             if best.rank != self.me {
                 info!(source = best.rank, "taking the most advanced member state");
                 if let Err(e) = self.sync_from(best.rank, view.epoch).await {
@@ -558,18 +572,12 @@ impl Node {
                 return Err("superseded during install".into());
             }
         }
-        self.become_primary(&view, serve_after, commit_after, true);
-        if !failed.is_empty() {
-            let mut st = self.st();
-            if let Some(p) = st.primary.as_mut() {
-                for f in &failed {
-                    if let Some(pr) = p.peers.get_mut(f) {
-                        pr.acked = 0;
-                    }
-                }
-            }
-        }
+        // A member whose install failed holds nothing of this view: it must not count as
+        // having acknowledged anything (§10), or a write could commit without it.
+        let synced = view.backups().filter(|m| !failed.contains(m)).collect();
+        self.become_primary(&view, serve_after, commit_after, &synced);
         drop(guard);
+        self.end_amnesia_if_past(&view).await;
         for f in failed {
             self.member_failed(f, view.epoch);
         }
@@ -625,30 +633,32 @@ impl Node {
             st.accepted = None;
             st.last_heard = Instant::now();
         }
-        self.store
-            .save_paxos(Some(&view), None, Some(None))
-            .await
-            .or_fail_stop(self);
+        self.persist_paxos().await;
         if let Err(e) = self.sync_from(view.primary, view.epoch).await {
             return refuse(self, format!("state transfer from the primary failed: {e}"));
         }
-        let mut st = self.st();
-        if st.view.epoch != view.epoch {
-            drop(st);
+        let installed = {
+            let mut st = self.st();
+            (st.view.epoch == view.epoch).then(|| {
+                st.member = true;
+                st.last_heard = Instant::now();
+                self.publish_commit(&st);
+                st.pos.applied
+            })
+        };
+        let Some(applied) = installed else {
             return refuse(self, "superseded during install".into());
-        }
-        st.member = true;
-        st.last_heard = Instant::now();
-        self.publish_commit(&st);
+        };
         info!(
             epoch = view.epoch,
             primary = view.primary,
-            applied = st.pos.applied,
+            applied,
             "installed view as backup"
         );
+        self.end_amnesia_if_past(&view).await;
         InstallResponse {
             ok: true,
-            applied: st.pos.applied,
+            applied,
             reason: String::new(),
             view: None,
         }

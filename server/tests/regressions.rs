@@ -45,6 +45,7 @@ async fn set_faults(cluster: &LocalCluster, rank: usize, rules: Vec<FaultRule>, 
             rules,
             heal,
             fail_storage: false,
+            panic_task: false,
         })
         .await
         .expect("fault rules accepted");
