@@ -25,10 +25,7 @@ async fn start_cluster() -> LocalCluster {
         ..Default::default()
     })
     .expect("start the servers (is replikv-server built?)");
-    cluster
-        .wait_for_primary(STEP)
-        .await
-        .expect("the cluster elects a primary");
+    cluster.wait_ready(STEP).await.expect("every server serves");
     cluster
 }
 

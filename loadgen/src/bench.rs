@@ -256,7 +256,7 @@ async fn run_with(
             })
             .map_err(BenchError::Spawn)?;
             let (primary, _) = tokio::select! {
-                ready = spawned.wait_for_primary(SPAWN_READY_TIMEOUT) => {
+                ready = spawned.wait_ready(SPAWN_READY_TIMEOUT) => {
                     ready.map_err(BenchError::NoPrimary)?
                 }
                 _ = live.stopped() => return Err(BenchError::Interrupted),

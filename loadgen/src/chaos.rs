@@ -232,7 +232,7 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let (base, made_base) = base_dir(args, "chaos")?;
     let mut cluster = start_cluster(args, &base)?;
-    let (primary, _) = cluster.wait_for_primary(FIRST_PRIMARY).await?;
+    let (primary, _) = cluster.wait_ready(FIRST_PRIMARY).await?;
     let addrs = cluster.addrs();
     println!(
         "chaos: {} servers ({}), primary {primary}, {} clients on {} keys, {} run, faults {:?}, seed {seed}",

@@ -138,7 +138,7 @@ impl LocalCluster {
     /// Picks `opts.servers` free loopback ports and spawns one server per rank.
     ///
     /// Returns once every process has been spawned, not once the cluster
-    /// serves: use [`LocalCluster::wait_for_primary`] for that.
+    /// serves: use [`LocalCluster::wait_ready`] for that.
     pub fn start(opts: ClusterOptions) -> io::Result<Self> {
         if opts.servers == 0 {
             return Err(io::Error::new(
@@ -369,6 +369,17 @@ impl LocalCluster {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    /// Waits until a new cluster has formed: every running server serves as a member of one
+    /// view (the first view is rank 0 alone; the others join it, DESIGN.md §10). Returns the
+    /// primary, as [`LocalCluster::wait_for_primary`] does. Call it after
+    /// [`LocalCluster::start`] before anything that relies on every server holding the data.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(usize, StatusResponse), String> {
+        let deadline = Instant::now() + timeout;
+        self.wait_converged(timeout).await?;
+        self.wait_for_primary(deadline.saturating_duration_since(Instant::now()))
+            .await
     }
 
     /// Waits until every running, unpaused server answers, serves, is in the

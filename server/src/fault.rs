@@ -17,14 +17,68 @@ pub enum Action {
     DropResponse,
 }
 
+/// A step of a view change or state transfer where a test can have a server crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Proposer: a quorum promised, the accepts are not sent yet.
+    Prepared,
+    /// Acceptor: the promise is persisted, the reply not sent.
+    Promised,
+    /// Acceptor: the accepted proposal is persisted, the reply not sent.
+    Accepted,
+    /// Proposer: a quorum accepted, the install is not sent yet.
+    Decided,
+    /// New primary: it holds the most advanced state, the members are not installed yet.
+    Reconciled,
+    /// Member: the install's state transfer is done, the reply not sent.
+    Installed,
+    /// Source: a state transfer has started and is not finished.
+    Transferring,
+}
+
+impl std::str::FromStr for CrashPoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CrashPoint, String> {
+        Ok(match s {
+            "prepared" => CrashPoint::Prepared,
+            "promised" => CrashPoint::Promised,
+            "accepted" => CrashPoint::Accepted,
+            "decided" => CrashPoint::Decided,
+            "reconciled" => CrashPoint::Reconciled,
+            "installed" => CrashPoint::Installed,
+            "transferring" => CrashPoint::Transferring,
+            other => return Err(format!("unknown crash point {other:?}")),
+        })
+    }
+}
+
 /// The active rules. Read on every peer message, written only by the admin RPC.
 #[derive(Default)]
 pub struct Faults {
     /// `std::sync::RwLock`: held for a scan of a few rules, never across an await.
     rules: RwLock<Vec<FaultRule>>,
+    /// Where this server is to crash next, if anywhere. `std::sync::Mutex`: one read or
+    /// write, never across an await.
+    crash_at: std::sync::Mutex<Option<CrashPoint>>,
 }
 
 impl Faults {
+    /// Arms (or with `None` disarms) a crash at `point`.
+    pub fn crash_at(&self, point: Option<CrashPoint>) {
+        *self.crash_at.lock().expect("crash point lock") = point;
+    }
+
+    /// Kills this process with SIGKILL, as a crash would, if a crash is armed at `point`.
+    pub fn crash_point(&self, point: CrashPoint) {
+        if *self.crash_at.lock().expect("crash point lock") == Some(point) {
+            tracing::warn!(?point, "crashing here (fault injection)");
+            // SAFETY: kill(2) on this process's own pid with a valid signal number.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+
     pub fn set(&self, rules: Vec<FaultRule>) {
         *self.rules.write().expect("fault rules lock") = rules;
     }

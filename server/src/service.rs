@@ -18,7 +18,7 @@ use tracing::{info, instrument};
 
 use crate::config::Limits;
 use crate::error::{PrimaryHint, ServeError};
-use crate::fault::Action;
+use crate::fault::{Action, CrashPoint};
 use crate::identity::CLUSTER_HEADER;
 use crate::network::FROM_HEADER;
 use crate::node::{Node, WriteReq};
@@ -377,6 +377,14 @@ impl Admin for AdminService {
                 )));
             }
         }
+        let crash_at = match r.crash_at.as_str() {
+            "" => None,
+            name => Some(
+                name.parse::<CrashPoint>()
+                    .map_err(Status::invalid_argument)?,
+            ),
+        };
+        self.node.faults.crash_at(crash_at);
         if r.heal {
             self.node.faults.set(Vec::new());
         } else {
@@ -395,6 +403,7 @@ impl Admin for AdminService {
             heal = r.heal,
             fail_storage = r.fail_storage,
             panic_task = r.panic_task,
+            crash_at = r.crash_at,
             "fault rules changed"
         );
         Ok(Response::new(FaultResponse { rules }))

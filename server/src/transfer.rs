@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::clock::BootInstant;
 use crate::convert::{sync_entry_from_pb, sync_entry_to_pb};
+use crate::fault::CrashPoint;
 use crate::node::{Node, OrFailStop};
 use crate::storage::Position;
 use crate::types::{Rank, SyncEntry};
@@ -174,6 +175,7 @@ impl Node {
                     return;
                 }
             }
+            node.faults.crash_point(CrashPoint::Transferring);
             send(SyncChunk {
                 entries,
                 done: true,

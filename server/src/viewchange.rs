@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::convert::view_from;
+use crate::fault::CrashPoint;
 use crate::network::NetResult;
 use crate::node::{Node, OrFailStop};
 use crate::storage::{Accepted, Promise};
@@ -235,6 +236,7 @@ impl Node {
                 warn!(ballot, promisers = ?promisers, last_err, "no quorum of promises");
                 continue;
             }
+            self.faults.crash_point(CrashPoint::Prepared);
 
             // Phase 2: accept. An accepted proposal must be re-proposed (Paxos), else ours.
             let view = match best {
@@ -284,6 +286,7 @@ impl Node {
             }
 
             // Decided. Its primary installs it everywhere and reconciles (step 4).
+            self.faults.crash_point(CrashPoint::Decided);
             info!(epoch = view.epoch, primary = view.primary, members = ?view.members, "view decided");
             if view.primary == self.me {
                 self.install_as_primary(view.clone(), from, states).await?;
@@ -384,6 +387,7 @@ impl Node {
         };
         self.note_ballot(req.ballot);
         self.persist_paxos().await;
+        self.faults.crash_point(CrashPoint::Promised);
         resp
     }
 
@@ -428,6 +432,7 @@ impl Node {
             st.accepted = Some(a);
         }
         self.persist_paxos().await;
+        self.faults.crash_point(CrashPoint::Accepted);
         AcceptResponse {
             accepted: true,
             promised_ballot: req.ballot,
@@ -517,6 +522,7 @@ impl Node {
         // member, but it may only commit once the lease gates allow (`advance_commit`).
         self.st().member = true;
         self.store.flush_data().await.or_fail_stop(self);
+        self.faults.crash_point(CrashPoint::Reconciled);
 
         // Every other member syncs from this server while writes are paused.
         let req = InstallRequest {
@@ -649,6 +655,7 @@ impl Node {
         let Some(applied) = installed else {
             return refuse(self, "superseded during install".into());
         };
+        self.faults.crash_point(CrashPoint::Installed);
         info!(
             epoch = view.epoch,
             primary = view.primary,

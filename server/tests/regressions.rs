@@ -6,49 +6,23 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use replikv_proto::kv::StatusResponse;
-use replikv_proto::peer::admin_client::AdminClient;
 use replikv_proto::peer::{FaultDirection, FaultKind, FaultRequest, FaultRule};
-use replikv_server::cluster::{ClusterOptions, LocalCluster};
+use replikv_server::cluster::LocalCluster;
 use tokio::time::Instant;
 
 use common::*;
 
-/// Starts 3 servers with the fault-injection admin service and waits until they serve;
-/// returns the cluster, the primary's rank and its status.
-async fn start_with_faults(extra_args: &[&str]) -> (LocalCluster, usize, StatusResponse) {
-    let cluster = LocalCluster::start(ClusterOptions {
-        servers: 3,
-        fault_injection: true,
-        extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-        command: Some(server_command()),
-        ..ClusterOptions::default()
-    })
-    .expect("start the cluster");
-    cluster
-        .wait_converged(BOOT_TIMEOUT)
-        .await
-        .expect("cluster serves");
-    let (primary, status) = cluster
-        .wait_for_primary(BOOT_TIMEOUT)
-        .await
-        .expect("a primary");
-    (cluster, primary, status)
-}
-
 async fn set_faults(cluster: &LocalCluster, rank: usize, rules: Vec<FaultRule>, heal: bool) {
-    let mut admin = AdminClient::connect(format!("http://{}", cluster.addr(rank)))
-        .await
-        .expect("admin service reachable");
-    admin
-        .fault(FaultRequest {
+    admin(
+        cluster,
+        rank,
+        FaultRequest {
             rules,
             heal,
-            fail_storage: false,
-            panic_task: false,
-        })
-        .await
-        .expect("fault rules accepted");
+            ..Default::default()
+        },
+    )
+    .await;
 }
 
 /// Finding F1 (stale read after a view change): the install that drops a member used to

@@ -119,7 +119,7 @@ pub async fn run(args: &ChaosArgs, m: &MeasureArgs) -> Result<bool, BoxError> {
     std::fs::create_dir_all(&m.out_dir)?;
     let (base, made_base) = base_dir(args, "measure")?;
     let mut cluster = start_cluster(args, &base)?;
-    cluster.wait_for_primary(CONVERGE).await?;
+    cluster.wait_ready(CONVERGE).await?;
     let admin = Admin::new(&cluster.addrs())?;
     for &scenario in &m.scenarios {
         let name = scenario_name(scenario);

@@ -16,6 +16,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use replikv_client::{Client, ClientConfig, Error, Route};
 use replikv_proto::kv::StatusResponse;
+use replikv_proto::peer::admin_client::AdminClient;
+use replikv_proto::peer::FaultRequest;
 use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
 
 /// Upper bound on any one test, cluster start-up included.
@@ -83,6 +85,32 @@ pub async fn start_healthy(servers: usize, extra_args: &[&str]) -> (LocalCluster
         .await
         .expect("a primary after start");
     (cluster, primary)
+}
+
+/// Starts 3 servers with the fault-injection admin service and waits until they serve;
+/// returns the cluster, the primary's rank and its status.
+pub async fn start_with_faults(extra_args: &[&str]) -> (LocalCluster, usize, StatusResponse) {
+    let cluster = LocalCluster::start(ClusterOptions {
+        servers: 3,
+        fault_injection: true,
+        extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        command: Some(server_command()),
+        ..ClusterOptions::default()
+    })
+    .expect("start the cluster");
+    let (primary, status) = cluster
+        .wait_ready(BOOT_TIMEOUT)
+        .await
+        .expect("cluster serves");
+    (cluster, primary, status)
+}
+
+/// Sends one fault-injection request to `rank`, which must accept it.
+pub async fn admin(cluster: &LocalCluster, rank: usize, req: FaultRequest) {
+    let mut admin = AdminClient::connect(format!("http://{}", cluster.addr(rank)))
+        .await
+        .expect("admin service reachable");
+    admin.fault(req).await.expect("fault request accepted");
 }
 
 /// A client of the whole cluster (random routing, as the classic client).

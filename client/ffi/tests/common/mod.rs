@@ -39,7 +39,10 @@ impl Fixture {
         })
         .expect("start the local cluster");
         let fixture = Fixture { cluster, rt };
-        fixture.wait_for_primary();
+        fixture
+            .rt
+            .block_on(fixture.cluster.wait_ready(PRIMARY_TIMEOUT))
+            .unwrap_or_else(|e| panic!("{e}"));
         fixture
     }
 
