@@ -23,7 +23,7 @@ use crate::config::ClientConfig;
 use crate::error::{AttemptFailure, Error, Next};
 use crate::pipe::Pipe;
 use crate::routing::{OpKind, Plan, Router};
-use crate::session::Session;
+use crate::session::{random_session_id, Session};
 
 /// Room left in a gRPC message for everything but the key and value.
 const ENVELOPE_BYTES: usize = 4096;
@@ -107,7 +107,10 @@ impl Client {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES))
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let client_id = config.client_id.unwrap_or_else(random_client_id);
+        let client_id = match config.client_id {
+            Some(id) => id,
+            None => session_id()?,
+        };
         let transport = Arc::new(Transport {
             router: Router::new(config.route, servers.len()),
             servers,
@@ -118,7 +121,7 @@ impl Client {
         Ok(Client::with_session(transport, client_id))
     }
 
-    fn with_session(transport: Arc<Transport>, client_id: u64) -> Client {
+    fn with_session(transport: Arc<Transport>, client_id: u128) -> Client {
         Client {
             inner: Arc::new(Inner {
                 transport,
@@ -129,12 +132,16 @@ impl Client {
         }
     }
 
-    /// Another client with a write session of its own (a fresh random client id) that
-    /// shares this one's connections and what it learned of the primary. Many independent
-    /// writers can so share a few HTTP/2 connections, whose frames the connection then
-    /// batches into fewer system calls than one connection per writer would take.
-    pub fn new_session(&self) -> Client {
-        Client::with_session(self.inner.transport.clone(), random_client_id())
+    /// Another client with a write session of its own (a fresh session id from the
+    /// operating system) that shares this one's connections and what it learned of the
+    /// primary. Many independent writers can so share a few HTTP/2 connections, whose
+    /// frames the connection then batches into fewer system calls than one connection per
+    /// writer would take. Fails only if the operating system gives no random bytes.
+    pub fn new_session(&self) -> Result<Client, Error> {
+        Ok(Client::with_session(
+            self.inner.transport.clone(),
+            session_id()?,
+        ))
     }
 
     /// Reads `key`: `None` when it is absent.
@@ -290,8 +297,8 @@ impl Client {
         &self.inner.servers
     }
 
-    /// This client's session id.
-    pub fn client_id(&self) -> u64 {
+    /// This client's session id (128 bits; see [`ClientConfig::client_id`]).
+    pub fn client_id(&self) -> u128 {
         self.inner.session.client_id()
     }
 
@@ -512,21 +519,21 @@ macro_rules! as_variant {
 }
 use as_variant;
 
+/// A fresh session id, or why the operating system could not give one.
+fn session_id() -> Result<u128, Error> {
+    random_session_id().map_err(|e| {
+        Error::Config(format!(
+            "the operating system gave no random bytes for a session id: {e}"
+        ))
+    })
+}
+
 /// Wraps a message in a request that tells the server how long the client
 /// will wait (`grpc-timeout`), so it can give up on work nobody awaits.
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.set_timeout(timeout);
     req
-}
-
-fn random_client_id() -> u64 {
-    loop {
-        let id = rand::random::<u64>();
-        if id != 0 {
-            return id;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -548,13 +555,6 @@ mod tests {
             check_input(b"k", usize::MAX),
             Err(Error::InvalidArgument(_))
         ));
-    }
-
-    #[test]
-    fn random_client_ids_are_non_zero_and_differ() {
-        let a = random_client_id();
-        let b = random_client_id();
-        assert!(a != 0 && b != 0 && a != b);
     }
 
     #[tokio::test]
@@ -580,7 +580,7 @@ mod tests {
         let client = Client::connect(ClientConfig::new(["127.0.0.1:1"]).with_client_id(9))
             .await
             .unwrap();
-        let other = client.new_session();
+        let other = client.new_session().unwrap();
         assert_eq!(other.servers(), client.servers());
         assert!(Arc::ptr_eq(&other.inner.transport, &client.inner.transport));
         assert_ne!(other.client_id(), 9);

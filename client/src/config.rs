@@ -35,10 +35,15 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Which server a request tries first.
     pub route: Route,
-    /// Session id for exactly-once writes; `None` picks a random non-zero id.
-    /// Two live clients must never share an id: the servers would take one's
-    /// writes for retries of the other's.
-    pub client_id: Option<u64>,
+    /// Session id for exactly-once writes (128 bits: `client_id_hi:client_id`
+    /// on the wire). `None`, the default and the only safe choice outside
+    /// tests, draws a fresh id from the operating system for every session.
+    /// Two live sessions must never share an id: the servers would take one's
+    /// writes for retries of the other's and answer them with the other's
+    /// recorded results. A fixed id is used by the session built from this
+    /// configuration only; [`crate::Client::new_session`] and a
+    /// [`crate::BlockingClient`] rebuilt after `fork` draw fresh ones.
+    pub client_id: Option<u128>,
 }
 
 /// Default [`ClientConfig::request_timeout`].
@@ -85,8 +90,8 @@ impl ClientConfig {
         self
     }
 
-    /// Sets [`ClientConfig::client_id`].
-    pub fn with_client_id(mut self, client_id: u64) -> Self {
+    /// Sets [`ClientConfig::client_id`] (for tests that need a known id).
+    pub fn with_client_id(mut self, client_id: u128) -> Self {
         self.client_id = Some(client_id);
         self
     }
@@ -103,10 +108,13 @@ impl ClientConfig {
                 return Err(Error::Config(format!("{name} must be positive")));
             }
         }
-        if self.client_id == Some(0) {
-            // 0 is what an unset proto3 field reads as, so it cannot name a
-            // session.
-            return Err(Error::Config("client id must be non-zero".into()));
+        if self.client_id.is_some_and(|id| id as u64 == 0) {
+            // 0 is what an unset proto3 field reads as: a server that reads only
+            // the low half (`client_id`) would take the writes for writes without
+            // a session.
+            return Err(Error::Config(
+                "client id must have non-zero low 64 bits".into(),
+            ));
         }
         parse_servers(&self.servers)
     }
@@ -242,5 +250,7 @@ mod tests {
             .validate()
             .is_err());
         assert!(ok.clone().with_client_id(0).validate().is_err());
+        assert!(ok.clone().with_client_id(1 << 64).validate().is_err());
+        assert!(ok.clone().with_client_id((1 << 64) | 1).validate().is_ok());
     }
 }

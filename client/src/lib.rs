@@ -4,12 +4,15 @@
 //! - [`error`]: [`Error`], and how a failed attempt is classified (retry or
 //!   not, may it have been applied, primary redirect).
 //! - `backoff`: jittered exponential backoff between attempts.
-//! - `session`: request ids for exactly-once writes (`seq`, `first_unfinished`).
+//! - `session`: session ids (128 bits from the operating system, drawn per
+//!   session, so no two processes or forked children share one) and request
+//!   ids for exactly-once writes (`seq`, `first_unfinished`).
 //! - `routing`: which server an attempt goes to (random order, known
 //!   primary, latency averages).
 //! - [`client`]: the async [`Client`]: one lazy channel per server and the
 //!   retry loop (DESIGN.md §6).
-//! - [`blocking`]: [`BlockingClient`], the same API behind a private runtime.
+//! - [`blocking`]: [`BlockingClient`], the same API behind a private runtime;
+//!   usable after `fork` (a child's first call builds a client of its own).
 //! - [`cli`]: the `replikv` command (`get`, `put`, `delete`, `status`).
 //!
 //! ```no_run

@@ -134,8 +134,8 @@ async fn sessions_sharing_connections_keep_exactly_once_ids_of_their_own() {
     let first = Client::connect(ClientConfig::new(cluster.addrs()).with_client_id(7))
         .await
         .unwrap();
-    let sessions: Vec<Client> = (0..8).map(|_| first.new_session()).collect();
-    let mut ids: Vec<u64> = sessions.iter().map(Client::client_id).collect();
+    let sessions: Vec<Client> = (0..8).map(|_| first.new_session().unwrap()).collect();
+    let mut ids: Vec<u128> = sessions.iter().map(Client::client_id).collect();
     ids.push(first.client_id());
     ids.sort_unstable();
     ids.dedup();

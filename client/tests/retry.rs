@@ -56,7 +56,11 @@ async fn a_refused_write_moves_to_another_server_with_the_same_request_id() {
     let id = puts[0].id.expect("writes carry a request id");
     assert_eq!(puts[1].id, Some(id), "the retry reuses the request id");
     assert_eq!(
-        (id.client_id, id.seq, id.first_unfinished),
+        (
+            (u128::from(id.client_id_hi) << 64) | u128::from(id.client_id),
+            id.seq,
+            id.first_unfinished
+        ),
         (client.client_id(), 1, 1)
     );
     assert!(
@@ -399,7 +403,7 @@ async fn concurrent_requests_on_one_connection_each_get_their_own_answer() {
             .await
             .unwrap();
     let writers = (0..20u64).map(|i| {
-        let c = client.new_session();
+        let c = client.new_session().unwrap();
         async move {
             let key = format!("k{i}");
             let first = c.put(key.clone(), format!("a{i}")).await;

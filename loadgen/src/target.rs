@@ -184,19 +184,19 @@ impl Target {
         let mut targets =
             futures::future::try_join_all((0..first).map(|_| Target::connect(opts))).await?;
         for i in first..sessions {
-            let shared = targets[i % first].new_session();
+            let shared = targets[i % first].new_session()?;
             targets.push(shared);
         }
         Ok(targets)
     }
 
     /// Another session over this one's connections.
-    fn new_session(&self) -> Target {
-        match self {
-            Target::Replikv(client) => Target::Replikv(client.new_session()),
+    fn new_session(&self) -> Result<Target, TargetError> {
+        Ok(match self {
+            Target::Replikv(client) => Target::Replikv(client.new_session()?),
             Target::Etcd(etcd) => Target::Etcd(etcd.new_session()),
             Target::Redis(_) => unreachable!("Redis sessions never share a connection"),
-        }
+        })
     }
 
     /// Reads `key`; `None` when it is absent.
@@ -266,7 +266,7 @@ mod tests {
         for conns in [0, 1, 2, 9] {
             let targets = Target::connect_many(&opts, 5, conns).await.unwrap();
             assert_eq!(targets.len(), 5);
-            let mut ids: Vec<u64> = targets
+            let mut ids: Vec<u128> = targets
                 .iter()
                 .map(|t| match t {
                     Target::Replikv(c) => c.client_id(),

@@ -6,6 +6,11 @@
  * (KV739_TIMEOUT_MS, default 10000 ms), retrying on other servers meanwhile; a retried put
  * is applied exactly once and still returns the value it replaced.
  *
+ * fork: a child may call kv739_init after the parent's kv739_shutdown, and may go on using
+ * a session that was open when it forked: its first call starts a session of the child's
+ * own (fresh connections and session id; the parent's is untouched). kv739_shutdown and
+ * kv739_init work in the child as anywhere. No call waits for the parent's threads.
+ *
  * Keys are 1..MAX_KEY_SIZE bytes and values 0..MAX_VALUE_SIZE bytes of printable ASCII
  * (0x20..0x7e) other than '[' and ']'. A call with an invalid key or value, a NULL pointer,
  * or before kv739_init returns -1 and stores nothing.

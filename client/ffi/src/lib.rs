@@ -3,7 +3,8 @@
 //!
 //! - [`args`]: reading C strings and writing C buffers with every length bounded, and the
 //!   kv739 rules for keys, values and server addresses.
-//! - [`session`]: the process-wide client between `kv739_init` and `kv739_shutdown`.
+//! - [`session`]: the process-wide client between `kv739_init` and `kv739_shutdown`, and
+//!   how a forked child gets a session of its own.
 //!
 //! Every exported function validates all of its arguments before touching the store, runs
 //! its body inside `catch_unwind` (a Rust panic unwinding into C is undefined behaviour),
