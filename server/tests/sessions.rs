@@ -195,7 +195,8 @@ async fn many_writes(
 
 #[test]
 fn retry_after_ten_thousand_later_writes_is_never_applied_twice() {
-    run(async {
+    // 20 000 writes through unoptimised servers on two shared cores.
+    run_for(Duration::from_secs(180), async {
         let (cluster, primary) = common::start_healthy(3, &[]).await;
         let stub = raw(&cluster, primary);
         let backup = raw(&cluster, (primary + 1) % cluster.len());
@@ -269,7 +270,7 @@ fn retry_after_ten_thousand_later_writes_is_never_applied_twice() {
 
 #[test]
 fn forgotten_and_finished_results_stay_unknown_across_a_primary_crash() {
-    run(async {
+    run_for(Duration::from_secs(120), async {
         let (mut cluster, primary) = common::start_healthy(3, &[]).await;
         let stub = raw(&cluster, primary);
         let other = Session(0x0bad_cafe, 2);
