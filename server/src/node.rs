@@ -703,12 +703,12 @@ impl Node {
                     key: session_header_item(sid.hi, sid.lo),
                     value: None,
                 }];
-                for &seq in &header.recorded {
-                    let key = session_result_item(sid.hi, sid.lo, session::slot(seq));
-                    overlay.insert(key.clone(), None);
-                    items.push(Item { key, value: None });
-                }
-                info!(session = %sid, idle_ms = now_ms.saturating_sub(header.last_used_ms), "session expired");
+                items.extend(header.recorded.iter().map(|&seq| Item {
+                    key: session_result_item(sid.hi, sid.lo, session::slot(seq)),
+                    value: None,
+                }));
+                let idle_ms = now_ms.saturating_sub(header.last_used_ms);
+                info!(session = %sid, idle_ms, "session expired: collecting its items");
                 sessions.remove(&sid);
                 applied += 1;
                 records.push(Record {
