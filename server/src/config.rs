@@ -76,6 +76,10 @@ pub struct Opt {
     /// Serve the Admin fault-injection service (tests only).
     #[arg(long)]
     pub enable_fault_injection: bool,
+    /// A client session idle this long expires and is collected (e.g. "1h", "90s"; at least
+    /// 1s; default 1h). Keep it well above any client's request deadline (DESIGN.md §6).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub session_ttl: Option<Duration>,
 }
 
 /// The same options as read from a `--config` file.
@@ -94,7 +98,11 @@ struct FileConfig {
     max_key_bytes: Option<usize>,
     max_value_bytes: Option<usize>,
     enable_fault_injection: Option<bool>,
+    session_ttl: Option<String>,
 }
+
+/// Default lifetime of an idle client session.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
 
 /// Validated server configuration.
 #[derive(Clone, Debug)]
@@ -109,6 +117,8 @@ pub struct Config {
     pub fault_injection: bool,
     /// May form a new cluster (see [`Opt::bootstrap`]).
     pub bootstrap: bool,
+    /// How long an idle client session lives (DESIGN.md §10 "Sessions").
+    pub session_ttl: Duration,
 }
 
 /// The protocol's clocks (DESIGN.md §2, §4, §5).
@@ -251,7 +261,17 @@ impl Opt {
                 "--max-value-bytes must be at most 33554432".into(),
             ));
         }
+        let session_ttl = match (self.session_ttl, file.session_ttl) {
+            (Some(d), _) => d,
+            (None, Some(text)) => humantime::parse_duration(&text)
+                .map_err(|e| ConfigError(format!("session_ttl {text:?}: {e}")))?,
+            (None, None) => DEFAULT_SESSION_TTL,
+        };
+        if session_ttl < Duration::from_secs(1) {
+            return Err(ConfigError("--session-ttl must be at least 1s".into()));
+        }
         Ok(Config {
+            session_ttl,
             rank,
             peers,
             data_dir,
@@ -313,6 +333,34 @@ mod tests {
         assert_eq!(c.timing.lease.as_millis(), 500);
         assert_eq!(c.timing.heartbeat.as_millis(), 100);
         assert_eq!(c.sync, SyncMode::Always);
+        assert_eq!(c.session_ttl, DEFAULT_SESSION_TTL);
+    }
+
+    #[test]
+    fn session_ttl_takes_human_durations_and_rejects_tiny_ones() {
+        let base = [
+            "--rank",
+            "0",
+            "--peers",
+            "127.0.0.1:1",
+            "--data-dir",
+            "/tmp/x",
+        ];
+        let with = |ttl: &str| {
+            let mut args = base.to_vec();
+            args.extend(["--session-ttl", ttl]);
+            opt(&args).resolve()
+        };
+        assert_eq!(with("2s").unwrap().session_ttl, Duration::from_secs(2));
+        assert_eq!(
+            with("1h 30m").unwrap().session_ttl,
+            Duration::from_secs(5400)
+        );
+        assert!(with("10ms").unwrap_err().0.contains("at least 1s"));
+        assert!(
+            Opt::try_parse_from(["replikv-server", "--session-ttl", "soon"].iter().copied())
+                .is_err()
+        );
     }
 
     #[test]

@@ -73,6 +73,36 @@ pub enum ServeError {
     Overloaded(String),
     #[error("storage failure: {0}")]
     Storage(#[from] StorageError),
+    /// The write's session cannot answer it (DESIGN.md §10 "Sessions"): its recorded result
+    /// is no longer known, or the session expired. This request applied nothing; an earlier
+    /// attempt of the same request may have. Never retried elsewhere: every server answers
+    /// the same.
+    #[error("{message}")]
+    Session {
+        refusal: SessionRefusal,
+        message: String,
+    },
+}
+
+/// Why a session refused a write; named in the [`SESSION_HEADER`] of the status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionRefusal {
+    /// The write's result was deleted (declared finished) or forgotten (too many unfinished).
+    ResultUnknown,
+    /// The session expired and its state was collected: the client needs a new session.
+    Expired,
+}
+
+/// Metadata header of a `FAILED_PRECONDITION` session refusal: `result-unknown` or `expired`.
+pub const SESSION_HEADER: &str = "replikv-session";
+
+impl SessionRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionRefusal::ResultUnknown => "result-unknown",
+            SessionRefusal::Expired => "expired",
+        }
+    }
 }
 
 impl ServeError {
@@ -92,11 +122,35 @@ impl ServeError {
         }
     }
 
+    /// A session refusal as the primary reported it to a forwarding server.
+    pub fn session_from_status(s: &Status) -> ServeError {
+        let expired = s
+            .metadata()
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            == Some(SessionRefusal::Expired.as_str());
+        ServeError::Session {
+            refusal: if expired {
+                SessionRefusal::Expired
+            } else {
+                SessionRefusal::ResultUnknown
+            },
+            message: s.message().to_string(),
+        }
+    }
+
     /// The single mapping to gRPC. `UNAVAILABLE` carries the known primary and, for writes,
     /// whether the outcome is known; `RESOURCE_EXHAUSTED` and `INVALID_ARGUMENT` are always
-    /// definite (nothing was applied).
+    /// definite (nothing was applied). A session refusal is `FAILED_PRECONDITION` with the
+    /// "no outcome" header (this request applied nothing) and the refusal's reason.
     pub fn into_status(self) -> Status {
         match self {
+            ServeError::Session { refusal, message } => {
+                let mut s = with_outcome(Status::failed_precondition(message), Outcome::None);
+                s.metadata_mut()
+                    .insert(SESSION_HEADER, MetadataValue::from_static(refusal.as_str()));
+                s
+            }
             ServeError::InvalidArgument(m) => {
                 with_outcome(Status::invalid_argument(m), Outcome::None)
             }
@@ -172,5 +226,28 @@ mod tests {
             status_outcome(&Status::unavailable("transport")),
             Outcome::Unknown
         );
+    }
+
+    #[test]
+    fn session_refusals_are_failed_precondition_and_survive_a_forward() {
+        for refusal in [SessionRefusal::Expired, SessionRefusal::ResultUnknown] {
+            let s = ServeError::Session {
+                refusal,
+                message: "session x".into(),
+            }
+            .into_status();
+            assert_eq!(s.code(), Code::FailedPrecondition);
+            assert_eq!(status_outcome(&s), Outcome::None);
+            assert_eq!(s.metadata().get(SESSION_HEADER).unwrap(), refusal.as_str());
+            match ServeError::session_from_status(&s) {
+                ServeError::Session {
+                    refusal: r,
+                    message,
+                } => {
+                    assert_eq!((r, message.as_str()), (refusal, "session x"))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -22,18 +22,25 @@ use tracing::{error, info, warn};
 use crate::clock::BootInstant;
 use crate::config::Config;
 use crate::convert::{record_from_pb, view_from};
-use crate::error::{status_outcome, PrimaryHint, ServeError, StorageError};
+use crate::error::{status_outcome, PrimaryHint, ServeError, SessionRefusal, StorageError};
 use crate::fault::Faults;
 use crate::identity::{ClusterId, Identity, Membership};
 use crate::network::{NetError, PeerNetwork};
-use crate::session::{Decision, Recorded, Session, WriteResult};
+use crate::session::{self, Decision, Header, SessionId, StoredResult, WriteResult};
 use crate::storage::{Accepted, Position, Promise, Store};
-use crate::types::{session_item, user_item, Item, Rank, Record, View};
+use crate::types::{
+    session_header_item, session_of_header_item, session_result_item, user_item, Item, Rank,
+    Record, View,
+};
 
 /// Most writes one sequencer batch takes.
 const MAX_BATCH: usize = 1024;
 /// Most writes in flight on a primary before new ones get RESOURCE_EXHAUSTED.
 const MAX_WRITES_IN_FLIGHT: usize = 16 * 1024;
+/// Most session headers the sequencer keeps in memory.
+const MAX_CACHED_SESSIONS: usize = 16 * 1024;
+/// Most sessions collected in one sequencer batch.
+const EXPIRE_BATCH: usize = 256;
 /// How long a write waits for its commit before its outcome is reported unknown.
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a read waits for a pending key's commit notice.
@@ -642,6 +649,7 @@ impl Node {
                     ServeError::InvalidArgument(s.message().to_string())
                 }
                 tonic::Code::ResourceExhausted => ServeError::Overloaded(s.message().to_string()),
+                tonic::Code::FailedPrecondition => ServeError::session_from_status(&s),
                 _ => ServeError::Unavailable {
                     reason: format!("primary {primary}: {}", s.message()),
                     primary: hint,
@@ -698,12 +706,27 @@ impl Node {
 
     /// The primary's single sequencer: takes queued writes in batches, answers duplicates from
     /// the session table, assigns lsns, applies the batch atomically, feeds it to every
-    /// backup's stream, and flushes once for the whole batch (group commit, §3-§4).
+    /// backup's stream, and flushes once for the whole batch (group commit, §3-§4). It also
+    /// collects expired sessions, which the session collector finds, through records of
+    /// their own.
     async fn sequencer(self: Arc<Self>, mut rx: mpsc::Receiver<WriteOp>) {
-        let mut sessions: HashMap<u64, Session> = HashMap::new();
+        // Headers of recently used sessions: what storage holds, as of the last applied
+        // batch. Bounded; a miss reads the header item again.
+        let mut sessions: HashMap<SessionId, Header> = HashMap::new();
         let mut sessions_epoch = 0;
-        while let Some(first) = rx.recv().await {
-            let mut ops = vec![first];
+        let (expire_tx, mut expire_rx) = mpsc::channel(4);
+        tokio::spawn(self.clone().session_collector(expire_tx));
+        let ttl_ms = self.cfg.session_ttl.as_millis() as u64;
+        loop {
+            let mut ops = Vec::new();
+            let mut expire: Vec<SessionId> = Vec::new();
+            tokio::select! {
+                op = rx.recv() => match op {
+                    Some(op) => ops.push(op),
+                    None => break,
+                },
+                Some(idle) = expire_rx.recv() => expire = idle,
+            }
             while ops.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(op) => ops.push(op),
@@ -734,48 +757,50 @@ impl Node {
                 sessions.clear();
                 sessions_epoch = epoch;
             }
-            if sessions.len() > 100_000 {
+            if sessions.len() > MAX_CACHED_SESSIONS {
                 sessions.clear();
             }
+            // Last-use times are the primary's wall clock: they must mean the same to the
+            // next primary, which an `Instant` would not.
+            let now_ms = wall_clock_ms();
             let mut overlay: HashMap<Bytes, Option<Bytes>> = HashMap::new();
-            let mut records = Vec::with_capacity(ops.len());
+            let mut records = Vec::with_capacity(ops.len() + expire.len());
             let mut replies = Vec::with_capacity(ops.len());
             for op in ops {
                 let item = user_item(&op.req.key);
-                let mut session_update = None;
-                if let Some(id) = op.req.id.filter(|id| id.client_id != 0) {
-                    let sess = match sessions.entry(id.client_id) {
-                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            let stored = self
-                                .store
-                                .get(&session_item(id.client_id))
-                                .or_fail_stop(&self);
-                            let s = stored
-                                .and_then(|e| e.value)
-                                .and_then(Session::decode)
-                                .unwrap_or_default();
-                            v.insert(s)
-                        }
-                    };
-                    match sess.decide(id.seq) {
-                        Decision::Duplicate(r) => {
-                            replies.push((op.reply, Ok((r.lsn, r.result, term))));
-                            continue;
-                        }
-                        Decision::Retired => {
-                            replies.push((
-                                op.reply,
-                                Err(ServeError::InvalidArgument(format!(
-                                    "request seq {} of client {} was already declared finished",
-                                    id.seq, id.client_id
-                                ))),
-                            ));
-                            continue;
-                        }
-                        Decision::New => {}
+                let session = op.req.id.and_then(|id| {
+                    SessionId::new(id.client_id_hi, id.client_id).map(|sid| (sid, id))
+                });
+                if let Some((sid, id)) = session {
+                    if id.seq == 0 {
+                        replies.push((
+                            op.reply,
+                            Err(ServeError::InvalidArgument(
+                                "a write with a session id needs a seq of at least 1".into(),
+                            )),
+                        ));
+                        continue;
                     }
-                    session_update = Some((id, sess));
+                    if let Err(e) = self.load_session(&mut sessions, sid) {
+                        replies.push((op.reply, Err(e)));
+                        continue;
+                    }
+                    let header = sessions.get(&sid);
+                    match session::decide(header, id.seq, id.first_unfinished) {
+                        Decision::New => {}
+                        Decision::Duplicate => {
+                            let r = self
+                                .recorded_result(&overlay, sid, id.seq)
+                                .map(|r| (r.lsn, r.result, term));
+                            replies.push((op.reply, r));
+                            continue;
+                        }
+                        refused => {
+                            let e = session_refusal(refused, sid, &id, header);
+                            replies.push((op.reply, Err(e)));
+                            continue;
+                        }
+                    }
                 }
                 let old = match overlay.get(&item) {
                     Some(v) => v.clone(),
@@ -792,23 +817,64 @@ impl Node {
                     key: item.clone(),
                     value: op.req.value.clone(),
                 }];
-                if let Some((id, sess)) = session_update {
-                    sess.record(
-                        id.seq,
-                        id.first_unfinished,
-                        Recorded {
-                            lsn,
-                            result: result.clone(),
-                        },
+                if let Some((sid, id)) = session {
+                    // The record carries this write's result and the session's small
+                    // header; results the client declared finished are deleted with it.
+                    let header = sessions.entry(sid).or_default();
+                    let finished = header.record(id.seq, id.first_unfinished, now_ms);
+                    let stored = StoredResult {
+                        seq: id.seq,
+                        lsn,
+                        result: result.clone(),
+                    };
+                    let mut set = |key: Bytes, value: Option<Bytes>| {
+                        overlay.insert(key.clone(), value.clone());
+                        items.push(Item { key, value });
+                    };
+                    set(
+                        session_result_item(sid.hi, sid.lo, session::slot(id.seq)),
+                        Some(stored.encode()),
                     );
+                    for seq in finished {
+                        set(
+                            session_result_item(sid.hi, sid.lo, session::slot(seq)),
+                            None,
+                        );
+                    }
                     items.push(Item {
-                        key: session_item(id.client_id),
-                        value: Some(sess.encode()),
+                        key: session_header_item(sid.hi, sid.lo),
+                        value: Some(header.encode()),
                     });
                 }
                 overlay.insert(item, op.req.value);
                 records.push(Record { lsn, epoch, items });
                 replies.push((op.reply, Ok((lsn, result, term))));
+            }
+            for sid in expire {
+                // Checked again here: the session may have been used since it was found idle.
+                if self.load_session(&mut sessions, sid).is_err() {
+                    continue;
+                }
+                let Some(header) = sessions.get(&sid).filter(|h| h.idle(now_ms, ttl_ms)) else {
+                    continue;
+                };
+                let mut items = vec![Item {
+                    key: session_header_item(sid.hi, sid.lo),
+                    value: None,
+                }];
+                items.extend(header.recorded.iter().map(|&seq| Item {
+                    key: session_result_item(sid.hi, sid.lo, session::slot(seq)),
+                    value: None,
+                }));
+                let idle_ms = now_ms.saturating_sub(header.last_used_ms);
+                info!(session = %sid, idle_ms, "session expired: collecting its items");
+                sessions.remove(&sid);
+                applied += 1;
+                records.push(Record {
+                    lsn: applied,
+                    epoch,
+                    items,
+                });
             }
             if !records.is_empty() {
                 let pos = Position {
@@ -833,6 +899,107 @@ impl Node {
             }
             // The flusher makes it durable; the next batch need not wait for that.
             self.dirty_tx.send_replace((epoch, applied));
+        }
+    }
+
+    /// Puts the stored header of `sid` into the sequencer's cache, if the session has one.
+    fn load_session(
+        &self,
+        cache: &mut HashMap<SessionId, Header>,
+        sid: SessionId,
+    ) -> Result<(), ServeError> {
+        if cache.contains_key(&sid) {
+            return Ok(());
+        }
+        let stored = self
+            .store
+            .get(&session_header_item(sid.hi, sid.lo))
+            .or_fail_stop(self)
+            .and_then(|e| e.value);
+        if let Some(raw) = stored {
+            let header = Header::decode(raw).ok_or_else(|| {
+                error!(session = %sid, "session header is corrupt");
+                ServeError::Storage(StorageError::Corrupt(format!("header of session {sid}")))
+            })?;
+            cache.insert(sid, header);
+        }
+        Ok(())
+    }
+
+    /// The recorded result of a duplicate: from this batch if it was recorded in it, else
+    /// from its result item.
+    fn recorded_result(
+        &self,
+        overlay: &HashMap<Bytes, Option<Bytes>>,
+        sid: SessionId,
+        seq: u64,
+    ) -> Result<StoredResult, ServeError> {
+        let key = session_result_item(sid.hi, sid.lo, session::slot(seq));
+        let raw = match overlay.get(&key) {
+            Some(v) => v.clone(),
+            None => self
+                .store
+                .get(&key)
+                .or_fail_stop(self)
+                .and_then(|e| e.value),
+        };
+        match raw.and_then(StoredResult::decode) {
+            Some(r) if r.seq == seq => Ok(r),
+            _ => {
+                // The header and its result items are written together; refuse rather
+                // than guess.
+                error!(session = %sid, seq, "a recorded result is missing");
+                Err(ServeError::Session {
+                    refusal: SessionRefusal::ResultUnknown,
+                    message: format!("session {sid}: the result of seq {seq} is unreadable"),
+                })
+            }
+        }
+    }
+
+    /// Finds sessions idle for longer than the session TTL while this server is primary, and
+    /// hands them to the sequencer, which deletes their items through replicated records
+    /// (DESIGN.md §10 "Sessions"). A session is collected between one TTL and one TTL plus a
+    /// pass period (a quarter of the TTL, at most 5 minutes) after its last write.
+    async fn session_collector(self: Arc<Self>, tx: mpsc::Sender<Vec<SessionId>>) {
+        let ttl_ms = self.cfg.session_ttl.as_millis() as u64;
+        let period =
+            (self.cfg.session_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(300));
+        let stopped = self.stopped();
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = &mut stopped => return,
+            }
+            if self.st().primary.is_none() {
+                continue;
+            }
+            let now_ms = wall_clock_ms();
+            // Every stored item's name, to find the headers: one pass over the item index
+            // per period, off the sequencer.
+            let items = self.store.tail_items(0).or_fail_stop(&self);
+            let mut idle = Vec::new();
+            for item in items {
+                let Some((hi, lo)) = session_of_header_item(&item) else {
+                    continue;
+                };
+                let header = self
+                    .store
+                    .get(&item)
+                    .or_fail_stop(&self)
+                    .and_then(|e| e.value)
+                    .and_then(Header::decode);
+                if header.is_some_and(|h| h.idle(now_ms, ttl_ms)) {
+                    idle.push(SessionId { hi, lo });
+                }
+                if idle.len() >= EXPIRE_BATCH && tx.send(std::mem::take(&mut idle)).await.is_err() {
+                    return;
+                }
+            }
+            if !idle.is_empty() && tx.send(idle).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -1122,6 +1289,52 @@ impl Node {
     pub(crate) fn peer_view(&self, v: Option<&replikv_proto::kv::View>) -> Option<View> {
         view_from(v, self.n)
     }
+}
+
+/// Milliseconds since the Unix epoch on this server's clock (0 if the clock is before it).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The answer to a write its session refuses (DESIGN.md §10 "Sessions"): the request applied
+/// nothing, and says why.
+fn session_refusal(
+    decision: Decision,
+    sid: SessionId,
+    id: &RequestId,
+    header: Option<&Header>,
+) -> ServeError {
+    let seq = id.seq;
+    let (refusal, message) = match decision {
+        Decision::Expired => (
+            SessionRefusal::Expired,
+            format!(
+                "session {sid} expired or is unknown (the client reports writes before seq \
+                 {} finished, but the servers hold no state of it); this write was not \
+                 applied: start a new session",
+                id.first_unfinished
+            ),
+        ),
+        Decision::Retired => (
+            SessionRefusal::ResultUnknown,
+            format!(
+                "session {sid}: the result of seq {seq} is no longer known: the client \
+                 declared it finished (first unfinished seq {}); not applied again",
+                header.map_or(0, |h| h.first_unfinished)
+            ),
+        ),
+        _ => (
+            SessionRefusal::ResultUnknown,
+            format!(
+                "session {sid}: the result of seq {seq} is no longer known: the session keeps \
+                 the results of at most {} unfinished writes; not applied again",
+                session::MAX_RESULTS
+            ),
+        ),
+    };
+    ServeError::Session { refusal, message }
 }
 
 /// Whether an append message continues this member's log (DESIGN.md §4, §10): the member

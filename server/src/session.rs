@@ -1,13 +1,47 @@
-//! Exactly-once sessions (DESIGN.md §6): each write carries `(client_id, seq)` and the client's
-//! lowest unfinished seq; the session entry keeps the result of every seq at or above it, so a
-//! retried write is answered with its original result instead of being applied again.
+//! Exactly-once sessions (DESIGN.md §6, §10 "Sessions"): each write carries a 128-bit session
+//! id, its `seq` and the client's lowest unfinished seq; the primary records each write's
+//! result, so a retried write is answered with its original result instead of being applied
+//! again, and a retry whose result is no longer known is refused, never applied again.
 //!
-//! A session entry is an ordinary stored item (`types::session_item`), written in the same
-//! record as the write it describes; replication, state transfer and repair carry it.
+//! A session is stored as ordinary items (`types::session_header_item`,
+//! `types::session_result_item`), written in the same record as the write they describe, so
+//! replication, state transfer and repair carry them with no special case:
+//! - a small **header**: the client's first unfinished seq, the highest seq whose result the
+//!   server had to forget, the primary's wall-clock time of the session's last write, and the
+//!   seqs whose results are recorded;
+//! - one **result item** per recorded seq (its lsn and the old value it returned), in one of
+//!   [`MAX_RESULTS`] slots (`seq % MAX_RESULTS`), so a session never has more than
+//!   `MAX_RESULTS + 1` items however many writes it makes.
+//!
+//! A write record therefore carries that write's result and the small header only; results
+//! the client declared finished are deleted in the same record as the write that declared it.
+//! The rules here are pure: the sequencer (`node.rs`) loads headers, applies the decisions and
+//! writes the items.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// A client session: 128 bits drawn by the client (`client_id_hi:client_id`). `(0, 0)` means
+/// the write asks for no exactly-once protection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId {
+    pub hi: u64,
+    pub lo: u64,
+}
+
+impl SessionId {
+    /// The session of a request, `None` for the "no session" id `(0, 0)`.
+    pub fn new(hi: u64, lo: u64) -> Option<SessionId> {
+        (hi != 0 || lo != 0).then_some(SessionId { hi, lo })
+    }
+}
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}{:016x}", self.hi, self.lo)
+    }
+}
 
 /// The result of one write: the value it replaced, if any.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,113 +49,170 @@ pub struct WriteResult {
     pub old: Option<Bytes>,
 }
 
-/// A recorded result and the lsn of the write that produced it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Recorded {
-    pub lsn: u64,
-    pub result: WriteResult,
+/// Most results one session keeps. A result occupies slot `seq % MAX_RESULTS`; when a later
+/// seq needs the slot of a result that is still unfinished (the client's unfinished writes
+/// span more than `MAX_RESULTS` seqs), that older result is forgotten and remembered as
+/// forgotten: a retry of it is refused, never applied again.
+pub const MAX_RESULTS: u64 = 1024;
+
+/// The slot of a seq's result item.
+pub fn slot(seq: u64) -> u16 {
+    (seq % MAX_RESULTS) as u16
 }
 
+/// A session's header item.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Session {
-    /// Results for seqs below this were forgotten: the client promised not to retry them.
+pub struct Header {
+    /// Results of seqs below this were deleted: the client declared them finished.
     pub first_unfinished: u64,
-    pub results: BTreeMap<u64, Recorded>,
+    /// Highest seq whose result was forgotten to keep the session bounded (0: none).
+    pub forgotten: u64,
+    /// The primary's wall-clock time (ms since the Unix epoch) of the session's last write.
+    pub last_used_ms: u64,
+    /// Seqs whose result item is stored; at most one per slot.
+    pub recorded: BTreeSet<u64>,
 }
 
-/// What to do with an incoming write.
+/// What to do with an incoming write of a session.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Apply it.
+    /// Apply it and record its result.
     New,
-    /// Already applied: answer with this (once its lsn is committed).
-    Duplicate(Recorded),
-    /// The client declared this seq finished; a request for it cannot be a genuine retry.
+    /// Already applied: answer with its recorded result (its result item).
+    Duplicate,
+    /// The client declared this seq finished and its result was deleted. Refused: this cannot
+    /// be a genuine retry, and its outcome is no longer known.
     Retired,
+    /// Its result was forgotten (more than `MAX_RESULTS` unfinished). Refused: it may have
+    /// been applied.
+    Forgotten,
+    /// The session has no header although the client says earlier writes of it finished: it
+    /// expired and was collected (or never reached the servers). Refused.
+    Expired,
 }
 
-/// Most results one session keeps; a client with more writes in flight than this loses
-/// exactly-once protection for the oldest of them rather than growing the entry without bound.
-pub const MAX_RESULTS: usize = 1024;
+/// Decides what to do with write `seq` of a session whose stored header is `header`, from a
+/// client whose lowest unfinished seq is `first_unfinished`.
+///
+/// A session without a header is new as long as the client has finished none of its writes
+/// (`first_unfinished <= 1`), whatever `seq`: a new client's first writes may arrive in any
+/// order, so seq 5 can come before seq 1. Once the client reports a finished write, a missing
+/// header means the session expired (or none of its writes ever reached the sequencer): its
+/// results are gone, so the write is refused rather than risk applying a retry twice.
+pub fn decide(header: Option<&Header>, seq: u64, first_unfinished: u64) -> Decision {
+    match header {
+        None if first_unfinished > 1 => Decision::Expired,
+        None => Decision::New,
+        Some(h) if h.recorded.contains(&seq) => Decision::Duplicate,
+        Some(h) if seq < h.first_unfinished => Decision::Retired,
+        Some(h) if seq <= h.forgotten => Decision::Forgotten,
+        Some(_) => Decision::New,
+    }
+}
 
-impl Session {
-    pub fn decide(&self, seq: u64) -> Decision {
-        if let Some(r) = self.results.get(&seq) {
-            Decision::Duplicate(r.clone())
-        } else if seq < self.first_unfinished {
-            Decision::Retired
-        } else {
-            Decision::New
+impl Header {
+    /// Records new write `seq` at `now_ms`; returns the seqs whose result items must be
+    /// deleted in the same record (declared finished). A result forgotten because `seq` takes
+    /// its slot needs no delete: the slot is overwritten.
+    pub fn record(&mut self, seq: u64, first_unfinished: u64, now_ms: u64) -> Vec<u64> {
+        // A client never declares the write it is making finished; a bogus first_unfinished
+        // above seq must not erase the result being recorded.
+        self.first_unfinished = self.first_unfinished.max(first_unfinished.min(seq));
+        let keep = self.recorded.split_off(&self.first_unfinished);
+        let finished = std::mem::replace(&mut self.recorded, keep);
+        let mine = slot(seq);
+        if let Some(&older) = self.recorded.iter().find(|&&s| slot(s) == mine) {
+            self.recorded.remove(&older);
+            self.forgotten = self.forgotten.max(older);
         }
+        self.recorded.insert(seq);
+        self.last_used_ms = self.last_used_ms.max(now_ms);
+        finished.into_iter().filter(|&s| slot(s) != mine).collect()
     }
 
-    /// Records the result of `seq` and forgets results the client no longer needs.
-    pub fn record(&mut self, seq: u64, first_unfinished: u64, recorded: Recorded) {
-        self.first_unfinished = self.first_unfinished.max(first_unfinished.min(seq));
-        let keep = self.first_unfinished;
-        self.results.retain(|&s, _| s >= keep);
-        self.results.insert(seq, recorded);
-        while self.results.len() > MAX_RESULTS {
-            self.results.pop_first();
-        }
+    /// Whether the session has had no write for longer than `ttl_ms` at `now_ms`.
+    pub fn idle(&self, now_ms: u64, ttl_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_used_ms) > ttl_ms
     }
 
     pub fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(16 + self.results.len() * 32);
+        let mut b = BytesMut::with_capacity(29 + 8 * self.recorded.len());
+        b.put_u8(HEADER_VERSION);
         b.put_u64(self.first_unfinished);
-        b.put_u32(self.results.len() as u32);
-        for (seq, r) in &self.results {
-            b.put_u64(*seq);
-            b.put_u64(r.lsn);
-            match &r.result.old {
-                Some(v) => {
-                    b.put_u8(1);
-                    b.put_u32(v.len() as u32);
-                    b.put_slice(v);
-                }
-                None => b.put_u8(0),
-            }
+        b.put_u64(self.forgotten);
+        b.put_u64(self.last_used_ms);
+        b.put_u32(self.recorded.len() as u32);
+        for s in &self.recorded {
+            b.put_u64(*s);
         }
         b.freeze()
     }
 
-    /// Decodes an entry; `None` if it is corrupt.
-    pub fn decode(mut b: Bytes) -> Option<Session> {
-        let mut s = Session::default();
-        if b.remaining() < 12 {
+    /// Decodes a header; `None` if it is corrupt.
+    pub fn decode(mut b: Bytes) -> Option<Header> {
+        if b.remaining() < 29 || b.get_u8() != HEADER_VERSION {
             return None;
         }
-        s.first_unfinished = b.get_u64();
-        let n = b.get_u32();
-        for _ in 0..n {
-            if b.remaining() < 17 {
-                return None;
-            }
-            let seq = b.get_u64();
-            let lsn = b.get_u64();
-            let old = match b.get_u8() {
-                0 => None,
-                1 => {
-                    if b.remaining() < 4 {
-                        return None;
-                    }
-                    let len = b.get_u32() as usize;
-                    if b.remaining() < len {
-                        return None;
-                    }
-                    Some(b.split_to(len))
-                }
-                _ => return None,
-            };
-            s.results.insert(
-                seq,
-                Recorded {
-                    lsn,
-                    result: WriteResult { old },
-                },
-            );
+        let mut h = Header {
+            first_unfinished: b.get_u64(),
+            forgotten: b.get_u64(),
+            last_used_ms: b.get_u64(),
+            recorded: BTreeSet::new(),
+        };
+        let n = b.get_u32() as usize;
+        if n as u64 > MAX_RESULTS || b.remaining() != 8 * n {
+            return None;
         }
-        Some(s)
+        for _ in 0..n {
+            h.recorded.insert(b.get_u64());
+        }
+        Some(h)
+    }
+}
+
+const HEADER_VERSION: u8 = 1;
+
+/// The content of a result item: which seq it answers, the lsn of that write, its result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResult {
+    pub seq: u64,
+    pub lsn: u64,
+    pub result: WriteResult,
+}
+
+impl StoredResult {
+    pub fn encode(&self) -> Bytes {
+        let old = self.result.old.as_ref();
+        let mut b = BytesMut::with_capacity(17 + old.map_or(0, |v| v.len()));
+        b.put_u64(self.seq);
+        b.put_u64(self.lsn);
+        match old {
+            Some(v) => {
+                b.put_u8(1);
+                b.put_slice(v);
+            }
+            None => b.put_u8(0),
+        }
+        b.freeze()
+    }
+
+    /// Decodes a result item; `None` if it is corrupt.
+    pub fn decode(mut b: Bytes) -> Option<StoredResult> {
+        if b.remaining() < 17 {
+            return None;
+        }
+        let seq = b.get_u64();
+        let lsn = b.get_u64();
+        let old = match b.get_u8() {
+            0 if b.is_empty() => None,
+            1 => Some(b),
+            _ => return None,
+        };
+        Some(StoredResult {
+            seq,
+            lsn,
+            result: WriteResult { old },
+        })
     }
 }
 
@@ -129,69 +220,173 @@ impl Session {
 mod tests {
     use super::*;
 
-    fn rec(lsn: u64, old: Option<&str>) -> Recorded {
-        Recorded {
-            lsn,
-            result: WriteResult {
-                old: old.map(|s| Bytes::copy_from_slice(s.as_bytes())),
-            },
+    fn header(first_unfinished: u64, forgotten: u64, recorded: &[u64]) -> Header {
+        Header {
+            first_unfinished,
+            forgotten,
+            last_used_ms: 0,
+            recorded: recorded.iter().copied().collect(),
         }
     }
 
     #[test]
-    fn retry_is_a_duplicate_with_the_original_result() {
-        let mut s = Session::default();
-        assert_eq!(s.decide(1), Decision::New);
-        s.record(1, 1, rec(10, Some("old")));
-        assert_eq!(s.decide(1), Decision::Duplicate(rec(10, Some("old"))));
-        assert_eq!(s.decide(2), Decision::New);
+    fn zero_is_no_session_and_the_high_half_counts() {
+        assert_eq!(SessionId::new(0, 0), None);
+        assert_ne!(SessionId::new(1, 5), SessionId::new(2, 5));
+        assert!(SessionId::new(0, 5).is_some() && SessionId::new(5, 0).is_some());
     }
 
     #[test]
-    fn finished_seqs_are_forgotten_and_retired() {
-        let mut s = Session::default();
-        s.record(1, 1, rec(10, None));
-        s.record(2, 1, rec(11, None));
-        s.record(3, 3, rec(12, None));
-        assert_eq!(s.results.keys().copied().collect::<Vec<_>>(), vec![3]);
-        assert_eq!(s.decide(1), Decision::Retired);
-        assert_eq!(s.decide(3), Decision::Duplicate(rec(12, None)));
+    fn a_new_session_takes_its_first_writes_in_any_order() {
+        assert_eq!(decide(None, 1, 1), Decision::New);
+        // Seq 5 of a brand-new client may overtake its seq 1.
+        assert_eq!(decide(None, 5, 1), Decision::New);
+        assert_eq!(decide(None, 1, 0), Decision::New);
+        let mut h = Header::default();
+        assert_eq!(h.record(5, 1, 10), Vec::<u64>::new());
+        assert_eq!(decide(Some(&h), 1, 1), Decision::New);
+        assert_eq!(decide(Some(&h), 5, 1), Decision::Duplicate);
     }
 
     #[test]
-    fn concurrent_seqs_are_all_kept() {
-        let mut s = Session::default();
-        // Client has 5..=8 in flight; they complete out of order.
-        s.record(7, 5, rec(1, None));
-        s.record(5, 5, rec(2, Some("a")));
-        s.record(8, 6, rec(3, None));
-        assert_eq!(s.decide(7), Decision::Duplicate(rec(1, None)));
-        assert_eq!(s.decide(5), Decision::Retired);
-        assert_eq!(s.decide(6), Decision::New);
+    fn a_session_without_header_after_finished_writes_expired() {
+        assert_eq!(decide(None, 7, 7), Decision::Expired);
+        assert_eq!(decide(None, 2, 2), Decision::Expired);
+        assert_eq!(decide(None, 9, 3), Decision::Expired);
+    }
+
+    #[test]
+    fn retry_is_a_duplicate_until_declared_finished_then_retired() {
+        let mut h = Header::default();
+        assert!(h.record(1, 1, 10).is_empty());
+        assert_eq!(decide(Some(&h), 1, 1), Decision::Duplicate);
+        assert_eq!(decide(Some(&h), 2, 2), Decision::New);
+        // The write of seq 2 declares seq 1 finished: its result is deleted with it.
+        assert_eq!(h.record(2, 2, 11), vec![1]);
+        assert_eq!(decide(Some(&h), 1, 1), Decision::Retired);
+        assert_eq!(decide(Some(&h), 2, 2), Decision::Duplicate);
+        assert_eq!(h.recorded, [2].into());
+        assert_eq!(h.first_unfinished, 2);
+    }
+
+    #[test]
+    fn concurrent_seqs_are_all_kept_until_finished() {
+        let mut h = Header::default();
+        // The client has 5..=8 in flight; they complete out of order.
+        assert!(h.record(7, 5, 1).is_empty());
+        assert!(h.record(5, 5, 2).is_empty());
+        assert_eq!(h.record(8, 6, 3), vec![5]);
+        assert_eq!(decide(Some(&h), 7, 6), Decision::Duplicate);
+        assert_eq!(decide(Some(&h), 5, 6), Decision::Retired);
+        assert_eq!(decide(Some(&h), 6, 6), Decision::New);
     }
 
     #[test]
     fn first_unfinished_never_passes_the_recorded_seq() {
-        let mut s = Session::default();
-        // A bogus first_unfinished above seq must not erase the result being recorded.
-        s.record(4, 100, rec(9, None));
-        assert_eq!(s.decide(4), Decision::Duplicate(rec(9, None)));
+        let mut h = Header::default();
+        h.record(4, 100, 1);
+        assert_eq!(decide(Some(&h), 4, 100), Decision::Duplicate);
+        assert_eq!(h.first_unfinished, 4);
     }
 
     #[test]
-    fn encoding_round_trips_and_rejects_garbage() {
-        let mut s = Session::default();
-        s.record(3, 2, rec(5, Some("x")));
-        s.record(4, 2, rec(6, None));
-        assert_eq!(Session::decode(s.encode()), Some(s));
-        assert_eq!(Session::decode(Bytes::from_static(b"short")), None);
+    fn beyond_max_results_the_oldest_are_forgotten_never_new() {
+        let mut h = Header::default();
+        // Seq 1 stays unfinished while 10 000 later writes are made.
+        for seq in 1..=10_001 {
+            assert_eq!(decide(Some(&h), seq, 1), Decision::New, "seq {seq}");
+            assert!(h.record(seq, 1, seq).is_empty());
+            assert!(h.recorded.len() as u64 <= MAX_RESULTS);
+        }
+        assert_eq!(h.recorded.len() as u64, MAX_RESULTS);
+        assert_eq!(decide(Some(&h), 1, 1), Decision::Forgotten);
+        assert_eq!(
+            decide(Some(&h), 10_001 - MAX_RESULTS, 1),
+            Decision::Forgotten
+        );
+        assert_eq!(h.forgotten, 10_001 - MAX_RESULTS);
+        for seq in 10_002 - MAX_RESULTS..=10_001 {
+            assert_eq!(decide(Some(&h), seq, 1), Decision::Duplicate, "seq {seq}");
+        }
+        assert_eq!(decide(Some(&h), 10_002, 1), Decision::New);
+        // Declaring everything up to 9 000 finished deletes exactly the recorded ones.
+        let deleted = h.record(10_002, 9_000, 1);
+        assert_eq!(
+            deleted,
+            (10_002 - MAX_RESULTS..9_000)
+                .filter(|&s| slot(s) != slot(10_002))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(decide(Some(&h), 1, 9_000), Decision::Retired);
+        assert_eq!(decide(Some(&h), 8_999, 9_000), Decision::Retired);
+    }
+
+    #[test]
+    fn forgotten_is_only_the_slot_owner_below_the_mark() {
+        let h = header(1, 1_030, &[3, 1_031]);
+        assert_eq!(decide(Some(&h), 3, 1), Decision::Duplicate);
+        assert_eq!(decide(Some(&h), 1_030, 1), Decision::Forgotten);
+        assert_eq!(decide(Some(&h), 4, 1), Decision::Forgotten);
+        assert_eq!(decide(Some(&h), 1_032, 1), Decision::New);
+    }
+
+    #[test]
+    fn idle_sessions_expire_after_the_ttl() {
+        let mut h = Header::default();
+        h.record(1, 1, 10_000);
+        assert!(!h.idle(10_000, 2_000));
+        assert!(!h.idle(12_000, 2_000));
+        assert!(h.idle(12_001, 2_000));
+        // A clock that went back never makes a session look idle, nor moves last use back.
+        assert!(!h.idle(5_000, 2_000));
+        h.record(2, 2, 9_000);
+        assert_eq!(h.last_used_ms, 10_000);
+    }
+
+    #[test]
+    fn encodings_round_trip_and_reject_garbage() {
+        let mut h = header(3, 2, &[3, 5, 1_000]);
+        h.last_used_ms = 77;
+        assert_eq!(Header::decode(h.encode()), Some(h.clone()));
+        assert_eq!(
+            Header::decode(Header::default().encode()),
+            Some(Header::default())
+        );
+        let enc = h.encode();
+        assert_eq!(Header::decode(enc.slice(..enc.len() - 1)), None);
+        assert_eq!(Header::decode(Bytes::from_static(b"short")), None);
+        let mut wrong_version = enc.to_vec();
+        wrong_version[0] = 9;
+        assert_eq!(Header::decode(wrong_version.into()), None);
+
+        for old in [
+            None,
+            Some(Bytes::from_static(b"")),
+            Some(Bytes::from_static(b"x")),
+        ] {
+            let r = StoredResult {
+                seq: 4,
+                lsn: 9,
+                result: WriteResult { old },
+            };
+            assert_eq!(StoredResult::decode(r.encode()), Some(r));
+        }
         let mut bad = BytesMut::new();
-        bad.put_u64(0);
-        bad.put_u32(1);
         bad.put_u64(1);
         bad.put_u64(1);
-        bad.put_u8(1);
-        bad.put_u32(1000);
-        assert_eq!(Session::decode(bad.freeze()), None);
+        bad.put_u8(2);
+        assert_eq!(StoredResult::decode(bad.freeze()), None);
+        assert_eq!(StoredResult::decode(Bytes::from_static(b"tiny")), None);
+    }
+
+    #[test]
+    fn a_record_carries_one_result_not_the_session() {
+        // 64 writers of 1 MiB on one session: the header stays small however many results
+        // (and however large their old values) the session holds.
+        let mut h = Header::default();
+        for seq in 1..=64 {
+            h.record(seq, 1, 1);
+        }
+        assert!(h.encode().len() <= 29 + 64 * 8);
     }
 }

@@ -131,11 +131,38 @@ pub fn user_item(key: &[u8]) -> Bytes {
     v.into()
 }
 
-/// Storage key of a client's session entry (DESIGN.md §3, §6).
-pub fn session_item(client_id: u64) -> Bytes {
-    let mut v = Vec::with_capacity(9);
-    v.push(b's');
-    v.extend_from_slice(&client_id.to_be_bytes());
+/// Prefix of every session header item (DESIGN.md §3, §6): `s` `h` `<hi be64>` `<lo be64>`.
+pub const SESSION_HEADER_PREFIX: &[u8] = b"sh";
+
+/// Storage key of a session's header item.
+pub fn session_header_item(hi: u64, lo: u64) -> Bytes {
+    let mut v = Vec::with_capacity(18);
+    v.extend_from_slice(SESSION_HEADER_PREFIX);
+    v.extend_from_slice(&hi.to_be_bytes());
+    v.extend_from_slice(&lo.to_be_bytes());
+    v.into()
+}
+
+/// The session `(hi, lo)` a header item belongs to; `None` for any other item.
+pub fn session_of_header_item(item: &[u8]) -> Option<(u64, u64)> {
+    let id = item.strip_prefix(SESSION_HEADER_PREFIX)?;
+    if id.len() != 16 {
+        return None;
+    }
+    let (hi, lo) = id.split_at(8);
+    Some((
+        u64::from_be_bytes(hi.try_into().ok()?),
+        u64::from_be_bytes(lo.try_into().ok()?),
+    ))
+}
+
+/// Storage key of one result slot of a session: `s` `r` `<hi be64>` `<lo be64>` `<slot be16>`.
+pub fn session_result_item(hi: u64, lo: u64, slot: u16) -> Bytes {
+    let mut v = Vec::with_capacity(20);
+    v.extend_from_slice(b"sr");
+    v.extend_from_slice(&hi.to_be_bytes());
+    v.extend_from_slice(&lo.to_be_bytes());
+    v.extend_from_slice(&slot.to_be_bytes());
     v.into()
 }
 
@@ -224,6 +251,16 @@ mod tests {
         ];
         assert_eq!(most_advanced(&tie, 2).unwrap().rank, 2);
         assert_eq!(most_advanced(&tie, 7).unwrap().rank, 1);
+    }
+
+    #[test]
+    fn session_items_are_apart_from_user_items_and_parse_back() {
+        let h = session_header_item(1, 2);
+        assert_eq!(session_of_header_item(&h), Some((1, 2)));
+        assert_eq!(session_of_header_item(&session_result_item(1, 2, 3)), None);
+        assert_eq!(session_of_header_item(&user_item(&h)), None);
+        assert_eq!(session_of_header_item(b"sh"), None);
+        assert_ne!(session_header_item(1, 2), session_header_item(2, 1));
     }
 
     #[test]
