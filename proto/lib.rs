@@ -43,6 +43,17 @@ pub const OUTCOME_HEADER: &str = "replikv-outcome";
 pub const OUTCOME_UNKNOWN: &str = "unknown";
 /// See [`OUTCOME_HEADER`].
 pub const OUTCOME_NONE: &str = "none";
+/// Metadata header of a `FAILED_PRECONDITION` with which a session refuses a write (DESIGN.md
+/// §10 "Sessions"): [`SESSION_EXPIRED`] or [`SESSION_RESULT_UNKNOWN`]. The refused request
+/// applied nothing; every server answers it the same way, so it is not retried elsewhere.
+pub const SESSION_HEADER: &str = "replikv-session";
+/// See [`SESSION_HEADER`]: the servers hold no state of the session (it was idle past the
+/// session TTL and collected); the client starts a new session.
+pub const SESSION_EXPIRED: &str = "expired";
+/// See [`SESSION_HEADER`]: the write's recorded result is no longer known (declared
+/// finished, or forgotten beyond the results a session keeps); an earlier attempt may have
+/// applied it.
+pub const SESSION_RESULT_UNKNOWN: &str = "result-unknown";
 
 /// Default largest key, in bytes.
 pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;

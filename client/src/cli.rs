@@ -98,7 +98,10 @@ pub async fn run(opt: Opt, out: &mut impl Write) -> u8 {
 pub fn exit_code(err: &Error) -> u8 {
     match err {
         Error::InvalidArgument(_) | Error::Config(_) => EXIT_USAGE,
-        Error::Unavailable(_) | Error::OutcomeUnknown(_) | Error::Overloaded(_) => EXIT_UNAVAILABLE,
+        Error::Unavailable(_)
+        | Error::OutcomeUnknown(_)
+        | Error::Overloaded(_)
+        | Error::SessionExpired(_) => EXIT_UNAVAILABLE,
     }
 }
 

@@ -11,7 +11,8 @@ use futures::future::join_all;
 use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::pipeline_request::Op;
 use replikv_proto::kv::{
-    pipeline_response, DeleteRequest, GetRequest, PutRequest, StatusRequest, StatusResponse,
+    pipeline_response, DeleteRequest, GetRequest, PutRequest, RequestId, StatusRequest,
+    StatusResponse,
 };
 use replikv_proto::MAX_MESSAGE_BYTES;
 use tokio::time::Instant;
@@ -83,6 +84,7 @@ impl fmt::Debug for Client {
 }
 
 /// What a request needs to know to classify its failure.
+#[derive(Clone, Copy)]
 struct RequestSpec {
     op: &'static str,
     kind: OpKind,
@@ -170,23 +172,19 @@ impl Client {
     ) -> Result<Option<Bytes>, Error> {
         let (key, value) = (key.into(), value.into());
         check_input(&key, value.len())?;
-        let ticket = self.inner.session.begin();
-        let id = Some(ticket.id());
-        let spec = RequestSpec {
-            op: "put",
-            kind: OpKind::Write,
-        };
         let reply = self
-            .request(spec, |pipe| {
+            .session_write("put", |id| {
                 let op = Op::Put(PutRequest {
                     key: key.clone(),
                     value: value.clone(),
                     id,
                 });
-                async move { answer(pipe.call(op).await, |r| as_variant!(r, Put)) }
+                move |pipe: &Pipe| {
+                    let op = op.clone();
+                    async move { answer(pipe.call(op).await, |r| as_variant!(r, Put)) }
+                }
             })
             .await?;
-        drop(ticket);
         Ok(reply.had_old.then_some(reply.old_value))
     }
 
@@ -195,23 +193,52 @@ impl Client {
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, Error> {
         let key = key.into();
         check_input(&key, 0)?;
-        let ticket = self.inner.session.begin();
-        let id = Some(ticket.id());
-        let spec = RequestSpec {
-            op: "delete",
-            kind: OpKind::Write,
-        };
         let reply = self
-            .request(spec, |pipe| {
+            .session_write("delete", |id| {
                 let op = Op::Delete(DeleteRequest {
                     key: key.clone(),
                     id,
                 });
-                async move { answer(pipe.call(op).await, |r| as_variant!(r, Delete)) }
+                move |pipe: &Pipe| {
+                    let op = op.clone();
+                    async move { answer(pipe.call(op).await, |r| as_variant!(r, Delete)) }
+                }
             })
             .await?;
-        drop(ticket);
         Ok(reply.had_old.then_some(reply.old_value))
+    }
+
+    /// Runs a write under this client's session: one request id for every attempt
+    /// (exactly once, DESIGN.md §6). If the servers no longer hold the session (it was idle
+    /// past their session TTL, §10), the write was not applied: the session is replaced by
+    /// a new one and the write runs once more under it.
+    async fn session_write<'s, T, A, Fut>(
+        &'s self,
+        op: &'static str,
+        attempt_with: impl Fn(Option<RequestId>) -> A,
+    ) -> Result<T, Error>
+    where
+        A: FnMut(&'s Pipe) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let spec = RequestSpec {
+            op,
+            kind: OpKind::Write,
+        };
+        let mut renewed = false;
+        loop {
+            let ticket = self.inner.session.begin();
+            let result = self.request(spec, attempt_with(Some(ticket.id()))).await;
+            drop(ticket);
+            match result {
+                Err(Error::SessionExpired(why)) if !renewed => {
+                    debug!(op, %why, "session expired on the servers; starting a new one");
+                    self.inner.session.renew(session_id()?);
+                    renewed = true;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Asks server number `server` (an index into [`Client::servers`]) for
@@ -398,6 +425,18 @@ impl Client {
                 }
                 Next::GiveUpConfig if !may_have_applied => {
                     return Err(Error::Config(format!("{last} (is this a replikv server?)")));
+                }
+                Next::GiveUpSession { expired: true } if !may_have_applied => {
+                    return Err(Error::SessionExpired(last));
+                }
+                // The write's result is no longer known: it may have been applied by an
+                // earlier attempt (or by this one's forerunner on another client), and
+                // the servers will not apply it again.
+                Next::GiveUpSession { .. } => {
+                    return Err(Error::OutcomeUnknown(format!(
+                        "{}: the servers no longer know this write's result; {last}",
+                        spec.op
+                    )));
                 }
                 Next::GiveUpInvalid | Next::GiveUpConfig => {
                     return Err(Error::OutcomeUnknown(format!(

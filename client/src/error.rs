@@ -28,6 +28,13 @@ pub enum Error {
     /// was definitely not applied.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// The servers no longer hold this client's write session (it was idle
+    /// longer than their session TTL and was collected). The write was
+    /// definitely not applied. [`crate::Client`]'s writes handle it by
+    /// starting a new session and trying once more, so a caller sees it only
+    /// if the new session is refused too.
+    #[error("session expired: {0}")]
+    SessionExpired(String),
 }
 
 impl Error {
@@ -46,6 +53,10 @@ pub(crate) enum Next {
     GiveUpInvalid,
     /// The server does not serve the replikv API.
     GiveUpConfig,
+    /// The write's session refused it (DESIGN.md §10); every server would.
+    /// `expired`: the servers hold no state of the session; otherwise the
+    /// write's recorded result is no longer known.
+    GiveUpSession { expired: bool },
 }
 
 /// One failed attempt, as the retry loop sees it.
@@ -91,7 +102,11 @@ impl AttemptFailure {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
+        let session = header(replikv_proto::SESSION_HEADER);
         let next = match code {
+            Code::FailedPrecondition if session.is_some() => Next::GiveUpSession {
+                expired: session.as_deref() == Some(replikv_proto::SESSION_EXPIRED),
+            },
             Code::InvalidArgument | Code::OutOfRange => Next::GiveUpInvalid,
             Code::Unimplemented | Code::Unauthenticated | Code::PermissionDenied => {
                 Next::GiveUpConfig
@@ -203,6 +218,31 @@ mod tests {
             OUTCOME_UNKNOWN,
         );
         assert!(AttemptFailure::from_status(&shed_late).may_have_applied);
+    }
+
+    #[test]
+    fn session_refusals_give_up_at_once() {
+        let expired = with_header(
+            Status::failed_precondition("session x expired"),
+            replikv_proto::SESSION_HEADER,
+            replikv_proto::SESSION_EXPIRED,
+        );
+        let expired = with_header(expired, OUTCOME_HEADER, OUTCOME_NONE);
+        let f = AttemptFailure::from_status(&expired);
+        assert_eq!(f.next, Next::GiveUpSession { expired: true });
+        assert!(!f.may_have_applied);
+        let unknown = with_header(
+            Status::failed_precondition("result no longer known"),
+            replikv_proto::SESSION_HEADER,
+            replikv_proto::SESSION_RESULT_UNKNOWN,
+        );
+        assert_eq!(
+            AttemptFailure::from_status(&unknown).next,
+            Next::GiveUpSession { expired: false }
+        );
+        // Without the header it is some other precondition: another server may do better.
+        let other = Status::failed_precondition("something else");
+        assert_eq!(AttemptFailure::from_status(&other).next, Next::Retry);
     }
 
     #[test]

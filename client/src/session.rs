@@ -49,7 +49,6 @@ pub(crate) fn high_half(id: u128) -> u64 {
 /// One client's write sequence.
 #[derive(Debug)]
 pub(crate) struct Session {
-    client_id: u128,
     /// A `std` mutex because the critical sections are a few integer
     /// operations with no `.await`. The seq counter lives under the same lock
     /// as the in-flight set: were it a separate atomic, a write could take seq
@@ -61,6 +60,8 @@ pub(crate) struct Session {
 
 #[derive(Debug)]
 struct SessionState {
+    /// Replaced by [`Session::renew`] when the servers no longer hold the session.
+    client_id: u128,
     next_seq: u64,
     in_flight: BTreeSet<u64>,
 }
@@ -76,8 +77,8 @@ pub(crate) struct WriteTicket<'a> {
 impl Session {
     pub fn new(client_id: u128) -> Self {
         Self {
-            client_id,
             state: Mutex::new(SessionState {
+                client_id,
                 next_seq: 1,
                 in_flight: BTreeSet::new(),
             }),
@@ -85,15 +86,29 @@ impl Session {
     }
 
     pub fn client_id(&self) -> u128 {
-        self.client_id
+        self.lock().client_id
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionState> {
+        // A panic elsewhere while holding this lock cannot leave the state
+        // inconsistent (each section is a few assignments), so a poisoned lock
+        // is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts over under the session id `fresh`, after the servers answered that they
+    /// hold no state of the current one (it expired, DESIGN.md §10). Writes still in flight
+    /// keep their ids; their tickets no longer touch the new session's seqs.
+    pub fn renew(&self, fresh: u128) {
+        let mut state = self.lock();
+        state.client_id = fresh;
+        state.next_seq = 1;
+        state.in_flight.clear();
     }
 
     /// Assigns the next seq to a new write.
     pub fn begin(&self) -> WriteTicket<'_> {
-        // A panic elsewhere while holding this lock cannot leave the state
-        // inconsistent (each section is one insert or remove), so a poisoned
-        // lock is still usable.
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
         let seq = state.next_seq;
         state.next_seq += 1;
         state.in_flight.insert(seq);
@@ -101,8 +116,8 @@ impl Session {
         WriteTicket {
             session: self,
             id: RequestId {
-                client_id: low_half(self.client_id),
-                client_id_hi: high_half(self.client_id),
+                client_id: low_half(state.client_id),
+                client_id_hi: high_half(state.client_id),
                 seq,
                 first_unfinished,
             },
@@ -126,18 +141,44 @@ impl WriteTicket<'_> {
 
 impl Drop for WriteTicket<'_> {
     fn drop(&mut self) {
-        let mut state = self
-            .session
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        state.in_flight.remove(&self.id.seq);
+        let mut state = self.session.lock();
+        let id = u128::from(self.id.client_id_hi) << 64 | u128::from(self.id.client_id);
+        // A ticket of a session since renewed must not finish a seq of the new one.
+        if state.client_id == id {
+            state.in_flight.remove(&self.id.seq);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewed_session_starts_over_and_old_tickets_leave_it_alone() {
+        let s = Session::new(1 << 64 | 5);
+        let old = s.begin();
+        let _old2 = s.begin();
+        s.renew(2 << 64 | 9);
+        let fresh = s.begin();
+        assert_eq!(
+            (
+                fresh.id().client_id_hi,
+                fresh.id().client_id,
+                fresh.id().seq
+            ),
+            (2, 9, 1)
+        );
+        assert_eq!(fresh.id().first_unfinished, 1);
+        drop(old);
+        assert_eq!(
+            s.in_flight(),
+            vec![1],
+            "the old seq 1 did not finish the new one"
+        );
+        drop(fresh);
+        assert!(s.in_flight().is_empty());
+    }
 
     #[test]
     fn seqs_start_at_one_and_grow() {

@@ -20,8 +20,13 @@ async fn bounded<T>(fut: impl std::future::Future<Output = T>) -> T {
 }
 
 async fn start_cluster() -> LocalCluster {
+    start_cluster_with(&[]).await
+}
+
+async fn start_cluster_with(extra_args: &[&str]) -> LocalCluster {
     let cluster = LocalCluster::start(ClusterOptions {
         servers: 3,
+        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     })
     .expect("start the servers (is replikv-server built?)");
@@ -164,6 +169,31 @@ async fn sessions_sharing_connections_keep_exactly_once_ids_of_their_own() {
             Some(Bytes::from(format!("value-{i}")))
         );
     }
+}
+
+/// A session the servers collected while it was idle (past `--session-ttl`) is replaced by a
+/// new one: the next write succeeds, once, under a new session id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_session_expired_runs_under_a_new_session() {
+    let cluster = start_cluster_with(&["--session-ttl", "1s"]).await;
+    let client = Client::connect(ClientConfig::new(cluster.addrs()))
+        .await
+        .unwrap();
+    assert_eq!(bounded(client.put("k", "1")).await.unwrap(), None);
+    let first = client.client_id();
+    // The collector runs every TTL/4; give it a few rounds past the TTL.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        bounded(client.put("k", "2")).await.unwrap(),
+        Some(Bytes::from("1")),
+        "applied once, on top of the first write"
+    );
+    assert_ne!(client.client_id(), first, "a new session");
+    assert_eq!(
+        bounded(client.delete("k")).await.unwrap(),
+        Some(Bytes::from("2"))
+    );
+    assert_eq!(bounded(client.get("k")).await.unwrap(), None);
 }
 
 async fn replikv(servers: &str, args: &[&str]) -> Output {

@@ -93,14 +93,13 @@ pub enum SessionRefusal {
     Expired,
 }
 
-/// Metadata header of a `FAILED_PRECONDITION` session refusal: `result-unknown` or `expired`.
-pub const SESSION_HEADER: &str = "replikv-session";
+pub use replikv_proto::SESSION_HEADER;
 
 impl SessionRefusal {
     pub fn as_str(self) -> &'static str {
         match self {
-            SessionRefusal::ResultUnknown => "result-unknown",
-            SessionRefusal::Expired => "expired",
+            SessionRefusal::ResultUnknown => replikv_proto::SESSION_RESULT_UNKNOWN,
+            SessionRefusal::Expired => replikv_proto::SESSION_EXPIRED,
         }
     }
 }
