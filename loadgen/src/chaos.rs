@@ -296,6 +296,7 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
     };
     let mut exits = nemesis.unexpected_exits().to_vec();
     let stalls = nemesis.stalls().to_vec();
+    let failed_injections = nemesis.failed_injections().to_vec();
     drop(nemesis);
     tokio::time::sleep(
         args.duration
@@ -330,6 +331,11 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
             "no server exited on its own",
             exits.is_empty(),
             exits.join("; "),
+        ),
+        Check::new(
+            "every fault was injected",
+            failed_injections.is_empty(),
+            failed_injections.join("; "),
         ),
         Check::new(
             "every round ended with every server a serving member again",

@@ -194,19 +194,20 @@ impl Fault {
         )
     }
 
-    /// An upper estimate of one round on `n` servers, healing and the
+    /// The expected length of one round on `n` servers, healing and the
     /// settle time included (not the wait for convergence, which is short
-    /// when things go well), so that the schedule starts no round it cannot
-    /// finish before the run's end.
+    /// when things go well), so that the schedule starts no round that would
+    /// run far past the run's end.
     pub fn round_estimate(self, n: usize, timing: &Timing) -> Duration {
-        let hold = timing.hold.1.max(timing.min_pause);
+        let hold = (timing.hold.0 + timing.hold.1) / 2;
         let base = hold + timing.settle;
-        let gaps = RESTART_GAP_MAX * 2 * n.saturating_sub(1) as u32;
+        let gaps = RESTART_GAP_MAX * n.saturating_sub(1) as u32;
         base + match self {
-            Fault::Wipe => WIPE_RESTART_MAX,
+            Fault::Pause => timing.min_pause.saturating_sub(hold),
+            Fault::Wipe => WIPE_RESTART_MAX / 2,
             Fault::RestartAllWiped => gaps,
-            Fault::PartitionKill | Fault::PauseRestart => hold + WIPE_RESTART_MAX,
-            Fault::KillTransfer => DROP_WAIT + TRANSFER_WAIT,
+            Fault::PartitionKill | Fault::PauseRestart => hold + WIPE_RESTART_MAX / 2,
+            Fault::KillTransfer => Duration::from_secs(2),
             Fault::PartitionViewChange | Fault::CrashAt => timing.view_change,
             _ => Duration::ZERO,
         }
@@ -405,6 +406,8 @@ pub struct Nemesis<'a> {
     unexpected_exits: Vec<String>,
     /// Rounds after which the cluster did not become whole again in time.
     stalls: Vec<String>,
+    /// Faults that could not be injected (or only in part), and why.
+    failed: Vec<String>,
     /// Whether every server was a serving member of one view after the last
     /// round.
     whole: bool,
@@ -433,6 +436,7 @@ impl<'a> Nemesis<'a> {
             events: Vec::new(),
             unexpected_exits: Vec::new(),
             stalls: Vec::new(),
+            failed: Vec::new(),
             whole: true,
         })
     }
@@ -466,6 +470,11 @@ impl<'a> Nemesis<'a> {
         &self.stalls
     }
 
+    /// Faults that could not be injected (or only in part), and why.
+    pub fn failed_injections(&self) -> &[String] {
+        &self.failed
+    }
+
     fn n(&self) -> usize {
         self.cluster.len()
     }
@@ -497,7 +506,14 @@ impl<'a> Nemesis<'a> {
         let mut hold = self.random_hold();
         let injected = match self.inject(fault, &mut hold).await {
             Ok(description) => description,
-            Err(e) => format!("failed to inject: {e}"),
+            Err(e) => {
+                self.failed.push(format!(
+                    "{} at {:.3} s: {e}",
+                    fault.name(),
+                    start as f64 / 1e9
+                ));
+                format!("failed to inject: {e}")
+            }
         };
         info!(
             fault = fault.name(),
@@ -965,9 +981,13 @@ impl<'a> Nemesis<'a> {
                 let isolated = self.other_than(primary);
                 let window = self.timing.view_change;
                 let iso = self.random_between(Duration::from_millis(300), window);
-                let rules = cut(n, &BTreeSet::from([isolated]));
+                let mut rules = cut(n, &BTreeSet::from([isolated]));
                 let description = if overlap {
                     self.kill(primary)?;
+                    // The dead primary takes no rules; the isolated server's
+                    // own rules cut its side of their link, and the primary
+                    // restarts only after the isolation is healed.
+                    rules[primary].clear();
                     self.admin.apply(&rules).await?;
                     tokio::time::sleep(iso).await;
                     format!(
