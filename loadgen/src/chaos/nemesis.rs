@@ -604,6 +604,23 @@ impl<'a> Nemesis<'a> {
         choices.choose(&mut self.rng).copied().unwrap_or(not)
     }
 
+    /// The server most likely to reach `step` once `primary` dies. The
+    /// survivors stagger their take-over by rank distance after the old
+    /// primary (DESIGN.md §5), so the next rank proposes, becomes primary and
+    /// sources the reconcile's transfers; the other survivors promise,
+    /// accept and install.
+    fn reaches(&mut self, step: &str, primary: usize) -> usize {
+        let n = self.n();
+        let next = (primary + 1) % n;
+        match step {
+            "prepared" | "decided" | "reconciled" | "transferring" => next,
+            _ => {
+                let acceptors: Vec<usize> = (0..n).filter(|&r| r != primary && r != next).collect();
+                acceptors.choose(&mut self.rng).copied().unwrap_or(next)
+            }
+        }
+    }
+
     /// `(a, b)` or `(b, a)`, at random: which side of a link a one-way fault hits.
     fn either_way(&mut self, a: usize, b: usize) -> (usize, usize) {
         if self.rng.random_bool(0.5) {
@@ -1015,8 +1032,8 @@ impl<'a> Nemesis<'a> {
             }
             Fault::CrashAt => {
                 let primary = self.primary().await.ok_or("no primary to kill")?;
-                let armed = self.other_than(primary);
                 let step = *CRASH_STEPS.choose(&mut self.rng).unwrap_or(&"promised");
+                let armed = self.reaches(step, primary);
                 self.arm(armed, step).await?;
                 self.kill(primary)?;
                 let window = self.timing.view_change;
