@@ -573,16 +573,7 @@ async fn no_acknowledged_write_lost(cluster: &LocalCluster, entries: &[Entry]) -
                             Err(e) => break Err(e.to_string()),
                         }
                     };
-                    let found = match read {
-                        Ok(Some(v)) if v == value => return None,
-                        Ok(Some(v)) => format!("read {v:?}"),
-                        Ok(None) => "read absent".to_owned(),
-                        Err(e) => format!("did not answer: {e}"),
-                    };
-                    Some(format!(
-                        "{key} = {value:?} (acknowledged at {:.3} s): server {rank} {found}",
-                        acked as f64 / 1e9
-                    ))
+                    witness_missed(key, value, acked, rank, read)
                 })
                 .buffer_unordered(WITNESS_READS_IN_FLIGHT)
                 .filter_map(|lost| async move { lost })
@@ -619,6 +610,27 @@ async fn no_acknowledged_write_lost(cluster: &LocalCluster, entries: &[Entry]) -
             format!("{count} reads missed a write: {}", lost.join("; ")),
         )
     }
+}
+
+/// What is wrong with server `rank`'s read of a witness key, if anything:
+/// `key` was written once, with `value`, acknowledged at `acked`.
+fn witness_missed(
+    key: &str,
+    value: &str,
+    acked: u64,
+    rank: usize,
+    read: Result<Option<String>, String>,
+) -> Option<String> {
+    let found = match read {
+        Ok(Some(v)) if v == value => return None,
+        Ok(Some(v)) => format!("read {v:?}"),
+        Ok(None) => "read absent".to_owned(),
+        Err(e) => format!("did not answer: {e}"),
+    };
+    Some(format!(
+        "{key} = {value:?} (acknowledged at {:.3} s): server {rank} {found}",
+        acked as f64 / 1e9
+    ))
 }
 
 /// A server whose data was wiped served only once it had rejoined.
@@ -879,4 +891,35 @@ fn summary(history: &History, checks: &[Check], report: &checker::Report) -> Str
     }
     let _ = write!(out, "{report}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_witness_read_must_return_exactly_the_acknowledged_value() {
+        let miss = |read| witness_missed("ack-c1-2", "c1-a2", 1_500_000_000, 3, read);
+        assert_eq!(miss(Ok(Some("c1-a2".into()))), None);
+        let absent = miss(Ok(None)).expect("a lost write");
+        assert!(absent.contains("server 3 read absent"), "{absent}");
+        assert!(absent.contains("acknowledged at 1.500 s"), "{absent}");
+        let other = miss(Ok(Some("c1-a1".into()))).expect("another value");
+        assert!(other.contains("read \"c1-a1\""), "{other}");
+        assert!(
+            miss(Err("unavailable".into())).is_some(),
+            "no answer is no proof"
+        );
+    }
+
+    #[test]
+    fn explicitly_named_faults_must_fit_the_cluster_but_all_shrinks() {
+        assert!(faults_for(&[Fault::Combined], 2).is_err());
+        assert!(faults_for(&[Fault::All, Fault::Wipe], 1).is_err());
+        let all_on_two = faults_for(&[Fault::All], 2).unwrap();
+        assert!(all_on_two.contains(&Fault::Wipe));
+        assert!(!all_on_two.contains(&Fault::KillTransfer));
+        assert!(!all_on_two.contains(&Fault::RestartAllWiped));
+        assert_eq!(faults_for(&[Fault::All], 3).unwrap().len(), 17);
+    }
 }
