@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The long nemesis soak: five servers, every fault kind in healed rounds, ten
-# recording clients, then the convergence, epoch, panic and linearizability
-# checks of `replikv-loadgen chaos` (DESIGN.md §8).
+# The long nemesis soak: five servers, every fault kind in healed rounds (lost
+# disks, whole-cluster restarts with a wiped disk, two faults together, crashes
+# armed at the steps of a view change or transfer), ten recording clients, then
+# the checks of `replikv-loadgen chaos` (DESIGN.md §8, §10): convergence, no
+# acknowledged write lost, growing epochs, wiped servers serving only after they
+# rejoined, no panics, a linearizable history.
 #
 #   scripts/chaos.sh 10m
 #   scripts/chaos.sh 30m --seed 42 --clients 16

@@ -8,11 +8,14 @@
 //! - [`measure`]: `chaos measure`: unavailability after faults, catch-up time.
 //!
 //! A run: spawn a cluster with fault injection, start the clients and the
-//! monitor, inject faults in rounds (each healed before the next) until the
-//! duration is over, heal and restart everything, then check: replicas
-//! converge to the same contents, epochs only grew, one primary per epoch, no
-//! server panicked or died on its own, the cluster takes writes again, and
-//! the history (final reads included) is linearizable.
+//! monitor, inject faults in rounds (each healed, and the cluster whole
+//! again, before the next) until the duration is over, heal and restart
+//! everything, then check: replicas converge to the same contents, every
+//! acknowledged write to a key of its own reads back from every server,
+//! epochs only grew, one primary per epoch, a server whose disk was wiped
+//! served only after it rejoined, no server panicked or died on its own, the
+//! cluster takes writes again, and the history (final reads included) is
+//! linearizable.
 
 pub mod history;
 pub mod measure;
@@ -26,17 +29,19 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use replikv_client::{Client, ClientConfig, Route};
 use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::checker::{self, Call, CheckOptions, Verdict};
 use history::{Clock, Entry, Fate, History};
 use nemesis::{Fault, Nemesis, Timing};
+use workload::is_acknowledged_witness;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -54,6 +59,10 @@ const WARM_UP: Duration = Duration::from_secs(1);
 const FINAL_READER: u64 = 1_000_000;
 /// Lines shown per server when its log shows a panic.
 const PANIC_LINES: usize = 5;
+/// Witness reads in flight per server after the run.
+const WITNESS_READS_IN_FLIGHT: usize = 32;
+/// Lost writes named in a failed check.
+const LOST_SHOWN: usize = 10;
 
 /// Options of the `chaos` subcommand.
 #[derive(clap::Args, Debug, Clone)]
@@ -110,6 +119,11 @@ pub struct ChaosArgs {
     /// Seed of the fault schedule and the clients' choices.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Let restart-all-wiped also wipe the server stopped second to last. It
+    /// may be the primary of the final two-member view, whose other member
+    /// alone is no quorum: the servers cannot serve again after that loss.
+    #[arg(long)]
+    pub wipe_late_stopped: bool,
     /// Linearizability search budget per key, in steps.
     #[arg(long, default_value_t = CheckOptions::default().max_steps_per_key)]
     pub max_search_steps: u64,
@@ -218,10 +232,7 @@ impl Check {
 }
 
 async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
-    let faults = Fault::expand(&args.faults);
-    if faults.is_empty() {
-        return Err("--faults names no fault".into());
-    }
+    let faults = faults_for(&args.faults, args.spawn)?;
     if args.clients == 0 || args.keys == 0 {
         return Err("--clients and --keys must be at least 1".into());
     }
@@ -253,7 +264,13 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
     // The monitor outlives the clients: restarts and convergence after the
     // run must not move epochs back either.
     let (stop_monitor, monitor_stop) = watch::channel(false);
-    let monitor = tokio::spawn(monitor::watch_cluster(addrs.clone(), clock, monitor_stop));
+    let (amnesia, wiped) = mpsc::unbounded_channel();
+    let monitor = tokio::spawn(monitor::watch_cluster(
+        addrs.clone(),
+        clock,
+        monitor_stop,
+        wiped,
+    ));
     let keys: Vec<String> = (0..args.keys).map(|k| format!("chaos-{k}")).collect();
     let (stop_clients, clients_stop) = watch::channel(false);
     let clients = spawn_clients(args, &addrs, &keys, clock, &mut rng, clients_stop).await?;
@@ -262,19 +279,24 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
         hold: (args.hold_min, args.hold_max),
         min_pause: Duration::from_millis(3 * args.lease_ms),
         settle: args.settle,
+        view_change: Duration::from_millis(3 * args.lease_ms) + Duration::from_secs(1),
     };
     let mut nemesis = Nemesis::new(
         &mut cluster,
         StdRng::seed_from_u64(rng.random()),
         clock,
-        timing,
+        timing.clone(),
     )?;
-    run_schedule(&mut nemesis, &faults, args, run_started, &mut rng).await;
+    nemesis.report_amnesia_to(amnesia);
+    nemesis.wipe_late_stopped(args.wipe_late_stopped);
+    run_schedule(&mut nemesis, &faults, args, &timing, run_started, &mut rng).await;
     let mut history = History {
         entries: Vec::new(),
         nemesis: nemesis.events().to_vec(),
     };
     let mut exits = nemesis.unexpected_exits().to_vec();
+    let stalls = nemesis.stalls().to_vec();
+    let failed_injections = nemesis.failed_injections().to_vec();
     drop(nemesis);
     tokio::time::sleep(
         args.duration
@@ -304,14 +326,29 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
             cluster.restart(rank)?;
         }
     }
-    let mut checks = vec![Check::new(
-        "no server exited on its own",
-        exits.is_empty(),
-        exits.join("; "),
-    )];
+    let mut checks = vec![
+        Check::new(
+            "no server exited on its own",
+            exits.is_empty(),
+            exits.join("; "),
+        ),
+        Check::new(
+            "every fault was injected",
+            failed_injections.is_empty(),
+            failed_injections.join("; "),
+        ),
+        Check::new(
+            "every round ended with every server a serving member again",
+            stalls.is_empty(),
+            stalls.join("; "),
+        ),
+    ];
     checks.extend(after_healing(&cluster, &addrs, &keys, clock, &mut history).await);
+    checks.push(no_acknowledged_write_lost(&cluster, &history.entries).await);
     let _ = stop_monitor.send(true);
-    checks.push(epoch_check(&monitor.await?));
+    let observations = monitor.await?;
+    checks.push(epoch_check(&observations));
+    checks.push(amnesia_check(&observations));
     let panics = scan_logs(&cluster);
     checks.push(Check::new(
         "no server panicked",
@@ -405,25 +442,63 @@ async fn spawn_clients(
     Ok(clients)
 }
 
-/// Every fault once in a random order, again and again, while a whole round
+/// The concrete faults the command line names, checked against the number
+/// of servers: one named explicitly must fit; of `all`, the ones that need
+/// more servers are left out, with a note.
+fn faults_for(names: &[Fault], servers: usize) -> Result<Vec<Fault>, BoxError> {
+    let faults = Fault::expand(names);
+    if faults.is_empty() {
+        return Err("--faults names no fault".into());
+    }
+    let (fit, too_big): (Vec<Fault>, Vec<Fault>) =
+        faults.into_iter().partition(|f| f.min_servers() <= servers);
+    if let Some(f) = too_big.first() {
+        let explicit = Fault::expand(
+            &names
+                .iter()
+                .copied()
+                .filter(|n| *n != Fault::All)
+                .collect::<Vec<_>>(),
+        );
+        if explicit.contains(f) || fit.is_empty() {
+            return Err(format!(
+                "--faults {} needs --spawn {} or more",
+                f.name(),
+                f.min_servers()
+            )
+            .into());
+        }
+        let names: Vec<String> = too_big.iter().map(|f| f.name()).collect();
+        println!("left out on {servers} servers: {}", names.join(", "));
+    }
+    Ok(fit)
+}
+
+/// Every fault once in a random order, again and again, while a round of it
 /// still fits before the fault-free tail; everything is healed at the end.
 async fn run_schedule(
     nemesis: &mut Nemesis<'_>,
     faults: &[Fault],
     args: &ChaosArgs,
+    timing: &Timing,
     run_started: Instant,
     rng: &mut StdRng,
 ) {
-    let round_length = args.hold_max.max(Duration::from_millis(3 * args.lease_ms)) + args.settle;
     tokio::time::sleep(WARM_UP).await;
     let mut order = faults.to_vec();
-    'rounds: loop {
+    loop {
         order.shuffle(rng);
+        let mut injected = false;
         for &fault in &order {
-            if run_started.elapsed() + round_length + TAIL > args.duration {
-                break 'rounds;
+            let round = fault.round_estimate(args.spawn, timing);
+            if run_started.elapsed() + round + TAIL > args.duration {
+                continue;
             }
             nemesis.round(fault).await;
+            injected = true;
+        }
+        if !injected {
+            break;
         }
     }
     nemesis.heal().await;
@@ -454,6 +529,122 @@ async fn after_healing(
     history.entries.extend(final_reads);
     let write = write_after_heal(addrs, keys, clock, history).await;
     vec![convergence, contents, write]
+}
+
+/// Reads every acknowledged witness write (a put to a key no other write
+/// touches) back from every server, through a client pinned to it: each must
+/// hold exactly the value written. The history's other keys are overwritten
+/// all the time; for them, a lost write shows in the linearizability check
+/// (each put returns the value it replaced) and the final reads.
+async fn no_acknowledged_write_lost(cluster: &LocalCluster, entries: &[Entry]) -> Check {
+    let name = "no acknowledged write lost";
+    let witnesses: Vec<(&str, &str, u64)> = entries
+        .iter()
+        .filter(|e| is_acknowledged_witness(e))
+        .filter_map(|e| match &e.call {
+            Call::Put(v) => Some((e.key.as_str(), v.as_str(), e.complete)),
+            _ => None,
+        })
+        .collect();
+    if witnesses.is_empty() {
+        return Check::new(name, false, "no witness write was acknowledged");
+    }
+    let started = Instant::now();
+    let per_server = (0..cluster.len()).map(|rank| {
+        let witnesses = &witnesses;
+        async move {
+            let config = ClientConfig::new([cluster.addr(rank)])
+                .with_request_timeout(Duration::from_secs(2));
+            let client = match Client::connect(config).await {
+                Ok(c) => c,
+                Err(e) => return Err(format!("server {rank}: {e}")),
+            };
+            let client = &client;
+            let lost: Vec<String> = futures::stream::iter(witnesses.iter())
+                .map(|&(key, value, acked)| async move {
+                    let deadline = Instant::now() + FINAL_OP;
+                    let read = loop {
+                        match client.get(key.to_owned()).await {
+                            Ok(v) => break Ok(v.as_ref().map(workload::text)),
+                            Err(e) if Instant::now() < deadline => {
+                                warn!(rank, key, error = %e, "witness read failed; retrying");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            Err(e) => break Err(e.to_string()),
+                        }
+                    };
+                    witness_missed(key, value, acked, rank, read)
+                })
+                .buffer_unordered(WITNESS_READS_IN_FLIGHT)
+                .filter_map(|lost| async move { lost })
+                .collect()
+                .await;
+            Ok(lost)
+        }
+    });
+    let mut lost = Vec::new();
+    for result in futures::future::join_all(per_server).await {
+        match result {
+            Ok(l) => lost.extend(l),
+            Err(e) => lost.push(e),
+        }
+    }
+    if lost.is_empty() {
+        Check::new(
+            name,
+            true,
+            format!(
+                "{} acknowledged writes to keys of their own read back from each of {} servers in {:.1} s",
+                witnesses.len(),
+                cluster.len(),
+                started.elapsed().as_secs_f64()
+            ),
+        )
+    } else {
+        lost.sort();
+        let count = lost.len();
+        lost.truncate(LOST_SHOWN);
+        Check::new(
+            name,
+            false,
+            format!("{count} reads missed a write: {}", lost.join("; ")),
+        )
+    }
+}
+
+/// What is wrong with server `rank`'s read of a witness key, if anything:
+/// `key` was written once, with `value`, acknowledged at `acked`.
+fn witness_missed(
+    key: &str,
+    value: &str,
+    acked: u64,
+    rank: usize,
+    read: Result<Option<String>, String>,
+) -> Option<String> {
+    let found = match read {
+        Ok(Some(v)) if v == value => return None,
+        Ok(Some(v)) => format!("read {v:?}"),
+        Ok(None) => "read absent".to_owned(),
+        Err(e) => format!("did not answer: {e}"),
+    };
+    Some(format!(
+        "{key} = {value:?} (acknowledged at {:.3} s): server {rank} {found}",
+        acked as f64 / 1e9
+    ))
+}
+
+/// A server whose data was wiped served only once it had rejoined.
+fn amnesia_check(observations: &monitor::Observations) -> Check {
+    let name = "a wiped server served only after it rejoined";
+    if !observations.amnesia_violations.is_empty() {
+        return Check::new(name, false, observations.amnesia_violations.join("; "));
+    }
+    let wipes: u64 = observations.servers.iter().map(|t| t.wipes).sum();
+    Check::new(
+        name,
+        true,
+        format!("{wipes} wipes, {} rejoins seen", observations.rejoins),
+    )
 }
 
 /// Epochs never went back on any server, and one primary per epoch.
@@ -653,7 +844,18 @@ fn scan_logs(cluster: &LocalCluster) -> Vec<String> {
 /// checker's report.
 fn summary(history: &History, checks: &[Check], report: &checker::Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "nemesis: {} rounds", history.nemesis.len());
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for event in &history.nemesis {
+        let kind = event.description.split(':').next().unwrap_or_default();
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let _ = writeln!(
+        out,
+        "nemesis: {} rounds ({})",
+        history.nemesis.len(),
+        kinds.join(", ")
+    );
     for event in &history.nemesis {
         let _ = writeln!(out, "  {event}");
     }
@@ -689,4 +891,35 @@ fn summary(history: &History, checks: &[Check], report: &checker::Report) -> Str
     }
     let _ = write!(out, "{report}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_witness_read_must_return_exactly_the_acknowledged_value() {
+        let miss = |read| witness_missed("ack-c1-2", "c1-a2", 1_500_000_000, 3, read);
+        assert_eq!(miss(Ok(Some("c1-a2".into()))), None);
+        let absent = miss(Ok(None)).expect("a lost write");
+        assert!(absent.contains("server 3 read absent"), "{absent}");
+        assert!(absent.contains("acknowledged at 1.500 s"), "{absent}");
+        let other = miss(Ok(Some("c1-a1".into()))).expect("another value");
+        assert!(other.contains("read \"c1-a1\""), "{other}");
+        assert!(
+            miss(Err("unavailable".into())).is_some(),
+            "no answer is no proof"
+        );
+    }
+
+    #[test]
+    fn explicitly_named_faults_must_fit_the_cluster_but_all_shrinks() {
+        assert!(faults_for(&[Fault::Combined], 2).is_err());
+        assert!(faults_for(&[Fault::All, Fault::Wipe], 1).is_err());
+        let all_on_two = faults_for(&[Fault::All], 2).unwrap();
+        assert!(all_on_two.contains(&Fault::Wipe));
+        assert!(!all_on_two.contains(&Fault::KillTransfer));
+        assert!(!all_on_two.contains(&Fault::RestartAllWiped));
+        assert_eq!(faults_for(&[Fault::All], 3).unwrap().len(), 17);
+    }
 }

@@ -1,6 +1,11 @@
 //! The clients of the nemesis run: each its own session, doing gets, puts of
 //! values unique to the run, and a few deletes on a small key set, recording
 //! every operation with its invocation and completion on the run clock.
+//!
+//! Some puts go to keys of their own ("witness" writes, never overwritten),
+//! so that after the run every acknowledged one can be read back from every
+//! server: a write lost anywhere shows as a missing key, not only as a
+//! history the checker cannot order.
 
 use std::time::Duration;
 
@@ -17,6 +22,10 @@ use crate::checker::Call;
 const GET_SHARE: f64 = 0.5;
 /// Share of writes that are deletes (they exercise tombstones in transfers).
 const DELETE_SHARE: f64 = 0.1;
+/// Share of operations that are witness writes (to a key of their own).
+const WITNESS_SHARE: f64 = 0.1;
+/// Prefix of the witness keys; the shared keys do not start with it.
+pub const WITNESS_PREFIX: &str = "ack-";
 /// Margin over the client's own request timeout before this harness gives up
 /// on an operation (the client library should give up first).
 const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
@@ -44,10 +53,15 @@ pub async fn run_client(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut entries = Vec::new();
     let mut written = 0u64;
+    let mut witnessed = 0u64;
     let deadline = request_timeout + DEADLINE_MARGIN;
     while !*stop.borrow() {
-        let key = keys[rng.random_range(0..keys.len())].clone();
-        let call = if rng.random_bool(GET_SHARE) {
+        let mut key = keys[rng.random_range(0..keys.len())].clone();
+        let call = if rng.random_bool(WITNESS_SHARE) {
+            witnessed += 1;
+            key = witness_key(process, witnessed);
+            Call::Put(format!("c{process}-a{witnessed}"))
+        } else if rng.random_bool(GET_SHARE) {
             Call::Get
         } else if rng.random_bool(DELETE_SHARE) {
             Call::Delete
@@ -81,6 +95,19 @@ pub async fn run_client(
         });
     }
     entries
+}
+
+/// The key of the `n`-th witness write of session `process`.
+pub fn witness_key(process: u64, n: u64) -> String {
+    format!("{WITNESS_PREFIX}c{process}-{n}")
+}
+
+/// Whether `entry` is an acknowledged witness write: its value must be
+/// readable from every server once the cluster is healed.
+pub fn is_acknowledged_witness(entry: &Entry) -> bool {
+    entry.key.starts_with(WITNESS_PREFIX)
+        && matches!(entry.call, Call::Put(_))
+        && matches!(entry.fate, Fate::Ok(_))
 }
 
 /// A failed get tells nothing. A failed write is unknown unless the client
