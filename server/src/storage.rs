@@ -390,6 +390,25 @@ impl Drop for Store {
     }
 }
 
+/// Sets the log's segment size, for tests that need many segments (not a user setting).
+pub const SEGMENT_BYTES_ENV: &str = "REPLIKV_WAL_SEGMENT_BYTES";
+
+fn segment_bytes_from_env() -> Result<Option<u64>, StorageError> {
+    let Some(raw) = std::env::var_os(SEGMENT_BYTES_ENV) else {
+        return Ok(None);
+    };
+    raw.to_str()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&b| b > 0)
+        .map(Some)
+        .ok_or_else(|| {
+            StorageError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{SEGMENT_BYTES_ENV} must be a positive number of bytes, not {raw:?}"),
+            ))
+        })
+}
+
 fn data_key(item: &[u8]) -> Vec<u8> {
     [DATA, item].concat()
 }
@@ -430,6 +449,10 @@ fn unjson<T: for<'a> Deserialize<'a>>(raw: &[u8], what: &str) -> Result<T, Stora
 
 impl Store {
     pub fn open(dir: &Path, sync: SyncMode) -> Result<Store, StorageError> {
+        // The log is checked before anything is opened for writing: damage stops the server
+        // with the data directory as it found it (sled's open may already write).
+        let mut found = Wal::recover(&dir.join("wal"))?;
+        let segment_bytes = segment_bytes_from_env()?;
         std::fs::create_dir_all(dir)?;
         let db = sled::Config::default()
             .path(dir)
@@ -437,7 +460,11 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(500))
             .open()?;
-        let (wal, unsaved) = Wal::open(&dir.join("wal"))?;
+        let unsaved = std::mem::take(&mut found.batches);
+        let wal = Wal::start(found)?;
+        if let Some(bytes) = segment_bytes {
+            wal.set_segment_bytes(bytes);
+        }
         let durable = Arc::new(Durable {
             db,
             dir: dir.to_path_buf(),
