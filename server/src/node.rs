@@ -80,6 +80,8 @@ pub(crate) struct Progress {
     pub ack_sent_at: Option<Instant>,
     /// Send time of the latest message sent to it (bounds the lease it may hold).
     pub last_send: Option<Instant>,
+    /// Highest commit point the member acknowledged receiving (bounds the GC horizon).
+    pub commit_acked: u64,
 }
 
 /// What only the primary has.
@@ -417,6 +419,7 @@ impl Node {
             st.pos.committed = c;
             self.publish_commit(st);
         }
+        self.store.collect_up_to(self.gc_horizon(st));
     }
 
     /// Remaining lease of the primary: until `min over members (send time of the latest
@@ -847,6 +850,7 @@ impl Node {
         }
         let new_committed = st.pos.committed.max(req.committed.min(st.pos.applied));
         st.pos.committed = new_committed;
+        self.store.collect_up_to(req.gc_horizon.min(new_committed));
         let now = Instant::now();
         if let Some(mark) = st.stream {
             if mark.epoch == req.epoch && req.msg_seq == mark.msg_seq + 1 && req.lease_ms > 0 {

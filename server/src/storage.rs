@@ -37,6 +37,7 @@ const VIEW: &[u8] = b"m/view";
 const PROMISE: &[u8] = b"m/promise";
 const ACCEPTED: &[u8] = b"m/accepted";
 const POSITION: &[u8] = b"m/position";
+const GC_HORIZON: &[u8] = b"m/gc";
 
 /// The highest ballot this acceptor promised, and to whom.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,42 +71,97 @@ pub struct Meta {
     pub position: Position,
 }
 
+/// An item's latest lsn and whether its entry there is a tombstone, in one word (lsns stay
+/// far below 2^63): the index holds one per item ever written and not yet collected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Latest(u64);
+
+impl Latest {
+    fn new(lsn: u64, tombstone: bool) -> Latest {
+        Latest(lsn << 1 | u64::from(tombstone))
+    }
+
+    fn lsn(self) -> u64 {
+        self.0 >> 1
+    }
+
+    fn tombstone(self) -> bool {
+        self.0 & 1 == 1
+    }
+}
+
 /// The lsn index (DESIGN.md §3's `l/` range, kept in memory and rebuilt from the entries at
 /// start): each item's latest lsn, ordered by lsn, so "everything changed after X" and
 /// "my uncommitted tail" are range scans. Keeping it out of sled saves two tree updates and
-/// a read per written item.
+/// a read per written item. The tombstones among them, by lsn, are what collection drops.
 #[derive(Default)]
 struct LsnIndex {
-    by_item: std::collections::HashMap<Bytes, u64>,
+    by_item: std::collections::HashMap<Bytes, Latest>,
     by_lsn: std::collections::BTreeSet<(u64, Bytes)>,
+    tombstones: std::collections::BTreeSet<(u64, Bytes)>,
 }
 
 impl LsnIndex {
-    fn set(&mut self, item: &Bytes, lsn: Option<u64>) {
-        let Some(l) = lsn else {
-            if let Some((key, o)) = self.by_item.remove_entry(item) {
-                self.by_lsn.remove(&(o, key));
+    /// Records `item`'s latest entry: its lsn and whether it is a tombstone, or `None` when
+    /// the item is gone altogether.
+    fn set(&mut self, item: &Bytes, latest: Option<(u64, bool)>) {
+        let Some((l, tombstone)) = latest else {
+            if let Some((key, old)) = self.by_item.remove_entry(item) {
+                if old.tombstone() {
+                    self.tombstones.remove(&(old.lsn(), key.clone()));
+                }
+                self.by_lsn.remove(&(old.lsn(), key));
             }
             return;
         };
-        match self.by_item.get_mut(item) {
+        let key = match self.by_item.get_mut(item) {
             Some(o) => {
-                let old = std::mem::replace(o, l);
+                let old = std::mem::replace(o, Latest::new(l, tombstone));
                 let (_, key) = self
                     .by_lsn
-                    .take(&(old, item.clone()))
+                    .take(&(old.lsn(), item.clone()))
                     .expect("both maps hold every item");
-                self.by_lsn.insert((l, key));
+                if old.tombstone() {
+                    self.tombstones.remove(&(old.lsn(), key.clone()));
+                }
+                key
             }
             None => {
                 // A copy of its own: `item` usually points into a whole received request
                 // (prost decodes `bytes` fields as slices of it), which the index would
                 // otherwise keep alive for as long as the key exists.
                 let key = Bytes::copy_from_slice(item);
-                self.by_item.insert(key.clone(), l);
-                self.by_lsn.insert((l, key));
+                self.by_item.insert(key.clone(), Latest::new(l, tombstone));
+                key
+            }
+        };
+        if tombstone {
+            self.tombstones.insert((l, key.clone()));
+        }
+        self.by_lsn.insert((l, key));
+    }
+
+    /// Takes up to `most` tombstones with an lsn at or below `limit` out of the index, lowest
+    /// lsn first.
+    fn take_tombstones(&mut self, limit: u64, most: usize) -> Vec<(u64, Bytes)> {
+        let mut taken = Vec::new();
+        while taken.len() < most {
+            match self.tombstones.first() {
+                Some((lsn, _)) if *lsn <= limit => {}
+                _ => break,
+            }
+            let (lsn, item) = self.tombstones.pop_first().expect("just seen");
+            self.by_item.remove(&item);
+            self.by_lsn.remove(&(lsn, item.clone()));
+            taken.push((lsn, item));
+        }
+        if !taken.is_empty() {
+            // A map keeps its largest size: give the memory back once it is mostly empty.
+            if self.by_item.capacity() > 2 * self.by_item.len() + 1024 {
+                self.by_item.shrink_to_fit();
             }
         }
+        taken
     }
 }
 
@@ -115,6 +171,136 @@ impl LsnIndex {
 struct Staged {
     items: std::collections::HashMap<Bytes, Option<Entry>>,
     position: Option<Position>,
+    /// A collection horizon taken from a full transfer's source, logged with the batch that
+    /// removes what the source no longer has.
+    gc_horizon: Option<u64>,
+}
+
+/// Tombstone collection (DESIGN.md §3, §7). A tombstone may be dropped once every member of
+/// the view has it committed: the primary hands out that horizon on its appends
+/// (`Store::collect_up_to`), and a collector thread drops tombstones up to it. A state
+/// transfer whose `since` is below `horizon` might miss a deletion and must be full.
+#[derive(Default)]
+struct Gc {
+    /// The highest lsn of a tombstone this store dropped (`m/gc`), or took from a full
+    /// transfer's source: a transfer from here with `since` below it must be full.
+    horizon: u64,
+    /// Incremental transfers in progress, by `since`, with their count: no tombstone above
+    /// the lowest is dropped until they end, or they could miss its deletion.
+    pins: std::collections::BTreeMap<u64, usize>,
+}
+
+/// What the store keeps in memory, shared with the collector thread.
+#[derive(Default)]
+struct Items {
+    /// `std::sync::Mutex`: short sections, never held across an await.
+    staged: Mutex<Staged>,
+    /// `std::sync::Mutex`: updated right after each applied batch and read in short pages,
+    /// never held across an await.
+    index: Mutex<LsnIndex>,
+    /// Taken after the store's writer lock and before `staged` and `index`, never while
+    /// holding either: a collection pass holds it, so a transfer's pin waits for the pass.
+    gc: Mutex<Gc>,
+    /// The horizon the replica asked for; the collector works up to it.
+    gc_target: AtomicU64,
+    /// Set when the store closes: the collector stops.
+    closing: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// Most tombstones one collection pass drops, so a pass holds the log's writer only briefly.
+const GC_CHUNK: usize = 16 * 1024;
+/// How often the collector looks for work.
+const GC_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Items {
+    fn staged(&self) -> MutexGuard<'_, Staged> {
+        self.staged.lock().expect("staged data lock poisoned")
+    }
+
+    fn index(&self) -> MutexGuard<'_, LsnIndex> {
+        self.index.lock().expect("lsn index lock poisoned")
+    }
+
+    fn gc(&self) -> MutexGuard<'_, Gc> {
+        self.gc.lock().expect("collection lock poisoned")
+    }
+
+    /// Drops every tombstone at or below the target horizon (and below every pin), a chunk
+    /// at a time. Each chunk is one log record: the removals and the new `m/gc`, so the
+    /// stored horizon always covers what was dropped. Returns how many were dropped.
+    fn collect(&self, durable: &Arc<Durable>) -> Result<usize, StorageError> {
+        let target = self.gc_target.load(Ordering::Acquire);
+        let mut dropped = 0;
+        loop {
+            let writing = durable.writing.lock().expect("store writer lock poisoned");
+            let mut gc = self.gc();
+            let limit = gc.pins.keys().next().map_or(target, |&pin| pin.min(target));
+            let victims = self.index().take_tombstones(limit, GC_CHUNK);
+            let Some(&(top, _)) = victims.last() else {
+                break;
+            };
+            gc.horizon = gc.horizon.max(top);
+            let mut ops: Vec<Op> = victims
+                .iter()
+                .map(|(_, item)| Op {
+                    key: data_key(item),
+                    value: None,
+                })
+                .collect();
+            ops.push(Op {
+                key: GC_HORIZON.to_vec(),
+                value: Some(json(&gc.horizon)),
+            });
+            // Logged before the staged tombstones go: a read finds either the tombstone or
+            // the removal, never an older value sled may still hold.
+            durable.log_locked(ops)?;
+            let mut staged = self.staged();
+            for (lsn, item) in &victims {
+                let tombstone = Some(Entry {
+                    lsn: *lsn,
+                    value: None,
+                });
+                if staged.items.get(item) == Some(&tombstone) {
+                    staged.items.remove(item);
+                }
+            }
+            drop(staged);
+            dropped += victims.len();
+            drop(gc);
+            drop(writing);
+            durable.checkpoint_if_full();
+        }
+        if dropped > 0 {
+            tracing::info!(dropped, horizon = self.gc().horizon, "tombstones collected");
+        }
+        Ok(dropped)
+    }
+
+    /// The collector: drops tombstones as the horizon moves, until the store closes.
+    fn run_collector(&self, durable: &Arc<Durable>) {
+        let mut closing = self.closing.lock().expect("collector lock poisoned");
+        loop {
+            if *closing {
+                return;
+            }
+            closing = self
+                .wake
+                .wait_timeout(closing, GC_EVERY)
+                .expect("collector lock poisoned")
+                .0;
+            if *closing {
+                return;
+            }
+            drop(closing);
+            if let Err(e) = self.collect(durable) {
+                tracing::error!(error = %e, "collecting tombstones failed; no more writes are taken");
+                durable.logged().failed = Some(e.to_string());
+                return;
+            }
+            closing = self.closing.lock().expect("collector lock poisoned");
+        }
+    }
 }
 
 /// Operations in the log that sled does not have yet, latest per sled key (`None`: removed).
@@ -366,11 +552,10 @@ pub struct Store {
     durable: Arc<Durable>,
     /// The thread that writes logged operations to sled; stopped and joined on drop.
     applier: Option<std::thread::JoinHandle<()>>,
-    /// `std::sync::Mutex`: short sections, never held across an await.
-    staged: Mutex<Staged>,
-    /// `std::sync::Mutex`: updated right after each applied batch and read in short pages,
-    /// never held across an await.
-    index: Mutex<LsnIndex>,
+    /// Staged data, the lsn index and tombstone collection, shared with the collector.
+    items: Arc<Items>,
+    /// The thread that drops collected tombstones; stopped and joined on drop.
+    collector: Option<std::thread::JoinHandle<()>>,
     sync: SyncMode,
     /// Fault-injection hook: the next flush fails.
     fail_next_flush: AtomicBool,
@@ -386,6 +571,11 @@ impl Drop for Store {
         if let Some(applier) = self.applier.take() {
             // What it had not written to sled yet is in the log, and replayed at the next open.
             let _ = applier.join();
+        }
+        *self.items.closing.lock().expect("collector lock poisoned") = true;
+        self.items.wake.notify_one();
+        if let Some(collector) = self.collector.take() {
+            let _ = collector.join();
         }
     }
 }
@@ -407,6 +597,50 @@ fn segment_bytes_from_env() -> Result<Option<u64>, StorageError> {
                 format!("{SEGMENT_BYTES_ENV} must be a positive number of bytes, not {raw:?}"),
             ))
         })
+}
+
+/// Held while an incremental state transfer is served (see [`Store::pin_transfer`]).
+pub struct TransferPin {
+    items: Arc<Items>,
+    /// `None` for a full transfer, which needs no pin.
+    since: Option<u64>,
+}
+
+impl TransferPin {
+    /// Whether the transfer must be full.
+    pub fn full(&self) -> bool {
+        self.since.is_none()
+    }
+}
+
+impl Drop for TransferPin {
+    fn drop(&mut self) {
+        let Some(since) = self.since else { return };
+        let mut gc = self.items.gc();
+        if let std::collections::btree_map::Entry::Occupied(mut o) = gc.pins.entry(since) {
+            *o.get_mut() -= 1;
+            if *o.get() == 0 {
+                o.remove();
+            }
+        }
+    }
+}
+
+/// A full transfer being received: the items held before it that it has not sent yet.
+pub struct Replacement {
+    stale: std::collections::HashSet<Bytes>,
+}
+
+impl Replacement {
+    /// Notes entries the transfer sent: they are the source's, whatever they hold.
+    pub fn received(&mut self, entries: &[SyncEntry]) {
+        if self.stale.is_empty() {
+            return;
+        }
+        for e in entries {
+            self.stale.remove(&e.key);
+        }
+    }
 }
 
 fn data_key(item: &[u8]) -> Vec<u8> {
@@ -488,11 +722,18 @@ impl Store {
             );
         }
         durable.checkpoint()?;
-        let mut index = LsnIndex::default();
-        for kv in durable.db.scan_prefix(DATA) {
-            let (k, v) = kv?;
-            let e = decode_entry(&v)?;
-            index.set(&Bytes::copy_from_slice(&k[DATA.len()..]), Some(e.lsn));
+        let items = Arc::new(Items::default());
+        {
+            let mut index = items.index();
+            for kv in durable.db.scan_prefix(DATA) {
+                let (k, v) = kv?;
+                let e = decode_entry(&v)?;
+                let item = Bytes::copy_from_slice(&k[DATA.len()..]);
+                index.set(&item, Some((e.lsn, e.value.is_none())));
+            }
+        }
+        if let Some(raw) = durable.get(GC_HORIZON)? {
+            items.gc().horizon = unjson(&raw, "collection horizon")?;
         }
         let applier = {
             let durable = durable.clone();
@@ -500,11 +741,26 @@ impl Store {
                 .name("sled-applier".into())
                 .spawn(move || durable.run_applier(sync))?
         };
+        let collector = {
+            let (durable, items) = (durable.clone(), items.clone());
+            std::thread::Builder::new()
+                .name("collector".into())
+                .spawn(move || items.run_collector(&durable))
+        };
+        let collector = match collector {
+            Ok(c) => c,
+            Err(e) => {
+                durable.logged().closing = true;
+                durable.logged_grew.notify_one();
+                let _ = applier.join();
+                return Err(e.into());
+            }
+        };
         Ok(Store {
             durable,
             applier: Some(applier),
-            staged: Default::default(),
-            index: Mutex::new(index),
+            items,
+            collector: Some(collector),
             sync,
             fail_next_flush: AtomicBool::new(false),
             writes: AtomicU64::new(0),
@@ -554,7 +810,7 @@ impl Store {
                     value: item.value.clone(),
                 };
                 staged.items.insert(item.key.clone(), Some(e));
-                index.set(&item.key, Some(r.lsn));
+                index.set(&item.key, Some((r.lsn, item.value.is_none())));
             }
         }
         staged.position = Some(pos);
@@ -578,7 +834,10 @@ impl Store {
             let mut index = self.index();
             for se in entries {
                 staged.items.insert(se.key.clone(), se.entry.clone());
-                index.set(&se.key, se.entry.as_ref().map(|e| e.lsn));
+                index.set(
+                    &se.key,
+                    se.entry.as_ref().map(|e| (e.lsn, e.value.is_none())),
+                );
             }
             if pos.is_some() {
                 staged.position = pos;
@@ -594,9 +853,9 @@ impl Store {
             .writing
             .lock()
             .expect("store writer lock poisoned");
-        let (items, position) = {
-            let staged = self.staged();
-            if staged.items.is_empty() && staged.position.is_none() {
+        let (items, position, gc_horizon) = {
+            let mut staged = self.staged();
+            if staged.items.is_empty() && staged.position.is_none() && staged.gc_horizon.is_none() {
                 return Ok(());
             }
             let items: Vec<(Bytes, Option<Entry>)> = staged
@@ -604,7 +863,7 @@ impl Store {
                 .iter()
                 .map(|(k, e)| (k.clone(), e.clone()))
                 .collect();
-            (items, staged.position)
+            (items, staged.position, staged.gc_horizon.take())
         };
         let mut ops: Vec<Op> = items
             .iter()
@@ -619,7 +878,20 @@ impl Store {
                 value: Some(json(pos)),
             });
         }
+        // Raised only as it is logged (the writer lock is held), so no collection pass can
+        // log it before the removals it stands for.
+        let mut gc = None;
+        if let Some(h) = gc_horizon {
+            let mut g = self.items.gc();
+            g.horizon = g.horizon.max(h);
+            ops.push(Op {
+                key: GC_HORIZON.to_vec(),
+                value: Some(json(&g.horizon)),
+            });
+            gc = Some(g);
+        }
         self.durable.log_locked(ops)?;
+        drop(gc);
         // Drop what the log now has, unless it was staged again meanwhile.
         let mut staged = self.staged();
         for (item, entry) in items {
@@ -630,17 +902,21 @@ impl Store {
         if staged.position == position {
             staged.position = None;
         }
+        if staged.items.is_empty() && staged.items.capacity() > 64 * 1024 {
+            // A large transfer or batch staged many items once: give the memory back.
+            staged.items.shrink_to_fit();
+        }
         drop(staged);
         self.durable.checkpoint_if_full();
         Ok(())
     }
 
     fn staged(&self) -> MutexGuard<'_, Staged> {
-        self.staged.lock().expect("staged data lock poisoned")
+        self.items.staged()
     }
 
     fn index(&self) -> MutexGuard<'_, LsnIndex> {
-        self.index.lock().expect("lsn index lock poisoned")
+        self.items.index()
     }
 
     /// Persists Paxos state durably (whatever the sync mode: promises must survive crashes).
@@ -723,6 +999,65 @@ impl Store {
                 .collect::<Vec<_>>()
                 .into_iter();
         })
+    }
+
+    /// Lets the collector drop tombstones with an lsn up to `horizon`: the replica passes the
+    /// horizon its primary handed out (at most its own commit point), or computed as primary.
+    pub fn collect_up_to(&self, horizon: u64) {
+        self.items.gc_target.fetch_max(horizon, Ordering::AcqRel);
+    }
+
+    /// Drops the tombstones the horizon allows now, rather than at the collector's next look.
+    pub fn collect_now(&self) -> Result<usize, StorageError> {
+        self.items.collect(&self.durable)
+    }
+
+    /// The highest lsn of a tombstone this store may lack: a transfer from here whose `since`
+    /// is below it must be full.
+    pub fn gc_horizon(&self) -> u64 {
+        self.items.gc().horizon
+    }
+
+    /// Starts serving a state transfer of everything changed after `since` (DESIGN.md §7). If
+    /// a tombstone above `since` may have been dropped, the transfer must be full: every
+    /// entry, and the receiver removes what it is not sent. Otherwise no tombstone above
+    /// `since` is dropped while the returned pin lives.
+    pub fn pin_transfer(&self, since: u64) -> TransferPin {
+        let mut gc = self.items.gc();
+        if since < gc.horizon {
+            return TransferPin {
+                items: self.items.clone(),
+                since: None,
+            };
+        }
+        *gc.pins.entry(since).or_default() += 1;
+        TransferPin {
+            items: self.items.clone(),
+            since: Some(since),
+        }
+    }
+
+    /// Starts receiving a full transfer, which replaces everything this store holds: every
+    /// item held now is removed at the end unless the transfer sends it. The caller holds
+    /// off every other change to the data meanwhile.
+    pub fn begin_replacement(&self) -> Replacement {
+        Replacement {
+            stale: self.index().by_item.keys().cloned().collect(),
+        }
+    }
+
+    /// Stages the removal of every item the full transfer did not send, and the source's
+    /// collection horizon (the deletions it no longer has tombstones for are among those
+    /// removals): the next write logs them in one batch with the transfer's last entries and
+    /// position.
+    pub fn finish_replacement(&self, replacement: Replacement, source_horizon: u64) {
+        let mut staged = self.staged();
+        let mut index = self.index();
+        for item in replacement.stale {
+            staged.items.insert(item.clone(), None);
+            index.set(&item, None);
+        }
+        staged.gc_horizon = Some(staged.gc_horizon.unwrap_or(0).max(source_horizon));
     }
 
     /// Items written after `committed`: the tail a state transfer must repair (DESIGN.md §7).
@@ -1040,13 +1375,16 @@ mod tests {
         // A key decoded from a request is a slice of the whole request's buffer.
         let request = Bytes::from(vec![b'k'; 4096]);
         let mut index = LsnIndex::default();
-        index.set(&request.slice(0..8), Some(1));
-        index.set(&request.slice(0..8), Some(2));
+        index.set(&request.slice(0..8), Some((1, false)));
+        index.set(&request.slice(0..8), Some((2, true)));
         assert!(
             request.is_unique(),
             "the index holds a slice of the request"
         );
-        assert_eq!(index.by_item.get(&request[0..8]), Some(&2));
+        assert_eq!(
+            index.by_item.get(&request[0..8]),
+            Some(&Latest::new(2, true))
+        );
         assert_eq!(index.by_lsn.len(), 1);
         index.set(&request.slice(0..8), None);
         assert!(index.by_item.is_empty() && index.by_lsn.is_empty());
@@ -1112,6 +1450,221 @@ mod tests {
         assert_eq!(m.view, Some(View::new(4, 1, [1, 2])));
         assert_eq!(m.promise, Promise { ballot: 5, to: 2 });
         assert_eq!(m.accepted.unwrap().ballot, 5);
+    }
+
+    fn pos(applied: u64) -> Position {
+        Position {
+            applied,
+            committed: applied,
+            last_epoch: 1,
+        }
+    }
+
+    /// Items the index holds, with their lsn and whether they are tombstones.
+    fn indexed(s: &Store) -> Vec<(String, u64, bool)> {
+        let index = s.index();
+        let mut v: Vec<_> = index
+            .by_item
+            .iter()
+            .map(|(k, l)| {
+                (
+                    String::from_utf8(k.to_vec()).unwrap(),
+                    l.lsn(),
+                    l.tombstone(),
+                )
+            })
+            .collect();
+        v.sort();
+        assert_eq!(index.by_lsn.len(), index.by_item.len());
+        assert_eq!(
+            index.tombstones.len(),
+            v.iter().filter(|(_, _, t)| *t).count()
+        );
+        v
+    }
+
+    #[tokio::test]
+    async fn tombstones_up_to_the_horizon_are_dropped_everywhere_and_the_horizon_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), SyncMode::Always).unwrap();
+            s.apply_records(
+                &[
+                    rec(1, "a", Some("1")),
+                    rec(2, "b", Some("2")),
+                    rec(3, "c", Some("3")),
+                    rec(4, "a", None),
+                    rec(5, "b", None),
+                    rec(6, "c", None),
+                    rec(7, "c", Some("again")),
+                    rec(8, "d", None),
+                ],
+                pos(8),
+            )
+            .unwrap();
+            s.flush_data().await.unwrap();
+            // Nothing is dropped before the replica allows it.
+            assert_eq!(s.collect_now().unwrap(), 0);
+            s.collect_up_to(5);
+            // (The collector thread may be first: the outcome is checked, not the count.)
+            s.collect_now().unwrap();
+            // A lower horizon later changes nothing.
+            s.collect_up_to(3);
+            assert_eq!(s.collect_now().unwrap(), 0);
+            assert_eq!(s.gc_horizon(), 5);
+            assert_eq!(s.get(b"a").unwrap(), None);
+            assert_eq!(s.get(b"b").unwrap(), None);
+            assert_eq!(
+                s.get(b"d").unwrap(),
+                Some(Entry {
+                    lsn: 8,
+                    value: None
+                }),
+                "above the horizon"
+            );
+            assert_eq!(
+                indexed(&s),
+                vec![("c".into(), 7, false), ("d".into(), 8, true)]
+            );
+            s.flush_data().await.unwrap();
+        }
+        let s = reopen(dir.path());
+        assert_eq!(s.gc_horizon(), 5, "the horizon is stored");
+        assert_eq!(s.get(b"a").unwrap(), None);
+        assert_eq!(s.get(b"b").unwrap(), None);
+        assert_eq!(
+            indexed(&s),
+            vec![("c".into(), 7, false), ("d".into(), 8, true)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tombstone_still_staged_is_dropped_without_uncovering_the_older_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), SyncMode::Always).unwrap();
+        s.apply_records(&[rec(1, "a", Some("old"))], pos(1))
+            .unwrap();
+        s.flush_data().await.unwrap();
+        s.durable.apply_logged().unwrap();
+        // The tombstone is only staged: sled and the log still hold the value.
+        s.apply_records(&[rec(2, "a", None)], pos(2)).unwrap();
+        s.collect_up_to(2);
+        s.collect_now().unwrap();
+        assert!(indexed(&s).is_empty());
+        assert_eq!(s.get(b"a").unwrap(), None);
+        s.flush_data().await.unwrap();
+        s.durable.apply_logged().unwrap();
+        assert_eq!(s.get(b"a").unwrap(), None);
+        assert!(s.durable.db.get(data_key(b"a")).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_transfer_pins_the_tombstones_above_its_since_and_one_below_the_horizon_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), SyncMode::None).unwrap();
+        s.apply_records(
+            &[
+                rec(1, "a", None),
+                rec(2, "b", None),
+                rec(3, "c", None),
+                rec(4, "d", None),
+            ],
+            pos(4),
+        )
+        .unwrap();
+        let pin = s.pin_transfer(2);
+        assert!(!pin.full(), "nothing was dropped yet");
+        s.collect_up_to(4);
+        s.collect_now().unwrap();
+        assert_eq!(
+            indexed(&s),
+            vec![("c".into(), 3, true), ("d".into(), 4, true)],
+            "only up to the pin"
+        );
+        assert_eq!(
+            keys(&s, 2),
+            vec![("c".into(), Some(3)), ("d".into(), Some(4))],
+            "the pinned transfer still finds every deletion after its since"
+        );
+        assert!(s.pin_transfer(1).full(), "since 1 < horizon 2");
+        assert!(!s.pin_transfer(2).full());
+        drop(pin);
+        s.collect_now().unwrap();
+        assert!(indexed(&s).is_empty());
+        assert_eq!(s.gc_horizon(), 4);
+        assert!(s.pin_transfer(3).full());
+        assert!(!s.pin_transfer(4).full());
+    }
+
+    #[tokio::test]
+    async fn a_full_transfer_leaves_exactly_the_sources_items_and_takes_its_horizon() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), SyncMode::Always).unwrap();
+            s.apply_records(
+                &[
+                    rec(1, "kept", Some("1")),
+                    rec(2, "gone", Some("2")),
+                    rec(3, "tomb", None),
+                    rec(4, "changed", Some("old")),
+                ],
+                pos(4),
+            )
+            .unwrap();
+            s.flush_data().await.unwrap();
+            let mut r = s.begin_replacement();
+            let sent = |key: &'static str, lsn, value: Option<&'static str>| SyncEntry {
+                key: Bytes::from_static(key.as_bytes()),
+                entry: Some(Entry {
+                    lsn,
+                    value: value.map(|v| Bytes::from_static(v.as_bytes())),
+                }),
+            };
+            let first = [sent("kept", 1, Some("1")), sent("new", 9, Some("n"))];
+            r.received(&first);
+            s.set_entries(&first, None).unwrap();
+            let last = [sent("changed", 8, Some("new")), sent("late", 10, None)];
+            r.received(&last);
+            s.finish_replacement(r, 7);
+            s.set_entries(&last, Some(pos(10))).unwrap();
+            s.flush_data().await.unwrap();
+            assert_eq!(s.gc_horizon(), 7);
+        }
+        let s = reopen(dir.path());
+        assert_eq!(
+            indexed(&s),
+            vec![
+                ("changed".into(), 8, false),
+                ("kept".into(), 1, false),
+                ("late".into(), 10, true),
+                ("new".into(), 9, false),
+            ]
+        );
+        assert_eq!(s.get(b"gone").unwrap(), None);
+        assert_eq!(s.get(b"tomb").unwrap(), None);
+        assert_eq!(s.gc_horizon(), 7, "taken from the source and stored");
+        assert_eq!(s.load_meta().unwrap().position, pos(10));
+    }
+
+    #[test]
+    fn the_index_gives_memory_back_once_its_tombstones_are_dropped() {
+        let mut index = LsnIndex::default();
+        let n = 100_000u64;
+        for i in 1..=n {
+            index.set(&Bytes::from(format!("k{i}")), Some((i, false)));
+        }
+        let full = index.by_item.capacity();
+        for i in 1..=n {
+            index.set(&Bytes::from(format!("k{i}")), Some((n + i, true)));
+        }
+        assert_eq!(index.tombstones.len(), n as usize);
+        while !index.take_tombstones(2 * n, 10_000).is_empty() {}
+        assert!(index.by_item.is_empty() && index.by_lsn.is_empty());
+        assert!(
+            index.by_item.capacity() < full / 10,
+            "capacity {} of {full}",
+            index.by_item.capacity()
+        );
     }
 
     #[tokio::test]

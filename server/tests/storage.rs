@@ -221,3 +221,82 @@ fn damage_in_an_older_log_segment_stops_the_server_and_changes_nothing() {
         common::assert_reads(&client, &acked, "the restarted server").await;
     });
 }
+
+/// How many tombstones the server of `log` reported collecting, over all its lives.
+fn tombstones_collected(log: &Path) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("tombstones collected"))
+        .filter_map(|l| {
+            let rest = &l[l.find("dropped=")? + "dropped=".len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// A member misses many deletes while it is down, and the others collect their tombstones.
+/// When it comes back, the primary no longer has tombstones to send for those keys: only a
+/// full transfer, which removes whatever it does not send, can tell the member they are gone.
+#[test]
+fn a_member_that_missed_collected_deletes_loses_those_keys_when_it_rejoins() {
+    common::run(async {
+        const DELETED: usize = 400;
+        let (mut cluster, primary) = common::start_healthy(3, &[]).await;
+        let client = common::client(&cluster).await;
+        let mut expected = Expected::new();
+        common::put_fresh(&client, "doomed", DELETED, &mut expected).await;
+        common::put_fresh(&client, "kept", 20, &mut expected).await;
+        let member = (primary + 1) % cluster.len();
+        cluster
+            .wait_converged(Duration::from_secs(10))
+            .await
+            .expect("every server has every key");
+        cluster.kill(member).unwrap();
+
+        for (key, value) in expected.iter_mut() {
+            if key.starts_with("doomed") {
+                let old = client
+                    .delete(bytes(key))
+                    .await
+                    .unwrap_or_else(|e| panic!("delete {key}: {e}"));
+                assert_eq!(old, value.take().map(|v| bytes(&v)), "{key}");
+            }
+        }
+        common::put_fresh(&client, "after", 20, &mut expected).await;
+
+        // Both remaining servers collect the tombstones of every delete.
+        let others: Vec<usize> = (0..cluster.len()).filter(|&r| r != member).collect();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let counts: Vec<u64> = others
+                .iter()
+                .map(|&r| tombstones_collected(&cluster.log_path(r)))
+                .collect();
+            if counts.iter().all(|&c| c >= DELETED as u64) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tombstones collected by {others:?}: {counts:?}, want {DELETED} each"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        cluster.restart(member).unwrap();
+        cluster
+            .wait_converged(Duration::from_secs(20))
+            .await
+            .expect("the member rejoins");
+        let pinned = common::pinned(&cluster, member).await;
+        common::assert_reads(&pinned, &expected, "the member that missed the deletes").await;
+        let log = std::fs::read_to_string(cluster.log_path(member)).unwrap();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("state transfer done") && l.contains("full=true")),
+            "the rejoin took a full transfer"
+        );
+    });
+}
