@@ -1051,6 +1051,7 @@ impl Store {
     /// removals): the next write logs them in one batch with the transfer's last entries and
     /// position.
     pub fn finish_replacement(&self, replacement: Replacement, source_horizon: u64) {
+        let removed = replacement.stale.len();
         let mut staged = self.staged();
         let mut index = self.index();
         for item in replacement.stale {
@@ -1058,6 +1059,13 @@ impl Store {
             index.set(&item, None);
         }
         staged.gc_horizon = Some(staged.gc_horizon.unwrap_or(0).max(source_horizon));
+        drop(index);
+        drop(staged);
+        tracing::info!(
+            removed,
+            horizon = source_horizon,
+            "full transfer: removed the items the source did not send"
+        );
     }
 
     /// Items written after `committed`: the tail a state transfer must repair (DESIGN.md §7).
