@@ -339,6 +339,9 @@ const APPLY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const APPLY_INLINE_BYTES: usize = 64 << 20;
 /// With `--sync none`, how long a logged write may wait for its `fdatasync`.
 const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// A log that has not grown for this long is checkpointed if it holds this much.
+const IDLE_CHECKPOINT_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+const IDLE_CHECKPOINT_BYTES: u64 = 1024 * 1024;
 
 fn op_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
     key.len() + value.as_ref().map_or(0, Vec::len)
@@ -357,6 +360,8 @@ struct Durable {
     /// one.
     writing: Mutex<()>,
     checkpointing: AtomicBool,
+    /// `IDLE_CHECKPOINT_AFTER` in milliseconds (shorter in tests).
+    idle_checkpoint_ms: AtomicU64,
     /// `std::sync::Mutex`: short sections (lookups, merging one batch), never held across an
     /// await or while sled works.
     logged: Mutex<Logged>,
@@ -454,8 +459,13 @@ impl Durable {
 
     /// The applier: writes logged operations to sled until the store closes. With `--sync
     /// none` it also syncs the log every `SYNC_EVERY` meanwhile, which nothing else does.
-    fn run_applier(&self, sync: SyncMode) {
+    ///
+    /// It also checkpoints a log that has stopped growing for `IDLE_CHECKPOINT_AFTER`: the
+    /// log would otherwise keep up to a segment of records (and the disk space under them)
+    /// for as long as no writes come.
+    fn run_applier(self: &Arc<Self>, sync: SyncMode) {
         let mut applied_at = std::time::Instant::now();
+        let (mut log_len, mut log_grew_at) = (self.wal.active_len(), std::time::Instant::now());
         let mut logged = self.logged();
         loop {
             if logged.closing || logged.failed.is_some() {
@@ -477,6 +487,20 @@ impl Durable {
                         self.logged().failed = Some(e.to_string());
                     }
                     logged = self.logged();
+                }
+                if waited.timed_out() {
+                    let len = self.wal.active_len();
+                    if len != log_len {
+                        (log_len, log_grew_at) = (len, std::time::Instant::now());
+                    } else if len >= IDLE_CHECKPOINT_BYTES
+                        && log_grew_at.elapsed()
+                            >= std::time::Duration::from_millis(
+                                self.idle_checkpoint_ms.load(Ordering::Relaxed),
+                            )
+                    {
+                        self.start_checkpoint();
+                        log_grew_at = std::time::Instant::now();
+                    }
                 }
                 continue;
             }
@@ -528,7 +552,14 @@ impl Durable {
 
     /// Starts a checkpoint on a thread of its own once the log has grown by a segment.
     fn checkpoint_if_full(self: &Arc<Self>) {
-        if !self.wal.full() || self.checkpointing.swap(true, Ordering::AcqRel) {
+        if self.wal.full() {
+            self.start_checkpoint();
+        }
+    }
+
+    /// Starts a checkpoint on a thread of its own, unless one is running.
+    fn start_checkpoint(self: &Arc<Self>) {
+        if self.checkpointing.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
@@ -706,6 +737,7 @@ impl Store {
             wal,
             writing: Mutex::new(()),
             checkpointing: AtomicBool::new(false),
+            idle_checkpoint_ms: AtomicU64::new(IDLE_CHECKPOINT_AFTER.as_millis() as u64),
             logged: Default::default(),
             logged_grew: Condvar::new(),
             applying: Mutex::new(()),
@@ -1321,7 +1353,7 @@ mod tests {
                     .unwrap();
                 s.flush_data().await.unwrap();
             }
-            // ~60 KB were logged: a dozen segments of 4 KiB, all but the last retired.
+            // ~60 KB were logged: up to a dozen segments of 4 KiB, all but the last retired.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             while s.durable.checkpointing.load(Ordering::Acquire) {
                 assert!(
@@ -1330,8 +1362,10 @@ mod tests {
                 );
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
+            // A segment that fills while a checkpoint runs waits for the next one, so how
+            // many there were depends on the machine's speed: several, at least.
             assert!(
-                newest(dir.path()) > 10,
+                newest(dir.path()) > 3,
                 "only {} segments",
                 newest(dir.path())
             );
@@ -1672,6 +1706,37 @@ mod tests {
             index.by_item.capacity() < full / 10,
             "capacity {} of {full}",
             index.by_item.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_log_that_stops_growing_is_checkpointed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), SyncMode::Always).unwrap();
+        s.durable.idle_checkpoint_ms.store(300, Ordering::Relaxed);
+        let first = crate::wal::segment_ids(&dir.path().join("wal")).unwrap();
+        let big = "v".repeat(64 * 1024);
+        for lsn in 1..=20 {
+            s.apply_records(&[rec(lsn, &format!("k{lsn}"), Some(&big))], pos(lsn))
+                .unwrap();
+            s.flush_data().await.unwrap();
+        }
+        assert!(s.durable.wal.active_len() >= IDLE_CHECKPOINT_BYTES);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.durable.wal.active_len() > 0 || s.durable.checkpointing.load(Ordering::Acquire) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an idle log of {} bytes was never checkpointed",
+                s.durable.wal.active_len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let now = crate::wal::segment_ids(&dir.path().join("wal")).unwrap();
+        assert_eq!(now.len(), 1, "older segments deleted: {now:?}");
+        assert!(now[0] > *first.last().unwrap());
+        assert_eq!(
+            s.get(b"k20").unwrap().unwrap().value.unwrap().len(),
+            big.len()
         );
     }
 

@@ -382,6 +382,11 @@ impl Wal {
         Ok(())
     }
 
+    /// Bytes of records in the active segment.
+    pub fn active_len(&self) -> u64 {
+        self.active().len
+    }
+
     /// Whether the active segment has grown enough for a checkpoint.
     pub fn full(&self) -> bool {
         self.active().len >= self.segment_bytes.load(Ordering::Relaxed)
