@@ -188,7 +188,29 @@ struct Gc {
     /// Incremental transfers in progress, by `since`, with their count: no tombstone above
     /// the lowest is dropped until they end, or they could miss its deletion.
     pins: std::collections::BTreeMap<u64, usize>,
+    /// Per receiver, the commit point its latest transfer handed it, and until when nothing
+    /// above it is dropped: its next transfer starts there (a joiner catches up in several,
+    /// the last one during the install), and must not have to be full again.
+    receivers: std::collections::HashMap<u32, (u64, std::time::Instant)>,
 }
+
+impl Gc {
+    /// The highest lsn collection may reach now, given the replica's target.
+    fn limit(&mut self, target: u64) -> u64 {
+        let now = std::time::Instant::now();
+        self.receivers.retain(|_, (_, until)| *until > now);
+        let pinned = self.pins.keys().next().copied();
+        let held = self.receivers.values().map(|&(at, _)| at).min();
+        [Some(target), pinned, held]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(target)
+    }
+}
+
+/// How long a receiver's next transfer is spared a full one (a joiner's catch-up and join).
+const RECEIVER_HOLD: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the store keeps in memory, shared with the collector thread.
 #[derive(Default)]
@@ -235,7 +257,7 @@ impl Items {
         loop {
             let writing = durable.writing.lock().expect("store writer lock poisoned");
             let mut gc = self.gc();
-            let limit = gc.pins.keys().next().map_or(target, |&pin| pin.min(target));
+            let limit = gc.limit(target);
             let victims = self.index().take_tombstones(limit, GC_CHUNK);
             let Some(&(top, _)) = victims.last() else {
                 break;
@@ -1054,8 +1076,13 @@ impl Store {
     /// a tombstone above `since` may have been dropped, the transfer must be full: every
     /// entry, and the receiver removes what it is not sent. Otherwise no tombstone above
     /// `since` is dropped while the returned pin lives.
-    pub fn pin_transfer(&self, since: u64) -> TransferPin {
+    ///
+    /// `receiver` is told `committed` as its commit point at the end; nothing above that is
+    /// dropped for `RECEIVER_HOLD`, so its next transfer (from there) need not be full.
+    pub fn pin_transfer(&self, since: u64, receiver: u32, committed: u64) -> TransferPin {
         let mut gc = self.items.gc();
+        let until = std::time::Instant::now() + RECEIVER_HOLD;
+        gc.receivers.insert(receiver, (committed, until));
         if since < gc.horizon {
             return TransferPin {
                 items: self.items.clone(),
@@ -1614,7 +1641,7 @@ mod tests {
             pos(4),
         )
         .unwrap();
-        let pin = s.pin_transfer(2);
+        let pin = s.pin_transfer(2, 9, 4);
         assert!(!pin.full(), "nothing was dropped yet");
         s.collect_up_to(4);
         s.collect_now().unwrap();
@@ -1628,14 +1655,38 @@ mod tests {
             vec![("c".into(), Some(3)), ("d".into(), Some(4))],
             "the pinned transfer still finds every deletion after its since"
         );
-        assert!(s.pin_transfer(1).full(), "since 1 < horizon 2");
-        assert!(!s.pin_transfer(2).full());
+        assert!(s.pin_transfer(1, 9, 4).full(), "since 1 < horizon 2");
+        assert!(!s.pin_transfer(2, 9, 4).full());
         drop(pin);
         s.collect_now().unwrap();
         assert!(indexed(&s).is_empty());
         assert_eq!(s.gc_horizon(), 4);
-        assert!(s.pin_transfer(3).full());
-        assert!(!s.pin_transfer(4).full());
+        assert!(s.pin_transfer(3, 9, 4).full());
+        assert!(!s.pin_transfer(4, 9, 4).full());
+    }
+
+    #[tokio::test]
+    async fn a_receivers_next_transfer_starts_where_its_last_ended_and_is_not_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), SyncMode::None).unwrap();
+        s.apply_records(&[rec(1, "a", None), rec(2, "b", None)], pos(2))
+            .unwrap();
+        // A joiner was handed commit point 1; the transfer itself is over.
+        drop(s.pin_transfer(0, 7, 1));
+        s.apply_records(&[rec(3, "c", None)], pos(3)).unwrap();
+        s.collect_up_to(3);
+        s.collect_now().unwrap();
+        assert_eq!(
+            indexed(&s),
+            vec![("b".into(), 2, true), ("c".into(), 3, true)],
+            "held above the joiner's commit point"
+        );
+        assert!(!s.pin_transfer(1, 7, 3).full(), "its next transfer, from 1");
+        // The hold moved to 3 with that transfer; once it lapses, everything goes.
+        s.items.gc().receivers.get_mut(&7).unwrap().1 = std::time::Instant::now();
+        s.collect_now().unwrap();
+        assert!(indexed(&s).is_empty());
+        assert!(s.gc_horizon() == 3);
     }
 
     #[tokio::test]

@@ -124,7 +124,9 @@ impl Node {
         };
         // Held until the last chunk is built: no tombstone the transfer should carry is
         // collected meanwhile.
-        let pin = self.store.pin_transfer(req.since);
+        let pin = self
+            .store
+            .pin_transfer(req.since, req.from, pos.committed.min(pos.applied));
         let full = pin.full();
         let since = if full { 0 } else { req.since };
         let (tx, rx) = mpsc::channel(4);
