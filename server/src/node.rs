@@ -356,6 +356,8 @@ impl Node {
                     ..Default::default()
                 },
             );
+            // A member now: its acknowledgements bound collection from here on.
+            self.store.release_transfer_hold(m);
             let (tx, rx) = mpsc::unbounded_channel();
             feeds.push(tx);
             tokio::spawn(self.clone().replicate_to(m, view.epoch, rx, applied));

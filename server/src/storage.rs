@@ -1096,6 +1096,12 @@ impl Store {
         }
     }
 
+    /// Ends the hold `pin_transfer` put on collection for `receiver`: it is a member now,
+    /// and what it has acknowledged bounds the horizon the primary hands out.
+    pub fn release_transfer_hold(&self, receiver: u32) {
+        self.items.gc().receivers.remove(&receiver);
+    }
+
     /// Starts receiving a full transfer, which replaces everything this store holds: every
     /// item held now is removed at the end unless the transfer sends it. The caller holds
     /// off every other change to the data meanwhile.
@@ -1686,7 +1692,15 @@ mod tests {
         s.items.gc().receivers.get_mut(&7).unwrap().1 = std::time::Instant::now();
         s.collect_now().unwrap();
         assert!(indexed(&s).is_empty());
-        assert!(s.gc_horizon() == 3);
+        assert_eq!(s.gc_horizon(), 3);
+        // A receiver that became a member holds nothing back.
+        s.apply_records(&[rec(4, "d", None)], pos(4)).unwrap();
+        drop(s.pin_transfer(3, 7, 3));
+        s.release_transfer_hold(7);
+        s.collect_up_to(4);
+        s.collect_now().unwrap();
+        assert!(indexed(&s).is_empty());
+        assert_eq!(s.gc_horizon(), 4);
     }
 
     #[tokio::test]
