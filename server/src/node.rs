@@ -90,6 +90,8 @@ pub(crate) struct Progress {
     pub ack_sent_at: Option<BootInstant>,
     /// Send time of the latest message sent to it (bounds the lease it may hold).
     pub last_send: Option<Instant>,
+    /// Highest commit point the member acknowledged receiving (bounds the GC horizon).
+    pub commit_acked: u64,
 }
 
 /// What only the primary has.
@@ -514,6 +516,8 @@ impl Node {
                     ..Default::default()
                 },
             );
+            // A member now: its acknowledgements bound collection from here on.
+            self.store.release_transfer_hold(m);
             let (tx, rx) = mpsc::unbounded_channel();
             feeds.push(tx);
             tokio::spawn(self.clone().replicate_to(
@@ -582,6 +586,7 @@ impl Node {
             st.pos.committed = c;
             self.publish_commit(st);
         }
+        self.store.collect_up_to(self.gc_horizon(st));
     }
 
     /// Remaining lease of the primary: until `min over members (send time of the latest
@@ -1173,6 +1178,7 @@ impl Node {
         }
         let new_committed = st.pos.committed.max(req.committed.min(st.pos.applied));
         st.pos.committed = new_committed;
+        self.store.collect_up_to(req.gc_horizon.min(new_committed));
         let now = Instant::now();
         let answered_at = BootInstant::now();
         if let Some(mark) = st.stream {

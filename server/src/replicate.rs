@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use crate::clock::BootInstant;
 use crate::convert::record_to_pb;
-use crate::node::Node;
+use crate::node::{Node, State};
 use crate::types::{Rank, Record, MAX_EPOCH};
 use crate::viewchange::Reason;
 
@@ -88,14 +88,14 @@ impl Node {
             while let Ok(b) = feed.try_recv() {
                 queue.extend(b.iter().cloned());
             }
-            let (committed, lease_ms) = {
+            let (committed, lease_ms, gc_horizon) = {
                 let st = self.st();
                 match &st.primary {
                     Some(p) if p.epoch == epoch && st.view.is_member(to) => {}
                     _ => return,
                 }
                 let lease = self.primary_lease(&st).map_or(0, |d| d.as_millis() as u64);
-                (st.pos.committed, lease)
+                (st.pos.committed, lease, self.gc_horizon(&st))
             };
             if closed && queue.is_empty() {
                 return;
@@ -140,7 +140,9 @@ impl Node {
                 lease_ms,
                 prev_lsn: prev,
                 prev_epoch,
+                gc_horizon,
             };
+            let commit_sent = req.committed;
             sent_committed = committed;
             let res = link.call(req, self.cfg.timing.ack_timeout).await;
             match res {
@@ -153,6 +155,7 @@ impl Node {
                     }
                     if let Some(pr) = p.peers.get_mut(&to) {
                         pr.acked = pr.acked.max(last);
+                        pr.commit_acked = pr.commit_acked.max(commit_sent);
                         pr.ack_sent_at = Some(sent_boot);
                     }
                     self.advance_commit(&mut st);
@@ -184,6 +187,19 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// The tombstone-collection horizon of the primary (DESIGN.md §3): the lowest commit
+    /// point a member acknowledged receiving, and its own. Every member's commit point is at
+    /// or above every member's horizon, so a transfer between members (a view change's
+    /// reconcile, `since` = the receiver's commit point) is never forced to be full.
+    pub(crate) fn gc_horizon(&self, st: &State) -> u64 {
+        let Some(p) = st.primary.as_ref() else {
+            return 0;
+        };
+        st.view.backups().fold(st.pos.committed, |h, m| {
+            h.min(p.peers.get(&m).map_or(0, |x| x.commit_acked))
+        })
     }
 
     /// A member stopped acknowledging: propose a view without it (§5), once.

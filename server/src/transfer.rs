@@ -57,10 +57,23 @@ impl Node {
             .await
             .map_err(|e| e.to_string())?;
         let mut received = 0usize;
+        // A full transfer replaces everything: what it does not send is removed (§7). Whether
+        // it is full is known from its first chunk, before anything was set.
+        let mut full = None;
+        let mut replacing = None;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| e.to_string())?;
+            if *full.get_or_insert(chunk.full) != chunk.full {
+                return Err("the source changed the kind of transfer mid-way".into());
+            }
+            if chunk.full && replacing.is_none() {
+                replacing = Some(self.store.begin_replacement());
+            }
             let entries: Vec<SyncEntry> =
                 chunk.entries.into_iter().map(sync_entry_from_pb).collect();
+            if let Some(r) = replacing.as_mut() {
+                r.received(&entries);
+            }
             received += entries.len();
             if chunk.done {
                 if chunk.applied < since {
@@ -69,6 +82,9 @@ impl Node {
                         "rank {source} holds up to lsn {}, short of this server's committed {since}",
                         chunk.applied
                     ));
+                }
+                if let Some(r) = replacing.take() {
+                    self.store.finish_replacement(r, chunk.gc_horizon);
                 }
                 let pos = Position {
                     applied: chunk.applied,
@@ -86,6 +102,7 @@ impl Node {
                     source,
                     since,
                     tail = tail_len,
+                    full = chunk.full,
                     entries = received,
                     applied = pos.applied,
                     ms = started.elapsed().as_millis() as u64,
@@ -126,9 +143,17 @@ impl Node {
             }
             st.pos
         };
+        // Held until the last chunk is built: no tombstone the transfer should carry is
+        // collected meanwhile.
+        let pin = self
+            .store
+            .pin_transfer(req.since, req.from, pos.committed.min(pos.applied));
+        let full = pin.full();
+        let since = if full { 0 } else { req.since };
         let (tx, rx) = mpsc::channel(4);
         let node = self.clone();
         tokio::task::spawn_blocking(move || {
+            let _pin = pin;
             let send = |c: SyncChunk| tx.blocking_send(Ok(c)).is_ok();
             let mut entries = Vec::new();
             let mut bytes = 0usize;
@@ -140,9 +165,11 @@ impl Node {
                     applied: 0,
                     last_epoch: 0,
                     committed: 0,
+                    full,
+                    gc_horizon: 0,
                 })
             };
-            for e in node.store.changed_since(req.since) {
+            for e in node.store.changed_since(since) {
                 let e = match e {
                     Ok(e) => e,
                     Err(err) => {
@@ -182,6 +209,10 @@ impl Node {
                 applied: pos.applied,
                 last_epoch: pos.last_epoch,
                 committed: pos.committed.min(pos.applied),
+                full,
+                // Read after every entry was sent: it covers each tombstone the transfer
+                // could not carry.
+                gc_horizon: if full { node.store.gc_horizon() } else { 0 },
             });
         });
         Ok(rx)

@@ -1,0 +1,312 @@
+//! Bounded growth (DESIGN.md §3): writing and then deleting many keys must leave every
+//! server's memory and data directory close to where they were before. Takes minutes, so it
+//! is ignored by default; `scripts/gc-check.sh` runs it and prints the figures.
+//!
+//! `REPLIKV_GC_CHECK_KEYS` sets the number of keys (default 1 000 000),
+//! `REPLIKV_GC_CHECK_VALUE_BYTES` the value size (default 100),
+//! `REPLIKV_GC_CHECK_BASE_KEYS` keys written before the baseline and kept (default 0),
+//! `REPLIKV_GC_CHECK_TOLERANCE` the allowed growth (default 0.2, i.e. 20 %).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use replikv_client::{Client, ClientConfig, Route};
+use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
+
+/// Writers in flight at once (each request waits for its own answer).
+const CONCURRENCY: usize = 128;
+/// Upper bound on the whole check.
+const LIMIT: Duration = Duration::from_secs(90 * 60);
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, not {v:?}")),
+        Err(_) => default,
+    }
+}
+
+/// Resident memory of the server whose data directory is `dir`, in bytes.
+fn rss_of(dir: &Path) -> u64 {
+    let want = dir.as_os_str().as_encoded_bytes();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let serves_dir = args
+            .windows(2)
+            .any(|w| w[0] == b"--data-dir" && w[1] == want);
+        if !serves_dir {
+            continue;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        if let Some(line) = status.lines().find(|l| l.starts_with("VmRSS:")) {
+            let kb: u64 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            return kb * 1024;
+        }
+    }
+    panic!("no server process for {}", dir.display())
+}
+
+/// Bytes the files under `dir` take on disk (allocated blocks, as `du`), and by sub-folder.
+fn disk_of(dir: &Path) -> (u64, Vec<(String, u64)>) {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(p: &Path) -> u64 {
+        let Ok(md) = std::fs::symlink_metadata(p) else {
+            return 0;
+        };
+        if md.is_dir() {
+            std::fs::read_dir(p)
+                .map(|rd| rd.flatten().map(|e| walk(&e.path())).sum())
+                .unwrap_or(0)
+        } else {
+            md.blocks() * 512
+        }
+    }
+    let mut parts: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                walk(&e.path()),
+            )
+        })
+        .collect();
+    parts.sort();
+    (walk(dir), parts)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+struct Figures {
+    rss: Vec<u64>,
+    disk: Vec<u64>,
+}
+
+fn measure(cluster: &LocalCluster, when: &str) -> Figures {
+    let mut f = Figures {
+        rss: Vec::new(),
+        disk: Vec::new(),
+    };
+    for rank in 0..cluster.len() {
+        let dir = cluster.data_dir(rank);
+        let rss = rss_of(&dir);
+        let (disk, parts) = disk_of(&dir);
+        let parts: Vec<String> = parts
+            .iter()
+            .map(|(n, b)| format!("{n} {}", mib(*b)))
+            .collect();
+        println!(
+            "{when:<22} server {rank}: rss {:>10}  data dir {:>10}  ({})",
+            mib(rss),
+            mib(disk),
+            parts.join(", ")
+        );
+        f.rss.push(rss);
+        f.disk.push(disk);
+    }
+    f
+}
+
+/// Runs `op` on keys `from..to` with `CONCURRENCY` requests in flight, printing progress.
+async fn for_keys<F, Fut>(what: &'static str, from: usize, to: usize, op: F)
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(from));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (next, op) = (next.clone(), op.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= to {
+                        return;
+                    }
+                    op(i).await;
+                    let done = i + 1 - from;
+                    if done.is_multiple_of(100_000) {
+                        println!(
+                            "{what}: {done} in {:.0?} ({:.0}/s)",
+                            started.elapsed(),
+                            done as f64 / started.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("writer task");
+    }
+    println!("{what}: {} keys in {:.1?}", to - from, started.elapsed());
+}
+
+fn key(i: usize) -> Bytes {
+    Bytes::from(format!("gc-check-{i:08}"))
+}
+
+/// The highest collection horizon the server of `log` reported: from collecting tombstones,
+/// or taken from a full transfer's source.
+fn horizon_reported(log: &Path) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("tombstones collected") || l.contains("full transfer: removed"))
+        .filter_map(|l| {
+            let rest = &l[l.find("horizon=")? + "horizon=".len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "takes minutes: run by scripts/gc-check.sh"]
+fn writing_then_deleting_many_keys_leaves_memory_and_disk_where_they_were() {
+    let keys: usize = env_or("REPLIKV_GC_CHECK_KEYS", 1_000_000);
+    let value_bytes: usize = env_or("REPLIKV_GC_CHECK_VALUE_BYTES", 100);
+    let base: usize = env_or("REPLIKV_GC_CHECK_BASE_KEYS", 0);
+    let tolerance: f64 = env_or("REPLIKV_GC_CHECK_TOLERANCE", 0.2);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        tokio::time::timeout(LIMIT, async move {
+            let mut cluster = LocalCluster::start(ClusterOptions {
+                servers: 3,
+                // `REPLIKV_SERVER_BIN` (e.g. a release build) if set, else cargo's.
+                command: Some(match std::env::var_os("REPLIKV_SERVER_BIN") {
+                    Some(_) => ServerCommand::locate().expect("REPLIKV_SERVER_BIN"),
+                    None => ServerCommand::new(env!("CARGO_BIN_EXE_replikv-server"), Vec::new()),
+                }),
+                ..ClusterOptions::default()
+            })
+            .expect("start the cluster");
+            cluster
+                .wait_converged(Duration::from_secs(30))
+                .await
+                .expect("the cluster serves");
+            let client = Client::connect(
+                ClientConfig::new(cluster.addrs())
+                    .with_route(Route::Primary)
+                    .with_request_timeout(Duration::from_secs(30)),
+            )
+            .await
+            .expect("client");
+            let value = Bytes::from(vec![b'v'; value_bytes]);
+            let put = {
+                let (client, value) = (client.clone(), value.clone());
+                move |i: usize| {
+                    let (client, value) = (client.clone(), value.clone());
+                    async move {
+                        client
+                            .put(key(i), value)
+                            .await
+                            .unwrap_or_else(|e| panic!("put {i}: {e}"));
+                    }
+                }
+            };
+            if base > 0 {
+                for_keys("base puts", keys, keys + base, put.clone()).await;
+                cluster.wait_converged(Duration::from_secs(60)).await.unwrap();
+            }
+            // Let the servers settle (sled's flush, a checkpoint) before the baseline.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let before = measure(&cluster, "before");
+            for_keys("puts", 0, keys, put).await;
+            cluster.wait_converged(Duration::from_secs(60)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let written = measure(&cluster, "after the puts");
+            let delete = {
+                let client = client.clone();
+                move |i: usize| {
+                    let client = client.clone();
+                    async move {
+                        client
+                            .delete(key(i))
+                            .await
+                            .unwrap_or_else(|e| panic!("delete {i}: {e}"));
+                    }
+                }
+            };
+            for_keys("deletes", 0, keys, delete).await;
+            cluster.wait_converged(Duration::from_secs(60)).await.unwrap();
+            // The last write was a delete: once every server's horizon reaches it, every
+            // tombstone of the run is gone (collected, or never sent by a full transfer).
+            let (_, status) = cluster.wait_for_primary(Duration::from_secs(30)).await.unwrap();
+            let last = status.applied;
+            let started = Instant::now();
+            loop {
+                let horizons: Vec<u64> = (0..cluster.len())
+                    .map(|r| horizon_reported(&cluster.log_path(r)))
+                    .collect();
+                if horizons.iter().all(|&h| h >= last) {
+                    println!("every server collected its tombstones after {:.1?}", started.elapsed());
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(300),
+                    "collection horizons {horizons:?}, want {last}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let after = measure(&cluster, "after deletes + GC");
+            // What a fresh process needs for the same data: tells caches and the allocator's
+            // retained memory from what the server actually holds.
+            for rank in 0..cluster.len() {
+                cluster.restart(rank).unwrap();
+            }
+            cluster.wait_converged(Duration::from_secs(120)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            measure(&cluster, "after a restart");
+
+            println!("\nkeys {keys}, values {value_bytes} B, kept base keys {base}");
+            let mut over = Vec::new();
+            for rank in 0..cluster.len() {
+                for (what, b, w, a) in [
+                    ("rss", before.rss[rank], written.rss[rank], after.rss[rank]),
+                    ("disk", before.disk[rank], written.disk[rank], after.disk[rank]),
+                ] {
+                    let ratio = a as f64 / b as f64;
+                    println!(
+                        "server {rank} {what:<4}: before {:>10}, after puts {:>10}, after deletes+GC {:>10} ({:+.0} %)",
+                        mib(b),
+                        mib(w),
+                        mib(a),
+                        (ratio - 1.0) * 100.0
+                    );
+                    if ratio > 1.0 + tolerance {
+                        over.push(format!("server {rank} {what} {:+.0} %", (ratio - 1.0) * 100.0));
+                    }
+                }
+            }
+            assert!(
+                over.is_empty(),
+                "more than {:.0} % above the baseline: {over:?}",
+                tolerance * 100.0
+            );
+        })
+        .await
+        .expect("the check finished in time");
+    });
+}
