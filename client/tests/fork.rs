@@ -54,7 +54,7 @@ fn blocking_client_used_after_fork_works_on_a_session_of_its_own() {
         ..Default::default()
     })
     .expect("start the servers (is replikv-server built?)");
-    rt.block_on(cluster.wait_for_primary(Duration::from_secs(30)))
+    rt.block_on(cluster.wait_ready(Duration::from_secs(30)))
         .expect("the cluster elects a primary");
 
     let mut helper = Command::new(std::env::current_exe().unwrap());

@@ -637,6 +637,14 @@ impl Node {
         if primary == self.me {
             return Err(ServeError::unavailable("primary is recovering", hint));
         }
+        if self.identity.get().is_none() {
+            // Not part of a cluster yet: there is no primary to forward to (§10). Nothing
+            // was sent anywhere, so the client may try another server.
+            return Err(ServeError::unavailable(
+                "this server has not joined its cluster yet",
+                None,
+            ));
+        }
         let pb = peer::WriteRequest {
             key: req.key,
             value: req.value,
@@ -654,7 +662,14 @@ impl Node {
                     ServeError::InvalidArgument(s.message().to_string())
                 }
                 tonic::Code::ResourceExhausted => ServeError::Overloaded(s.message().to_string()),
-                tonic::Code::FailedPrecondition => ServeError::session_from_status(&s),
+                // Only a session's refusal passes through as such; any other precondition
+                // (e.g. a primary of another cluster) is this server's problem, and the
+                // client should try another one.
+                tonic::Code::FailedPrecondition
+                    if s.metadata().contains_key(crate::error::SESSION_HEADER) =>
+                {
+                    ServeError::session_from_status(&s)
+                }
                 _ => ServeError::Unavailable {
                     reason: format!("primary {primary}: {}", s.message()),
                     primary: hint,

@@ -129,6 +129,20 @@ fn an_empty_server_alone_forms_no_cluster() {
     });
 }
 
+/// Writes sent while the cluster is still forming (servers without state yet, which have
+/// nowhere to forward a write) go to another server and succeed, each once.
+#[test]
+fn writes_while_the_cluster_forms_succeed() {
+    run(async {
+        let cluster = start(3, &[]);
+        let client = client(&cluster).await;
+        let mut expected = Expected::new();
+        put_fresh(&client, "early", 30, &mut expected).await;
+        cluster.wait_ready(BOOT_TIMEOUT).await.expect("formed");
+        assert_every_server_reads(&cluster, 0..3, &expected).await;
+    });
+}
+
 /// A server wiped at a random moment while writes run, then restarted: no acknowledged
 /// write is lost, and it serves them all once it has rejoined.
 #[test]
