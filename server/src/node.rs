@@ -839,9 +839,11 @@ impl Node {
                 }];
                 if let Some((sid, id)) = session {
                     // The record carries this write's result and the session's small
-                    // header; results the client declared finished are deleted with it.
+                    // header. Results the client declared finished leave the header; their
+                    // slots are simply written over when reused (a slot's result names its
+                    // seq), which saves a delete, and a tombstone to collect, per write.
                     let header = sessions.entry(sid).or_default();
-                    let finished = header.record(id.seq, id.first_unfinished, now_ms);
+                    header.record(id.seq, id.first_unfinished, now_ms);
                     let stored = StoredResult {
                         seq: id.seq,
                         lsn,
@@ -855,12 +857,6 @@ impl Node {
                         session_result_item(sid.hi, sid.lo, session::slot(id.seq)),
                         Some(stored.encode()),
                     );
-                    for seq in finished {
-                        set(
-                            session_result_item(sid.hi, sid.lo, session::slot(seq)),
-                            None,
-                        );
-                    }
                     items.push(Item {
                         key: session_header_item(sid.hi, sid.lo),
                         value: Some(header.encode()),
@@ -882,8 +878,9 @@ impl Node {
                     key: session_header_item(sid.hi, sid.lo),
                     value: None,
                 }];
-                items.extend(header.recorded.iter().map(|&seq| Item {
-                    key: session_result_item(sid.hi, sid.lo, session::slot(seq)),
+                // Every slot the session may have written, recorded or not.
+                items.extend(header.used_slots().map(|slot| Item {
+                    key: session_result_item(sid.hi, sid.lo, slot),
                     value: None,
                 }));
                 let idle_ms = now_ms.saturating_sub(header.last_used_ms);

@@ -111,9 +111,10 @@ pub fn decide(header: Option<&Header>, seq: u64, first_unfinished: u64) -> Decis
 }
 
 impl Header {
-    /// Records new write `seq` at `now_ms`; returns the seqs whose result items must be
-    /// deleted in the same record (declared finished). A result forgotten because `seq` takes
-    /// its slot needs no delete: the slot is overwritten.
+    /// Records new write `seq` at `now_ms`; returns the seqs the client declared finished,
+    /// which leave the header. Their result items stay in their slots until a later seq
+    /// overwrites them (a stored result names its seq), or the session is collected
+    /// ([`Header::used_slots`]).
     pub fn record(&mut self, seq: u64, first_unfinished: u64, now_ms: u64) -> Vec<u64> {
         // A client never declares the write it is making finished; a bogus first_unfinished
         // above seq must not erase the result being recorded.
@@ -128,6 +129,19 @@ impl Header {
         self.recorded.insert(seq);
         self.last_used_ms = self.last_used_ms.max(now_ms);
         finished.into_iter().filter(|&s| slot(s) != mine).collect()
+    }
+
+    /// The result slots this session may have written: one per seq it has seen, at most
+    /// [`MAX_RESULTS`]. Finished results stay in their slots until a later seq reuses them.
+    pub fn used_slots(&self) -> impl Iterator<Item = u16> {
+        let highest = self
+            .recorded
+            .last()
+            .copied()
+            .unwrap_or(0)
+            .max(self.first_unfinished)
+            .max(self.forgotten);
+        (0..highest.saturating_add(1).min(MAX_RESULTS)).map(slot)
     }
 
     /// Whether the session has had no write for longer than `ttl_ms` at `now_ms`.
@@ -253,6 +267,16 @@ mod tests {
         assert_eq!(decide(None, 7, 7), Decision::Expired);
         assert_eq!(decide(None, 2, 2), Decision::Expired);
         assert_eq!(decide(None, 9, 3), Decision::Expired);
+    }
+
+    #[test]
+    fn used_slots_cover_every_seq_seen_up_to_the_slot_count() {
+        let mut h = Header::default();
+        assert_eq!(h.used_slots().count(), 1);
+        h.record(3, 1, 0);
+        assert_eq!(h.used_slots().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        h.record(5000, 5000, 0);
+        assert_eq!(h.used_slots().count(), MAX_RESULTS as usize);
     }
 
     #[test]
