@@ -810,7 +810,12 @@ impl Node {
                         Decision::New => {}
                         Decision::Duplicate => {
                             let r = self
-                                .recorded_result(&overlay, sid, id.seq)
+                                .recorded_result(
+                                    &overlay,
+                                    sid,
+                                    id.seq,
+                                    header.and_then(|h| h.slot_of(id.seq)),
+                                )
                                 .map(|r| (r.lsn, r.result, term));
                             replies.push((op.reply, r));
                             continue;
@@ -844,6 +849,7 @@ impl Node {
                     // seq), which saves a delete, and a tombstone to collect, per write.
                     let header = sessions.entry(sid).or_default();
                     header.record(id.seq, id.first_unfinished, now_ms);
+                    let slot = header.slot_of(id.seq).expect("just recorded");
                     let stored = StoredResult {
                         seq: id.seq,
                         lsn,
@@ -854,7 +860,7 @@ impl Node {
                         items.push(Item { key, value });
                     };
                     set(
-                        session_result_item(sid.hi, sid.lo, session::slot(id.seq)),
+                        session_result_item(sid.hi, sid.lo, slot),
                         Some(stored.encode()),
                     );
                     items.push(Item {
@@ -950,8 +956,9 @@ impl Node {
         overlay: &HashMap<Bytes, Option<Bytes>>,
         sid: SessionId,
         seq: u64,
+        slot: Option<u16>,
     ) -> Result<StoredResult, ServeError> {
-        let key = session_result_item(sid.hi, sid.lo, session::slot(seq));
+        let key = session_result_item(sid.hi, sid.lo, slot.unwrap_or(u16::MAX));
         let raw = match overlay.get(&key) {
             Some(v) => v.clone(),
             None => self

@@ -10,15 +10,17 @@
 //!   server had to forget, the primary's wall-clock time of the session's last write, and the
 //!   seqs whose results are recorded;
 //! - one **result item** per recorded seq (its lsn and the old value it returned), in one of
-//!   [`MAX_RESULTS`] slots (`seq % MAX_RESULTS`), so a session never has more than
-//!   `MAX_RESULTS + 1` items however many writes it makes.
+//!   [`MAX_RESULTS`] slots, so a session never has more than `MAX_RESULTS + 1` items however
+//!   many writes it makes. A new result takes the lowest slot no unfinished result holds, so
+//!   a client with one write at a time writes one slot over and over (the store takes a key
+//!   written again within its apply window once).
 //!
 //! A write record therefore carries that write's result and the small header only; results
 //! the client declared finished are deleted in the same record as the write that declared it.
 //! The rules here are pure: the sequencer (`node.rs`) loads headers, applies the decisions and
 //! writes the items.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -49,16 +51,11 @@ pub struct WriteResult {
     pub old: Option<Bytes>,
 }
 
-/// Most results one session keeps. A result occupies slot `seq % MAX_RESULTS`; when a later
-/// seq needs the slot of a result that is still unfinished (the client's unfinished writes
-/// span more than `MAX_RESULTS` seqs), that older result is forgotten and remembered as
+/// Most results one session keeps. When a new result finds every slot held by an
+/// unfinished one (the client has more than `MAX_RESULTS` writes unfinished), the oldest
+/// result is forgotten, its slot reused, and it is remembered as
 /// forgotten: a retry of it is refused, never applied again.
 pub const MAX_RESULTS: u64 = 1024;
-
-/// The slot of a seq's result item.
-pub fn slot(seq: u64) -> u16 {
-    (seq % MAX_RESULTS) as u16
-}
 
 /// A session's header item.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,8 +66,10 @@ pub struct Header {
     pub forgotten: u64,
     /// The primary's wall-clock time (ms since the Unix epoch) of the session's last write.
     pub last_used_ms: u64,
-    /// Seqs whose result item is stored; at most one per slot.
-    pub recorded: BTreeSet<u64>,
+    /// Seqs whose result item is stored, and the slot each is in (one seq per slot).
+    pub recorded: BTreeMap<u64, u16>,
+    /// Slots `0..slots_used` may hold results (written once, overwritten since).
+    pub slots_used: u16,
 }
 
 /// What to do with an incoming write of a session.
@@ -103,7 +102,7 @@ pub fn decide(header: Option<&Header>, seq: u64, first_unfinished: u64) -> Decis
     match header {
         None if first_unfinished > 1 => Decision::Expired,
         None => Decision::New,
-        Some(h) if h.recorded.contains(&seq) => Decision::Duplicate,
+        Some(h) if h.recorded.contains_key(&seq) => Decision::Duplicate,
         Some(h) if seq < h.first_unfinished => Decision::Retired,
         Some(h) if seq <= h.forgotten => Decision::Forgotten,
         Some(_) => Decision::New,
@@ -121,27 +120,33 @@ impl Header {
         self.first_unfinished = self.first_unfinished.max(first_unfinished.min(seq));
         let keep = self.recorded.split_off(&self.first_unfinished);
         let finished = std::mem::replace(&mut self.recorded, keep);
-        let mine = slot(seq);
-        if let Some(&older) = self.recorded.iter().find(|&&s| slot(s) == mine) {
-            self.recorded.remove(&older);
+        let mine = if self.recorded.len() as u64 >= MAX_RESULTS {
+            let (older, slot) = self.recorded.pop_first().expect("MAX_RESULTS > 0");
             self.forgotten = self.forgotten.max(older);
-        }
-        self.recorded.insert(seq);
+            slot
+        } else {
+            let mut held: Vec<u16> = self.recorded.values().copied().collect();
+            held.sort_unstable();
+            held.iter()
+                .enumerate()
+                .find(|&(i, &s)| usize::from(s) != i)
+                .map_or(held.len(), |(i, _)| i) as u16
+        };
+        self.recorded.insert(seq, mine);
+        self.slots_used = self.slots_used.max(mine + 1);
         self.last_used_ms = self.last_used_ms.max(now_ms);
-        finished.into_iter().filter(|&s| slot(s) != mine).collect()
+        finished.into_keys().collect()
+    }
+
+    /// The slot holding the result of recorded `seq`.
+    pub fn slot_of(&self, seq: u64) -> Option<u16> {
+        self.recorded.get(&seq).copied()
     }
 
     /// The result slots this session may have written: one per seq it has seen, at most
     /// [`MAX_RESULTS`]. Finished results stay in their slots until a later seq reuses them.
     pub fn used_slots(&self) -> impl Iterator<Item = u16> {
-        let highest = self
-            .recorded
-            .last()
-            .copied()
-            .unwrap_or(0)
-            .max(self.first_unfinished)
-            .max(self.forgotten);
-        (0..highest.saturating_add(1).min(MAX_RESULTS)).map(slot)
+        0..self.slots_used
     }
 
     /// Whether the session has had no write for longer than `ttl_ms` at `now_ms`.
@@ -150,41 +155,51 @@ impl Header {
     }
 
     pub fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(29 + 8 * self.recorded.len());
+        let mut b = BytesMut::with_capacity(31 + 10 * self.recorded.len());
         b.put_u8(HEADER_VERSION);
         b.put_u64(self.first_unfinished);
         b.put_u64(self.forgotten);
         b.put_u64(self.last_used_ms);
+        b.put_u16(self.slots_used);
         b.put_u32(self.recorded.len() as u32);
-        for s in &self.recorded {
-            b.put_u64(*s);
+        for (seq, slot) in &self.recorded {
+            b.put_u64(*seq);
+            b.put_u16(*slot);
         }
         b.freeze()
     }
 
     /// Decodes a header; `None` if it is corrupt.
     pub fn decode(mut b: Bytes) -> Option<Header> {
-        if b.remaining() < 29 || b.get_u8() != HEADER_VERSION {
+        if b.remaining() < 31 || b.get_u8() != HEADER_VERSION {
             return None;
         }
         let mut h = Header {
             first_unfinished: b.get_u64(),
             forgotten: b.get_u64(),
             last_used_ms: b.get_u64(),
-            recorded: BTreeSet::new(),
+            slots_used: b.get_u16(),
+            recorded: BTreeMap::new(),
         };
         let n = b.get_u32() as usize;
-        if n as u64 > MAX_RESULTS || b.remaining() != 8 * n {
+        if n as u64 > MAX_RESULTS
+            || u64::from(h.slots_used) > MAX_RESULTS
+            || b.remaining() != 10 * n
+        {
             return None;
         }
         for _ in 0..n {
-            h.recorded.insert(b.get_u64());
+            let (seq, slot) = (b.get_u64(), b.get_u16());
+            if slot >= h.slots_used {
+                return None;
+            }
+            h.recorded.insert(seq, slot);
         }
         Some(h)
     }
 }
 
-const HEADER_VERSION: u8 = 1;
+const HEADER_VERSION: u8 = 2;
 
 /// The content of a result item: which seq it answers, the lsn of that write, its result.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -239,7 +254,8 @@ mod tests {
             first_unfinished,
             forgotten,
             last_used_ms: 0,
-            recorded: recorded.iter().copied().collect(),
+            recorded: recorded.iter().zip(0..).map(|(&s, i)| (s, i)).collect(),
+            slots_used: recorded.len() as u16,
         }
     }
 
@@ -270,13 +286,37 @@ mod tests {
     }
 
     #[test]
-    fn used_slots_cover_every_seq_seen_up_to_the_slot_count() {
+    fn a_client_with_one_write_at_a_time_reuses_one_slot() {
         let mut h = Header::default();
-        assert_eq!(h.used_slots().count(), 1);
-        h.record(3, 1, 0);
-        assert_eq!(h.used_slots().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-        h.record(5000, 5000, 0);
-        assert_eq!(h.used_slots().count(), MAX_RESULTS as usize);
+        assert_eq!(h.used_slots().count(), 0);
+        for seq in 1..=100 {
+            h.record(seq, seq, 0);
+            assert_eq!(h.slot_of(seq), Some(0));
+        }
+        assert_eq!(h.used_slots().collect::<Vec<_>>(), vec![0]);
+        // Three in flight take three slots; a finished one frees its slot for the next.
+        h.record(101, 101, 0);
+        h.record(102, 101, 0);
+        h.record(103, 101, 0);
+        assert_eq!(
+            (h.slot_of(101), h.slot_of(102), h.slot_of(103)),
+            (Some(0), Some(1), Some(2))
+        );
+        h.record(104, 102, 0);
+        assert_eq!(h.slot_of(104), Some(0));
+        assert_eq!(h.used_slots().count(), 3);
+    }
+
+    #[test]
+    fn encoding_keeps_the_slots() {
+        let mut h = Header::default();
+        h.record(7, 5, 1);
+        h.record(5, 5, 2);
+        assert_eq!(Header::decode(h.encode()), Some(h.clone()));
+        let mut bad = h.encode().to_vec();
+        let n = bad.len();
+        bad[n - 1] = 200; // a slot past slots_used
+        assert_eq!(Header::decode(bad.into()), None);
     }
 
     #[test]
@@ -289,7 +329,7 @@ mod tests {
         assert_eq!(h.record(2, 2, 11), vec![1]);
         assert_eq!(decide(Some(&h), 1, 1), Decision::Retired);
         assert_eq!(decide(Some(&h), 2, 2), Decision::Duplicate);
-        assert_eq!(h.recorded, [2].into());
+        assert_eq!(h.recorded.keys().copied().collect::<Vec<_>>(), vec![2]);
         assert_eq!(h.first_unfinished, 2);
     }
 
@@ -333,14 +373,10 @@ mod tests {
             assert_eq!(decide(Some(&h), seq, 1), Decision::Duplicate, "seq {seq}");
         }
         assert_eq!(decide(Some(&h), 10_002, 1), Decision::New);
-        // Declaring everything up to 9 000 finished deletes exactly the recorded ones.
-        let deleted = h.record(10_002, 9_000, 1);
-        assert_eq!(
-            deleted,
-            (10_002 - MAX_RESULTS..9_000)
-                .filter(|&s| slot(s) != slot(10_002))
-                .collect::<Vec<_>>()
-        );
+        // Declaring everything up to 9 000 finished drops exactly the recorded ones.
+        let finished = h.record(10_002, 9_000, 1);
+        assert_eq!(finished, (10_002 - MAX_RESULTS..9_000).collect::<Vec<_>>());
+        assert!(h.slot_of(10_002).is_some());
         assert_eq!(decide(Some(&h), 1, 9_000), Decision::Retired);
         assert_eq!(decide(Some(&h), 8_999, 9_000), Decision::Retired);
     }
@@ -411,6 +447,6 @@ mod tests {
         for seq in 1..=64 {
             h.record(seq, 1, 1);
         }
-        assert!(h.encode().len() <= 29 + 64 * 8);
+        assert!(h.encode().len() <= 31 + 64 * 10);
     }
 }
