@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{run, run_for};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,31 +26,6 @@ const RAW_RETRY_FOR: Duration = Duration::from_secs(10);
 const LATER_WRITES: u64 = 10_000;
 /// Writes of one session in flight at once in the tests that make many.
 const CONCURRENCY: usize = 32;
-
-/// Runs one test alone, bounded by `limit` (as `common::run`, with a limit of its own: the
-/// 64 x 1 MiB test moves ~200 MiB through unoptimised servers on two shared cores).
-fn run_for<F: std::future::Future<Output = ()>>(limit: Duration, body: F) {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("build tokio runtime");
-    runtime.block_on(async move {
-        let body = std::pin::pin!(body);
-        tokio::select! {
-            () = body => {}
-            () = tokio::time::sleep(limit) => panic!("test did not finish within {limit:?}"),
-        }
-    });
-}
-
-fn run<F: std::future::Future<Output = ()>>(body: F) {
-    run_for(common::TEST_TIMEOUT, body)
-}
 
 fn raw(cluster: &LocalCluster, rank: usize) -> KvClient<Channel> {
     raw_with_timeout(cluster, rank, Duration::from_secs(5))

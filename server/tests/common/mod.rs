@@ -39,6 +39,11 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// The timeout fires while the body is still alive, so the panic unwinds
 /// through the body and its [`LocalCluster`] reports the server logs.
 pub fn run<F: Future<Output = ()>>(body: F) {
+    run_for(TEST_TIMEOUT, body)
+}
+
+/// [`run`] with a bound of its own, for a test that moves much more data than most.
+pub fn run_for<F: Future<Output = ()>>(limit: Duration, body: F) {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -49,8 +54,8 @@ pub fn run<F: Future<Output = ()>>(body: F) {
         let body = std::pin::pin!(body);
         tokio::select! {
             () = body => {}
-            () = tokio::time::sleep(TEST_TIMEOUT) => {
-                panic!("test did not finish within {TEST_TIMEOUT:?}")
+            () = tokio::time::sleep(limit) => {
+                panic!("test did not finish within {limit:?}")
             }
         }
     });
