@@ -264,32 +264,17 @@ impl Admin {
     /// Installs `rules` (per rank) on every server that has some, retrying
     /// a little: a server restarted just before may not listen yet.
     pub async fn apply(&self, rules: &[Vec<FaultRule>]) -> Result<(), String> {
-        let sends =
-            rules
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| !r.is_empty())
-                .map(|(rank, r)| async move {
-                    let mut last = Ok(());
-                    for attempt in 0..APPLY_ATTEMPTS {
-                        if attempt > 0 {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                        last = self
-                            .send(
-                                rank,
-                                FaultRequest {
-                                    rules: r.clone(),
-                                    ..Default::default()
-                                },
-                            )
-                            .await;
-                        if last.is_ok() {
-                            break;
-                        }
-                    }
-                    last
-                });
+        let sends = rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(rank, r)| {
+                let request = FaultRequest {
+                    rules: r.clone(),
+                    ..Default::default()
+                };
+                self.send_retrying(rank, request, APPLY_ATTEMPTS)
+            });
         let errors: Vec<String> = futures::future::join_all(sends)
             .await
             .into_iter()
@@ -306,32 +291,39 @@ impl Admin {
     /// a server that was just restarted may not listen yet (and then has no
     /// rules anyway, which is why the last failure is only reported).
     pub async fn heal(&self, ranks: impl IntoIterator<Item = usize>) -> Vec<String> {
-        let heal_one = |rank: usize| async move {
-            let mut last = Ok(());
-            for attempt in 0..HEAL_ATTEMPTS {
-                if attempt > 0 {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                last = self
-                    .send(
-                        rank,
-                        FaultRequest {
-                            heal: true,
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                if last.is_ok() {
-                    break;
-                }
-            }
-            last
+        let heal_one = |rank: usize| {
+            let request = FaultRequest {
+                heal: true,
+                ..Default::default()
+            };
+            self.send_retrying(rank, request, HEAL_ATTEMPTS)
         };
         futures::future::join_all(ranks.into_iter().map(heal_one))
             .await
             .into_iter()
             .filter_map(Result::err)
             .collect()
+    }
+
+    /// [`Admin::send`] up to `attempts` times, 200 ms apart, until one succeeds; the last
+    /// error if none does.
+    async fn send_retrying(
+        &self,
+        rank: usize,
+        request: FaultRequest,
+        attempts: usize,
+    ) -> Result<(), String> {
+        let mut last = Ok(());
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            last = self.send(rank, request.clone()).await;
+            if last.is_ok() {
+                break;
+            }
+        }
+        last
     }
 }
 
