@@ -27,6 +27,16 @@ const LATER_WRITES: u64 = 10_000;
 /// Writes of one session in flight at once in the tests that make many.
 const CONCURRENCY: usize = 32;
 
+/// Kills the primary and returns a client of the primary that takes over.
+async fn crash_primary(cluster: &mut LocalCluster, primary: usize) -> KvClient<Channel> {
+    cluster.kill(primary).unwrap();
+    let (new_primary, _) = cluster
+        .wait_for_primary(Duration::from_secs(5))
+        .await
+        .expect("a new primary after the crash");
+    raw(cluster, new_primary)
+}
+
 fn raw(cluster: &LocalCluster, rank: usize) -> KvClient<Channel> {
     raw_with_timeout(cluster, rank, Duration::from_secs(5))
 }
@@ -261,12 +271,7 @@ fn forgotten_and_finished_results_stay_unknown_across_a_primary_crash() {
         assert_eq!(put(&stub, done_first.clone()).await, None);
         many_writes(&stub, done, 2..=101, 2).await;
 
-        cluster.kill(primary).unwrap();
-        let (new_primary, _) = cluster
-            .wait_for_primary(Duration::from_secs(5))
-            .await
-            .expect("a new primary after the crash");
-        let stub = raw(&cluster, new_primary);
+        let stub = crash_primary(&mut cluster, primary).await;
         assert_eq!(
             put(&stub, put_req("kept", "later", other.id(1, 1))).await,
             Some(b("first"))
@@ -494,12 +499,7 @@ fn idle_sessions_expire_and_are_collected() {
         );
 
         // The collection was a replicated write: the next primary knows the session expired.
-        cluster.kill(primary).unwrap();
-        let (new_primary, _) = cluster
-            .wait_for_primary(Duration::from_secs(5))
-            .await
-            .expect("a new primary after the crash");
-        let stub = raw(&cluster, new_primary);
+        let stub = crash_primary(&mut cluster, primary).await;
         assert_result_unknown(
             try_put(&stub, second).await,
             "retry on an expired session, new primary",

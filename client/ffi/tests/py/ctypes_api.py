@@ -7,19 +7,13 @@ Exits 0 and prints "ctypes: all checks passed" when every check holds.
 import ctypes
 import sys
 
+import kv739
+
 MAX_VALUE_SIZE = 2048
 
 
 def main(argv):
-    lib = ctypes.CDLL(argv[1])
-    lib.kv739_init.argtypes = [ctypes.POINTER(ctypes.c_char_p)]
-    lib.kv739_init.restype = ctypes.c_int
-    lib.kv739_shutdown.argtypes = []
-    lib.kv739_shutdown.restype = ctypes.c_int
-    lib.kv739_get.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-    lib.kv739_get.restype = ctypes.c_int
-    lib.kv739_put.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
-    lib.kv739_put.restype = ctypes.c_int
+    lib = kv739.load(argv[1])
 
     servers = [s.encode() for s in argv[2:]]
     server_list = (ctypes.c_char_p * (len(servers) + 1))(*servers, None)

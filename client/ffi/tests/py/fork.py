@@ -18,6 +18,8 @@ import ctypes
 import os
 import signal
 import sys
+
+from kv739 import load
 import threading
 import time
 import warnings
@@ -72,19 +74,6 @@ class Checker:
         for failure in self.failures:
             print(failure, file=sys.stderr)
         sys.stderr.flush()
-
-
-def load(path):
-    lib = ctypes.CDLL(path)
-    lib.kv739_init.argtypes = [ctypes.POINTER(ctypes.c_char_p)]
-    lib.kv739_init.restype = ctypes.c_int
-    lib.kv739_shutdown.argtypes = []
-    lib.kv739_shutdown.restype = ctypes.c_int
-    lib.kv739_get.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-    lib.kv739_get.restype = ctypes.c_int
-    lib.kv739_put.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
-    lib.kv739_put.restype = ctypes.c_int
-    return lib
 
 
 def server_list(servers):
