@@ -22,6 +22,9 @@
 #   CONNS          connections (one to each server) the clients of a run share, as the
 #                  tasks of one application share a client (default 4; 0: one per client).
 #                  replikv and etcd alike; Redis clients keep their own (WAIT blocks one)
+#   BASELINE_BIN   a replikv-loadgen binary of an earlier commit: every replikv run is made
+#                  with it too, right before the current one, into $OUT/peers-baseline.csv,
+#                  and $OUT/peers.md gets a table of both and their ratio
 #
 # Installs etcd-server and redis-server from Debian's packages when they are missing.
 # Everything it starts is stopped when it exits, however it exits.
@@ -160,17 +163,40 @@ rm -f "$SUMMARY" "$OUT/peers/"*.timeline.csv
 etcd_flags=()
 [ "$ETCD_SERIALIZABLE" = 1 ] && etcd_flags=(--etcd-serializable)
 
+BASELINE_SUMMARY="$OUT/peers-baseline.csv"
+rm -f "$BASELINE_SUMMARY"
+
 failed=0
+# run LABEL TARGET ARGS...: one measured run with $BIN (or with $RUN_BIN, into $RUN_SUMMARY).
 run() {
     local label="$1" target="$2"
     shift 2
-    log "$label: $target"
-    if ! timeout --signal=TERM --kill-after=20 "$RUN_LIMIT" "$BIN" --target "$target" "$@" \
+    log "$label: $target${RUN_BIN:+ ($RUN_BIN)}"
+    if ! timeout --signal=TERM --kill-after=20 "$RUN_LIMIT" "${RUN_BIN:-$BIN}" --target "$target" "$@" \
         --keys "$KEYS" --value-size "$VALUE_SIZE" --duration "$DURATION" --warmup "$WARMUP" \
-        --label "$label" --out "$OUT/peers" --summary "$SUMMARY" --quiet >/dev/null; then
+        --label "$label" --out "$OUT/peers" --summary "${RUN_SUMMARY:-$SUMMARY}" --quiet >/dev/null; then
         log "$label against $target failed"
         failed=$((failed + 1))
     fi
+}
+
+# Prints the baseline's and this build's replikv throughput per workload, and their ratio.
+baseline_table() {
+    python3 - "$BASELINE_SUMMARY" "$SUMMARY" <<'PY'
+import csv, sys
+def rows(path):
+    return {r["label"]: r for r in csv.DictReader(open(path)) if r["target"] == "replikv"}
+base, cur = rows(sys.argv[1]), rows(sys.argv[2])
+print("| workload | baseline ops/s | this build ops/s | ratio | baseline p50 us | this build p50 us |")
+print("|---|---|---|---|---|---|")
+for label, b in base.items():
+    c = cur.get(label)
+    if c is None:
+        continue
+    ratio = float(c["all_ops_per_s"]) / float(b["all_ops_per_s"])
+    print(f"| {label} | {float(b['all_ops_per_s']):.0f} | {float(c['all_ops_per_s']):.0f} | "
+          f"{ratio:.2f} | {b['all_p50_us']} | {c['all_p50_us']} |")
+PY
 }
 
 for clients in 64 1; do
@@ -178,6 +204,10 @@ for clients in 64 1; do
         case "$mode" in put) ratio=0 ;; get) ratio=1 ;; esac
         label="$mode-only-$clients-client$([ "$clients" -eq 1 ] || echo s)"
         common=(--clients "$clients" --conns "$CONNS" --read-ratio "$ratio")
+        if [ -n "${BASELINE_BIN:-}" ]; then
+            RUN_BIN="$BASELINE_BIN" RUN_SUMMARY="$BASELINE_SUMMARY" \
+                run "$label" replikv --spawn 3 --sync always "${common[@]}"
+        fi
         run "$label" replikv --spawn 3 --sync always "${common[@]}"
         # etcd's own client spreads requests over the members; followers forward writes
         # to the leader inside the cluster.
@@ -205,6 +235,12 @@ if [ -s "$SUMMARY" ]; then
         echo
         "$BIN" compare --summary "$SUMMARY" --plot "$OUT/peers.png" \
             --title "replikv, etcd and Redis: 3 servers each, $VALUE_SIZE-byte values"
+        if [ -s "$BASELINE_SUMMARY" ]; then
+            echo
+            echo "replikv against the baseline binary \`$BASELINE_BIN\`, each pair run back to back:"
+            echo
+            baseline_table
+        fi
         [ "$failed" -eq 0 ] || { echo; echo "$failed run(s) failed and are missing."; }
     } > "$OUT/peers.md"
     cat "$OUT/peers.md"
