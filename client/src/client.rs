@@ -91,11 +91,23 @@ struct RequestSpec {
 }
 
 impl Client {
-    /// Validates the configuration and prepares one channel per server. Does
-    /// no network I/O: connections open on first use, so a client can be
-    /// built while servers are still starting. Must run inside a tokio
+    /// Validates the configuration and prepares one channel per server.
+    /// Connections open on first use, so a client can be built while servers
+    /// are still starting. Given a single server, it first asks that server
+    /// for the cluster's members (one `Status` attempt, bounded by the
+    /// connect timeout) and uses them all, so it survives that server's
+    /// death; given several, it does no network I/O. Must run inside a tokio
     /// runtime (the channels start their background tasks on it).
     pub async fn connect(config: ClientConfig) -> Result<Client, Error> {
+        let client = Client::build(config)?;
+        if client.servers().len() > 1 {
+            return Ok(client);
+        }
+        Ok(client.learn_members().await)
+    }
+
+    /// The client for `config`, with no network I/O.
+    fn build(config: ClientConfig) -> Result<Client, Error> {
         let servers = config.validate()?;
         let stubs = servers
             .iter()
@@ -121,6 +133,54 @@ impl Client {
             config,
         });
         Ok(Client::with_session(transport, client_id))
+    }
+
+    /// This new client (it has sent no write: its session id is reused) over every
+    /// member of the cluster, as the first of its servers that answers `Status` lists
+    /// them (the peer list the servers were started with). The answering server keeps the
+    /// address it was reached by. When no server answers within the connect timeout, or
+    /// the cluster has a single server, the client is returned as it is. A client given
+    /// one address so goes on working when that server dies, as etcd's client syncs its
+    /// endpoints.
+    async fn learn_members(self) -> Client {
+        let budget = self.inner.config.connect_timeout;
+        let replies = tokio::time::timeout(budget, self.status_all()).await;
+        let Some((addr, reply)) = replies
+            .into_iter()
+            .flatten()
+            .find_map(|(addr, reply)| Some((addr, reply.ok()?)))
+        else {
+            debug!("no server answered Status; keeping the configured servers");
+            return self;
+        };
+        let mut peers = reply.peers;
+        peers.sort_by_key(|p| p.rank);
+        let members: Vec<String> = peers
+            .into_iter()
+            .map(|p| {
+                if p.rank == reply.rank {
+                    addr.clone()
+                } else {
+                    p.address
+                }
+            })
+            .collect();
+        if members.len() <= self.servers().len() {
+            return self;
+        }
+        let mut config = self.inner.config.clone();
+        config.servers = members;
+        config.client_id = Some(self.client_id());
+        match Client::build(config) {
+            Ok(client) => {
+                debug!(servers = ?client.servers(), "learned the cluster's members");
+                client
+            }
+            Err(e) => {
+                debug!(%e, "the cluster's member list is not usable; keeping the configured servers");
+                self
+            }
+        }
     }
 
     fn with_session(transport: Arc<Transport>, client_id: u128) -> Client {

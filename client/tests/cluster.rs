@@ -256,3 +256,45 @@ async fn cli_put_get_and_status() {
     }
     panic!("no serving primary in the status table: {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_one_server_learns_the_others_and_survives_its_death() {
+    let mut cluster = start_cluster().await;
+    let (primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
+    let given = cluster.addrs()[primary].clone();
+    let client = Client::connect(ClientConfig::new([given.clone()]))
+        .await
+        .unwrap();
+    let mut learned = client.servers().to_vec();
+    learned.sort();
+    let mut all = cluster.addrs();
+    all.sort();
+    assert_eq!(learned, all, "the client learned every member from {given}");
+    bounded(client.put("one-address", "before")).await.unwrap();
+
+    // The only server the client was given, the primary, dies.
+    cluster.kill(primary).unwrap();
+    assert_eq!(
+        bounded(client.get("one-address")).await.unwrap(),
+        Some(Bytes::from("before"))
+    );
+    assert_eq!(
+        bounded(client.put("one-address", "after")).await.unwrap(),
+        Some(Bytes::from("before"))
+    );
+
+    // The CLI given that dead server alone has nothing to learn from; given a live one
+    // alone, it shows the whole cluster.
+    let survivor = cluster.addrs()[(primary + 1) % cluster.len()].clone();
+    let out = replikv(&survivor, &["get", "one-address"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "after\n");
+    let out = replikv(&survivor, &["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().skip(1).count(), 3, "{text}");
+    let out = replikv(&given, &["get", "one-address"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the dead server alone cannot serve"
+    );
+}

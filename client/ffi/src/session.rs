@@ -162,11 +162,17 @@ pub fn init(servers: Vec<String>) -> Result<(), InitError> {
     }
     let timeout = env_duration("KV739_TIMEOUT_MS", DEFAULT_TIMEOUT);
     let init_timeout = env_duration("KV739_INIT_TIMEOUT_MS", DEFAULT_INIT_TIMEOUT);
-    let client = BlockingClient::connect(ClientConfig::new(servers).with_request_timeout(timeout))
-        .map_err(|_| InitError::Client)?;
+    let config = ClientConfig::new(servers).with_request_timeout(timeout);
+    let mut client = BlockingClient::connect(config.clone()).map_err(|_| InitError::Client)?;
     client
         .wait_for_any(init_timeout)
         .map_err(|_| InitError::NoServerAnswered)?;
+    if client.client().is_ok_and(|c| c.servers().len() == 1) {
+        // One server given, and it was not up yet when the client was built: now that it
+        // answers, a new client learns the other members from it (see `Client::connect`),
+        // so the session survives that server's death.
+        client = BlockingClient::connect(config).map_err(|_| InitError::Client)?;
+    }
     *state
         .session
         .write()

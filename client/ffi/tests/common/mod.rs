@@ -145,11 +145,30 @@ pub fn crate_dir() -> PathBuf {
 /// Compiles C `sources` against the kv739 header and shared library into `out_dir/name`,
 /// with the same warnings-as-errors flags users are told to use.
 pub fn compile_c(name: &str, sources: &[PathBuf], out_dir: &Path) -> PathBuf {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    compile(&cc, &["-std=c11"], name, sources, out_dir)
+}
+
+/// Compiles C++ `sources` as [`compile_c`] does C, with g++ (or `$CXX`) and `extra` flags.
+pub fn compile_cxx(name: &str, sources: &[PathBuf], extra: &[&str], out_dir: &Path) -> PathBuf {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
+    let mut flags = vec!["-std=c++17"];
+    flags.extend_from_slice(extra);
+    compile(&cxx, &flags, name, sources, out_dir)
+}
+
+fn compile(
+    compiler: &str,
+    flags: &[&str],
+    name: &str,
+    sources: &[PathBuf],
+    out_dir: &Path,
+) -> PathBuf {
     let lib = lib_dir();
     let exe = out_dir.join(name);
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
-    let output = Command::new(&cc)
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pthread"])
+    let output = Command::new(compiler)
+        .args(flags)
+        .args(["-Wall", "-Wextra", "-Werror", "-pthread"])
         .arg("-I")
         .arg(crate_dir().join("include"))
         .arg("-I")
@@ -162,7 +181,7 @@ pub fn compile_c(name: &str, sources: &[PathBuf], out_dir: &Path) -> PathBuf {
         .arg("-lkv739")
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .output()
-        .unwrap_or_else(|e| panic!("run {cc}: {e}"));
+        .unwrap_or_else(|e| panic!("run {compiler}: {e}"));
     assert!(
         output.status.success(),
         "compiling {name} failed:\n{}",
