@@ -20,7 +20,12 @@ fn a_cxx_driver_given_one_server_survives_its_death() {
     ] {
         let mut fixture = Fixture::start(3);
         let define = format!("-DKV739_HEADER=\"{header}\"");
-        let exe = compile_cxx(exe_name, &[source.clone()], &[&define], dir.path());
+        let exe = compile_cxx(
+            exe_name,
+            std::slice::from_ref(&source),
+            &[&define],
+            dir.path(),
+        );
         // The server the driver is given is the serving primary: its death also takes the
         // cluster through a view change.
         let primary = fixture.wait_for_primary();
