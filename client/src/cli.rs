@@ -53,6 +53,9 @@ pub enum Command {
     Delete { key: String },
     /// Print every server's view of the cluster as a table.
     Status,
+    /// Read commands from stdin, one per line (PUT k v, SWAP k v, GET k, DELETE k, STOP),
+    /// and answer each on one line, in order.
+    Shell,
 }
 
 /// Parses the command line, runs the command and returns its exit code.
@@ -133,6 +136,13 @@ async fn execute(opt: Opt, out: &mut impl Write) -> Result<u8, Error> {
         Command::Delete { key } => {
             let old = client.delete(codec.decode("key", &key)?).await?;
             codec.print_old(out, old)?;
+            Ok(0)
+        }
+        Command::Shell => {
+            let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+            crate::shell::run(&client, stdin, out)
+                .await
+                .map_err(|e| Error::InvalidArgument(format!("shell: {e}")))?;
             Ok(0)
         }
         Command::Status => {

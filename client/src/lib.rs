@@ -13,7 +13,8 @@
 //!   retry loop (DESIGN.md §6).
 //! - [`blocking`]: [`BlockingClient`], the same API behind a private runtime;
 //!   usable after `fork` (a child's first call builds a client of its own).
-//! - [`cli`]: the `replikv` command (`get`, `put`, `delete`, `status`).
+//! - [`cli`]: the `replikv` command (`get`, `put`, `delete`, `status`, `shell`).
+//! - [`shell`]: `replikv shell`, a line protocol on stdin for people and programs.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), replikv_client::Error> {
@@ -35,6 +36,7 @@ pub mod error;
 mod pipe;
 mod routing;
 mod session;
+pub mod shell;
 
 pub use blocking::BlockingClient;
 pub use client::{Client, ClientStats};

@@ -298,3 +298,55 @@ async fn a_client_given_one_server_learns_the_others_and_survives_its_death() {
         "the dead server alone cannot serve"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_answers_a_scripted_session_exactly() {
+    use tokio::io::AsyncWriteExt;
+
+    let cluster = start_cluster().await;
+    bounded(cluster.wait_ready(STEP)).await.unwrap();
+    let script = "PUT fruit apple\n\
+                  \n\
+                  put   fruit    pear\n\
+                  SWAP fruit plum\n\
+                  SWAP nut almond\n\
+                  GET fruit\n\
+                  GET missing\n\
+                  PUT onlykey\n\
+                  FROB x\n\
+                  DELETE fruit\n\
+                  DELETE fruit\n\
+                  GET fruit\n\
+                  STOP\n\
+                  GET nut\n";
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replikv"))
+        .env("REPLIKV_SERVERS", cluster.addrs().join(","))
+        .env_remove("RUST_LOG")
+        .arg("shell")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start replikv shell");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(script.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = bounded(child.wait_with_output()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "PUT fruit not_found\n\
+         PUT fruit found\n\
+         SWAP fruit pear\n\
+         SWAP nut null\n\
+         GET fruit plum\n\
+         GET missing null\n\
+         ERROR PUT onlykey: PUT takes 2 arguments (PUT key value), got 1\n\
+         ERROR FROB x: unknown command FROB (PUT, SWAP, GET, DELETE or STOP)\n\
+         DELETE fruit found\n\
+         DELETE fruit not_found\n\
+         GET fruit null\n\
+         STOP\n",
+        "nothing after STOP runs"
+    );
+}
