@@ -34,11 +34,11 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use replikv_client::{Client, ClientConfig, Route};
+use replikv_lincheck::{self as checker, Call, CheckOptions, Verdict};
 use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::checker::{self, Call, CheckOptions, Verdict};
 use history::{Clock, Entry, Fate, History};
 use nemesis::{Fault, Nemesis, Timing};
 use workload::is_acknowledged_witness;

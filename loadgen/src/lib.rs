@@ -13,12 +13,11 @@
 //! - [`output`]: the timeline and summary CSVs (columns documented in `loadgen/README.md`).
 //! - [`plot`]: PNG plots (throughput over time, latency CDF, peer comparison).
 //! - [`compare`]: reads summary CSVs back into a Markdown table and a comparison plot.
-//! - [`chaos`]: nemesis mode: faults while clients run, histories checked afterwards.
-//! - [`checker`]: the linearizability checker for those histories.
+//! - [`chaos`]: nemesis mode: faults while clients run, histories checked afterwards by
+//!   `replikv-lincheck`.
 
 pub mod bench;
 pub mod chaos;
-pub mod checker;
 pub mod compare;
 pub mod output;
 pub mod peers;

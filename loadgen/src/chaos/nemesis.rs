@@ -33,7 +33,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
 use super::history::{Clock, NemesisEvent};
-use crate::checker::Nanos;
+use replikv_lincheck::Nanos;
 
 /// Deadline of one Admin RPC, connection included.
 const ADMIN_DEADLINE: Duration = Duration::from_secs(1);
