@@ -35,7 +35,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use replikv_client::{Client, ClientConfig, Route};
 use replikv_lincheck::{self as checker, Call, CheckOptions, Verdict};
-use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
+use replikv_testkit::{ClusterOptions, LocalCluster, ServerCommand};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use replikv_loadgen::bench::{self, BenchError, RunArgs};
 use replikv_loadgen::{chaos, compare, report};
-use replikv_server::cluster::ServerCommand;
+use replikv_testkit::ServerCommand;
 
 // The servers `--spawn` starts run in this binary too: see replikv-server's allocator note.
 #[global_allocator]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use replikv_proto::peer::{FaultDirection, FaultKind, FaultRequest, FaultRule};
-use replikv_server::cluster::LocalCluster;
+use replikv_testkit::LocalCluster;
 use tokio::time::Instant;
 
 use common::*;
