@@ -1,4 +1,4 @@
-//! Regression tests for protocol bugs found by the nemesis (`replikv-loadgen chaos`); each
+//! Regression tests for protocol bugs found by the nemesis (`replikv-chaos`); each
 //! test is named for the bug it pins down.
 
 mod common;

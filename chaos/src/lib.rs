@@ -1,11 +1,13 @@
-//! Nemesis mode (DESIGN.md §8): faults injected while clients run, histories
-//! checked afterwards.
+//! replikv-chaos: the nemesis (DESIGN.md §8): faults injected while clients
+//! run, histories checked afterwards by `replikv-lincheck`.
 //!
 //! - [`history`]: the run clock, recorded operations and nemesis events, CSV.
 //! - [`workload`]: the recording clients.
-//! - [`nemesis`]: the faults and the Admin RPC that delivers network faults.
+//! - [`nemesis`]: the faults, delivered through `LocalCluster` and the fault
+//!   client of `replikv-testkit`.
 //! - [`monitor`]: polls `Status` for epoch regressions and split primaries.
-//! - [`measure`]: `chaos measure`: unavailability after faults, catch-up time.
+//! - [`measure`]: `replikv-chaos measure`: unavailability after faults,
+//!   catch-up time.
 //!
 //! A run: spawn a cluster with fault injection, start the clients and the
 //! monitor, inject faults in rounds (each healed, and the cluster whole
@@ -64,7 +66,7 @@ const WITNESS_READS_IN_FLIGHT: usize = 32;
 /// Lost writes named in a failed check.
 const LOST_SHOWN: usize = 10;
 
-/// Options of the `chaos` subcommand.
+/// Options of `replikv-chaos`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChaosArgs {
     #[command(subcommand)]
@@ -132,12 +134,16 @@ pub struct ChaosArgs {
     pub check_history: Option<PathBuf>,
 }
 
-/// Subcommands of `chaos`.
+/// Subcommands of `replikv-chaos`.
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum ChaosCommand {
     /// Measure write unavailability after faults and the catch-up time of a
     /// server that missed many writes; writes CSVs.
     Measure(measure::MeasureArgs),
+    /// Run one replikv server in this process (how the nemesis starts its
+    /// cluster, so that no separate server binary has to be built).
+    #[command(hide = true)]
+    Server(Box<replikv_server::Opt>),
 }
 
 /// Runs the nemesis (or `chaos measure`, or a re-check); `Ok(false)` when a
@@ -150,6 +156,9 @@ pub async fn run(args: ChaosArgs) -> Result<bool, BoxError> {
         }
         match &args.command {
             Some(ChaosCommand::Measure(m)) => measure::run(&args, m).await,
+            Some(ChaosCommand::Server(_)) => {
+                Err("the server command runs a server, not the nemesis".into())
+            }
             None => nemesis_run(&args).await,
         }
     };
@@ -162,7 +171,7 @@ pub async fn run(args: ChaosArgs) -> Result<bool, BoxError> {
 }
 
 fn init_tracing() {
-    replikv_server::init_tracing_with_default("warn,replikv_loadgen=info");
+    replikv_server::init_tracing_with_default("warn,replikv_chaos=info");
 }
 
 /// Checks a saved history again.
