@@ -41,9 +41,10 @@ TMP_PREFIX=replikv-scaling
 # shellcheck source=scripts/lib-processes.sh
 source "$ROOT/scripts/lib-processes.sh"
 
-log "building replikv-loadgen (release)"
-cargo build --release -p replikv-loadgen >&2
+log "building replikv-loadgen and replikv-chaos (release)"
+cargo build --release -p replikv-loadgen -p replikv-chaos >&2
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/replikv-loadgen"
+CHAOS_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/replikv-chaos"
 mkdir -p "$OUT/runs"
 
 failed=0
@@ -137,7 +138,7 @@ sweep_memory() {
 }
 
 sweep_catchup() {
-    timeout --signal=TERM --kill-after=20 "$RUN_LIMIT" "$BIN" chaos --spawn 3 measure \
+    timeout --signal=TERM --kill-after=20 "$RUN_LIMIT" "$CHAOS_BIN" --spawn 3 measure \
         --scenarios catch-up --catch-up-value-size 256 --out-dir "$TMP/catchup" >&2
     cp "$TMP/catchup/catch-up.csv" "$OUT/catch-up.csv"
 }

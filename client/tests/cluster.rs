@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use replikv_client::{Client, ClientConfig, Route};
-use replikv_server::cluster::{ClusterOptions, LocalCluster};
+use replikv_testkit::{ClusterOptions, LocalCluster};
 
 /// Bound for a cluster to elect a primary and for any single test step.
 const STEP: Duration = Duration::from_secs(30);

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use replikv_client::{BlockingClient, ClientConfig};
-use replikv_server::cluster::{ClusterOptions, LocalCluster};
+use replikv_testkit::{ClusterOptions, LocalCluster};
 
 /// Set (to the cluster's comma-separated addresses) in the helper process.
 const HELPER_ENV: &str = "REPLIKV_FORK_TEST_SERVERS";

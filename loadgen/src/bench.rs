@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, ValueEnum};
 use replikv_client::Route;
-use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
 use replikv_server::SyncMode;
+use replikv_testkit::{ClusterOptions, LocalCluster, ServerCommand};
 use thiserror::Error;
 
 use crate::output::{self, OutputError, RunParams};

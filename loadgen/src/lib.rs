@@ -1,5 +1,5 @@
-//! replikv-loadgen: benchmarks replikv (and, on the same workloads, etcd and Redis), and
-//! tests it under faults.
+//! replikv-loadgen: benchmarks replikv (and, on the same workloads, etcd and Redis). The
+//! nemesis that tests it under faults is `replikv-chaos`.
 //!
 //! - [`workload`]: seeded key choosers (uniform, hot-key, Zipf), operation mix, values.
 //! - [`target`]: [`target::Target`], one client session to replikv, etcd or Redis with the
@@ -13,12 +13,8 @@
 //! - [`output`]: the timeline and summary CSVs (columns documented in `loadgen/README.md`).
 //! - [`plot`]: PNG plots (throughput over time, latency CDF, peer comparison).
 //! - [`compare`]: reads summary CSVs back into a Markdown table and a comparison plot.
-//! - [`chaos`]: nemesis mode: faults while clients run, histories checked afterwards.
-//! - [`checker`]: the linearizability checker for those histories.
 
 pub mod bench;
-pub mod chaos;
-pub mod checker;
 pub mod compare;
 pub mod output;
 pub mod peers;

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use replikv_loadgen::bench::{self, BenchError, RunArgs};
-use replikv_loadgen::{chaos, compare, report};
-use replikv_server::cluster::ServerCommand;
+use replikv_loadgen::{compare, report};
+use replikv_testkit::ServerCommand;
 
 // The servers `--spawn` starts run in this binary too: see replikv-server's allocator note.
 #[global_allocator]
@@ -27,8 +27,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Inject faults while clients run, then check the recorded histories.
-    Chaos(chaos::ChaosArgs),
     /// Print summary CSVs as a Markdown table and optionally plot them side by side.
     Compare(compare::CompareArgs),
     /// Run one replikv server in this process (how `--spawn` starts its cluster, so that no
@@ -51,14 +49,6 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Chaos(args)) => match chaos::run(args).await {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
-            Err(e) => {
-                eprintln!("replikv-loadgen chaos: {e}");
-                ExitCode::FAILURE
-            }
-        },
         Some(Command::Compare(args)) => match compare::run(&args) {
             Ok(table) => {
                 print!("{table}");

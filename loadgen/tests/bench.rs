@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
+use replikv_testkit::{ClusterOptions, LocalCluster, ServerCommand};
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_replikv-loadgen");
 /// Whole-run budget: cluster start, preload, warm-up and a 2 s measurement, with room for a

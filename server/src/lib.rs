@@ -16,10 +16,8 @@
 //! - [`viewchange`]: Paxos view changes, install and reconcile.
 //! - [`transfer`]: state transfer, joins, discovery, failure detection and revival.
 //! - [`service`]: the gRPC services (Kv, Peer, Admin).
-//! - [`cluster`]: [`cluster::LocalCluster`], N real server processes on loopback for tests and tools.
 
 pub mod clock;
-pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod error;

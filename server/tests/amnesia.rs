@@ -12,7 +12,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use replikv_proto::peer::peer_client::PeerClient;
 use replikv_proto::peer::{DiscoverRequest, PrepareRequest};
-use replikv_server::cluster::LocalCluster;
+use replikv_testkit::LocalCluster;
 use tonic::metadata::MetadataValue;
 
 /// Writes `count` keys, stops every server (SIGKILL or SIGTERM), wipes `wiped`'s data dir,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::{DeleteRequest, PutRequest, RequestId};
-use replikv_server::cluster::LocalCluster;
+use replikv_testkit::LocalCluster;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 

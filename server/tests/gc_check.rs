@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use replikv_client::{Client, ClientConfig, Route};
-use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
+use replikv_testkit::{ClusterOptions, LocalCluster, ServerCommand};
 
 /// Writers in flight at once (each request waits for its own answer).
 const CONCURRENCY: usize = 128;

@@ -1,4 +1,4 @@
-//! Regression tests for protocol bugs found by the nemesis (`replikv-loadgen chaos`); each
+//! Regression tests for protocol bugs found by the nemesis (`replikv-chaos`); each
 //! test is named for the bug it pins down.
 
 mod common;
@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use replikv_proto::peer::{FaultDirection, FaultKind, FaultRequest, FaultRule};
-use replikv_server::cluster::LocalCluster;
+use replikv_testkit::LocalCluster;
 use tokio::time::Instant;
 
 use common::*;

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::{GetRequest, PutRequest, RequestId};
-use replikv_server::cluster::LocalCluster;
+use replikv_testkit::LocalCluster;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{bytes, Expected};
 use replikv_client::{Client, ClientConfig};
-use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
 use replikv_server::storage::SEGMENT_BYTES_ENV;
+use replikv_testkit::{ClusterOptions, LocalCluster, ServerCommand};
 
 /// The server binary, run through `env` with small log segments: a checkpoint starts a new
 /// segment every few writes, so a log of two segments is easy to catch.

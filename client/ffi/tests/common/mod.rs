@@ -3,16 +3,16 @@
 //! bounded in time and killed on panic.
 
 // Each test binary uses a different subset of these helpers.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use replikv_client::{BlockingClient, ClientConfig};
-use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
+pub use replikv_testkit::fixtures::server_command;
+pub use replikv_testkit::process::{line_channel, profile_dir, run_bounded, ChildGuard};
+use replikv_testkit::{ClusterOptions, LocalCluster};
 
 /// How long a fresh cluster may take to elect its first primary (debug builds, 2 cores
 /// shared with other work).
@@ -71,36 +71,6 @@ impl Fixture {
             .expect("some server answers");
         client
     }
-}
-
-/// The server binary; built on demand when `cargo test -p replikv-ffi` did not build it
-/// (only `cargo test` on the whole workspace builds every package's binaries).
-pub fn server_command() -> ServerCommand {
-    if let Ok(command) = ServerCommand::locate() {
-        return command;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let mut build = Command::new(cargo);
-    build.args(["build", "-p", "replikv-server"]);
-    if profile_dir()
-        .file_name()
-        .is_some_and(|name| name == "release")
-    {
-        build.arg("--release");
-    }
-    let child = build.spawn().expect("run cargo build -p replikv-server");
-    let status = ChildGuard::new(child).wait(Duration::from_secs(900));
-    assert!(status.success(), "cargo build -p replikv-server failed");
-    ServerCommand::locate().expect("replikv-server after building it")
-}
-
-/// `target/<profile>`: integration tests run from `target/<profile>/deps`.
-pub fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf()
 }
 
 /// The directory holding the `libkv739.so` built from this very source.
@@ -197,91 +167,6 @@ pub fn compile_test_program(name: &str, out_dir: &Path) -> PathBuf {
         &[crate_dir().join(format!("tests/c/{name}.c"))],
         out_dir,
     )
-}
-
-/// A child process that is killed and reaped when dropped, so a failing test leaves no
-/// stray process behind.
-pub struct ChildGuard {
-    child: Option<Child>,
-}
-
-impl ChildGuard {
-    pub fn new(child: Child) -> Self {
-        ChildGuard { child: Some(child) }
-    }
-
-    pub fn child(&mut self) -> &mut Child {
-        self.child.as_mut().expect("child not yet reaped")
-    }
-
-    /// Waits at most `timeout` for the exit; on timeout kills the child and panics.
-    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child().try_wait().expect("try_wait") {
-                self.child = None;
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child().kill();
-                panic!("child process still running after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Runs `command` to completion within `timeout`, capturing its output.
-pub fn run_bounded(command: &mut Command, timeout: Duration) -> Output {
-    let mut guard = ChildGuard::new(
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    );
-    // Drained on threads so a chatty child cannot block on a full pipe.
-    let stdout = drain(guard.child().stdout.take().expect("stdout"));
-    let stderr = drain(guard.child().stderr.take().expect("stderr"));
-    let status = guard.wait(timeout);
-    Output {
-        status,
-        stdout: stdout.join().expect("stdout reader"),
-        stderr: stderr.join().expect("stderr reader"),
-    }
-}
-
-fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        buf
-    })
-}
-
-/// Lines of a child's stdout, delivered on a channel so the test can wait for each with a
-/// bound.
-pub fn line_channel(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// Asserts a C test program passed, showing everything it printed if not.

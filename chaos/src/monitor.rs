@@ -13,10 +13,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use replikv_proto::kv::kv_client::KvClient;
-use replikv_proto::kv::{StatusRequest, StatusResponse};
+use replikv_proto::kv::StatusResponse;
+use replikv_testkit::status::StatusProbe;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
 
 use super::history::Clock;
 use super::nemesis::Amnesia;
@@ -139,23 +138,11 @@ pub async fn watch_cluster(
     mut stop: watch::Receiver<bool>,
     mut wiped: mpsc::UnboundedReceiver<Amnesia>,
 ) -> Observations {
-    let clients: Vec<Option<KvClient<Channel>>> = addrs
-        .iter()
-        .map(|addr| {
-            Endpoint::from_shared(format!("http://{addr}"))
-                .ok()
-                .map(|e| KvClient::new(e.connect_timeout(PROBE_DEADLINE).connect_lazy()))
-        })
-        .collect();
+    let probe = StatusProbe::new(&addrs, PROBE_DEADLINE);
     let mut seen = Observations::new(addrs.len());
     loop {
         let sent = clock.now();
-        let probes = clients.iter().map(|client| async move {
-            let mut client = client.clone()?;
-            let reply = tokio::time::timeout(PROBE_DEADLINE, client.status(StatusRequest {})).await;
-            reply.ok()?.ok().map(tonic::Response::into_inner)
-        });
-        let replies = futures::future::join_all(probes).await;
+        let replies = probe.all().await;
         let at = clock.now();
         // A wiped server is restarted only after the nemesis sent the
         // notice, so an answer from its new process arrives after the notice.

@@ -1,7 +1,7 @@
 //! LocalCluster: N real replikv-server processes on loopback.
 //!
-//! Tests, the load generator and tools use it to run a whole cluster on one
-//! machine: it picks free ports, gives every server its own data directory and
+//! Tests, the load generator and the chaos nemesis use it to run a whole cluster
+//! on one machine: it picks free ports, gives every server its own data directory and
 //! log file, delivers the faults of DESIGN.md §8 that are process-level
 //! (SIGKILL, SIGTERM, SIGSTOP/SIGCONT, restart), and watches the cluster through
 //! the public `Status` RPC only. It knows nothing of the replica's internals, so
@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use replikv_proto::kv::kv_client::KvClient;
-use replikv_proto::kv::{StatusRequest, StatusResponse};
-use tonic::transport::Endpoint;
+use replikv_proto::kv::StatusResponse;
+
+use crate::process::{profile_dir, ChildGuard};
+use crate::status::{epoch, probe};
 
 /// Deadline of one `Status` probe, connection included.
 const STATUS_DEADLINE: Duration = Duration::from_millis(500);
@@ -31,6 +32,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 /// Lines of each server log printed when a cluster is dropped during a panic.
 const LOG_TAIL_LINES: usize = 30;
+/// How long [`ServerCommand::locate_or_build`] lets `cargo build` run.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// How to run the server binary: a program and the arguments that come before
 /// the server flags (so a wrapper such as `valgrind` or `cargo run --` fits).
@@ -77,6 +80,31 @@ impl ServerCommand {
                     ),
                 )
             })
+    }
+
+    /// [`ServerCommand::locate`], building the server first if it is not there: only
+    /// `cargo test` of the server package, or of the whole workspace, builds the server
+    /// binary; `cargo test -p <another package>` does not.
+    pub fn locate_or_build() -> io::Result<Self> {
+        if let Ok(command) = Self::locate() {
+            return Ok(command);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "replikv-server"]);
+        if profile_dir()
+            .file_name()
+            .is_some_and(|name| name == "release")
+        {
+            build.arg("--release");
+        }
+        let status = ChildGuard::new(build.spawn()?).wait_bounded(BUILD_TIMEOUT);
+        if !status.is_some_and(|s| s.success()) {
+            return Err(io::Error::other(format!(
+                "cargo build -p replikv-server failed ({status:?})"
+            )));
+        }
+        Self::locate()
     }
 }
 
@@ -323,22 +351,7 @@ impl LocalCluster {
         if rank >= self.len() {
             return None;
         }
-        let uri = format!("http://{}", self.addr(rank));
-        let probe = async {
-            let channel = Endpoint::from_shared(uri)
-                .ok()?
-                .connect_timeout(STATUS_DEADLINE)
-                .timeout(STATUS_DEADLINE)
-                .connect()
-                .await
-                .ok()?;
-            let response = KvClient::new(channel).status(StatusRequest {}).await.ok()?;
-            Some(response.into_inner())
-        };
-        tokio::time::timeout(STATUS_DEADLINE, probe)
-            .await
-            .ok()
-            .flatten()
+        probe(&self.addr(rank), STATUS_DEADLINE).await
     }
 
     /// Polls `Status` on every running server until one reports role
@@ -554,10 +567,6 @@ fn free_ports(n: usize) -> io::Result<Vec<u16>> {
         .iter()
         .map(|l| l.local_addr().map(|a| a.port()))
         .collect()
-}
-
-fn epoch(s: &StatusResponse) -> u64 {
-    s.view.as_ref().map_or(0, |v| v.epoch)
 }
 
 /// One line per probe for error messages: what each server said, or that it did not answer.

@@ -1,16 +1,17 @@
 //! Every fault kind of DESIGN.md §8 and §10, briefly, against real servers:
-//! the `chaos` command must pass all of its checks (no acknowledged write
+//! `replikv-chaos` must pass all of its checks (no acknowledged write
 //! lost, linearizable history, converged replicas, growing epochs, a wiped
 //! server serving only after it rejoined, no panics).
 //!
 //! The runs take one at a time: each brings its own cluster, and two
 //! clusters on a small machine would starve each other into timeouts.
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use replikv_testkit::process::ChildGuard;
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -20,48 +21,11 @@ const DURATION: &str = "20s";
 /// convergence and the checks.
 const RUN_MARGIN: Duration = Duration::from_secs(130);
 
-/// The loadgen process, in its own process group with its servers: dropping
-/// it (a failed assertion, a timeout) asks the group to stop, then kills it.
-struct Run {
-    child: Child,
-}
-
-impl Run {
-    fn signal_group(&self, signal: libc::c_int) {
-        if let Ok(pgid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: killpg has no memory-safety preconditions.
-            unsafe {
-                libc::killpg(pgid, signal);
-            }
-        }
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            // The loadgen exited and its cluster with it; the servers were
-            // its children and have been killed and reaped by it.
-            return;
-        }
-        self.signal_group(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.signal_group(libc::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
 fn chaos(faults: &str) -> String {
     chaos_on(5, DURATION, faults, &[])
 }
 
-/// Runs `chaos` on `servers` servers for `duration`, with `extra` options;
+/// Runs `replikv-chaos` on `servers` servers for `duration`, with `extra` options;
 /// returns its output.
 fn chaos_on(servers: usize, duration: &str, faults: &str, extra: &[&str]) -> String {
     let run_limit = humantime_secs(duration) + RUN_MARGIN;
@@ -75,39 +39,30 @@ fn chaos_on(servers: usize, duration: &str, faults: &str, extra: &[&str]) -> Str
     let history = dir.path().join("history.csv");
     let output_path = dir.path().join("output.txt");
     let output = std::fs::File::create(&output_path).expect("output file");
-    let child = Command::new(env!("CARGO_BIN_EXE_replikv-loadgen"))
-        .args(["chaos", "--duration", duration, "--faults", faults])
-        .arg("--spawn")
-        .arg(servers.to_string())
-        .args(extra)
-        .arg("--out")
-        .arg(&history)
-        .arg("--base-dir")
-        .arg(dir.path().join("cluster"))
-        .stdin(Stdio::null())
-        .stdout(output.try_clone().expect("output file"))
-        .stderr(output)
-        .process_group(0)
-        .spawn()
-        .expect("start replikv-loadgen");
-    let mut run = Run { child };
-
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = run.child.try_wait().expect("wait for replikv-loadgen") {
-            break Some(status);
-        }
-        if started.elapsed() > run_limit {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // The nemesis leads a process group with its servers: dropping the guard
+    // (a failed assertion, a timeout) asks the group to stop, then kills it.
+    let mut run = ChildGuard::spawn_group(
+        Command::new(env!("CARGO_BIN_EXE_replikv-chaos"))
+            .args(["--duration", duration, "--faults", faults])
+            .arg("--spawn")
+            .arg(servers.to_string())
+            .args(extra)
+            .arg("--out")
+            .arg(&history)
+            .arg("--base-dir")
+            .arg(dir.path().join("cluster"))
+            .stdin(Stdio::null())
+            .stdout(output.try_clone().expect("output file"))
+            .stderr(output),
+    )
+    .expect("start replikv-chaos");
+    let status = run.wait_bounded(run_limit);
     let text = std::fs::read_to_string(&output_path).unwrap_or_default();
     let passed = status.is_some_and(|s| s.success());
     if !passed {
         let kept = dir.keep();
         panic!(
-            "chaos --faults {faults} {}; files kept in {}\n{text}",
+            "replikv-chaos --faults {faults} {}; files kept in {}\n{text}",
             match status {
                 Some(s) => format!("failed ({s})"),
                 None => format!("did not finish within {run_limit:?}"),

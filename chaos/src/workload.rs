@@ -16,7 +16,7 @@ use replikv_client::{Client, Error};
 use tokio::sync::watch;
 
 use super::history::{Clock, Entry, Fate};
-use crate::checker::Call;
+use replikv_lincheck::Call;
 
 /// Share of operations that are gets; the rest are writes.
 const GET_SHARE: f64 = 0.5;

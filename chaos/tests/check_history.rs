@@ -1,4 +1,4 @@
-//! The post-mortem path: `chaos --check-history` re-checks a saved history
+//! The post-mortem path: `replikv-chaos --check-history` re-checks a saved history
 //! and prints the window around a violation. No servers involved.
 
 use std::path::Path;
@@ -9,19 +9,19 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 const HEADER: &str = "invoke_ns,complete_ns,kind,process,key,value,fate,found,result,detail";
 
-/// Runs `replikv-loadgen chaos --check-history <path>`; returns whether it
+/// Runs `replikv-chaos --check-history <path>`; returns whether it
 /// passed and what it printed.
 fn check_history(path: &Path) -> (bool, String) {
     let out_path = path.with_extension("out");
     let out = std::fs::File::create(&out_path).expect("output file");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_replikv-loadgen"))
-        .args(["chaos", "--check-history"])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_replikv-chaos"))
+        .arg("--check-history")
         .arg(path)
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("output file"))
         .stderr(out)
         .spawn()
-        .expect("start replikv-loadgen");
+        .expect("start replikv-chaos");
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {

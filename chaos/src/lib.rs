@@ -1,11 +1,15 @@
-//! Nemesis mode (DESIGN.md §8): faults injected while clients run, histories
-//! checked afterwards.
+//! replikv-chaos: the nemesis (DESIGN.md §8): faults injected while clients
+//! run, histories checked afterwards by `replikv-lincheck`.
 //!
 //! - [`history`]: the run clock, recorded operations and nemesis events, CSV.
 //! - [`workload`]: the recording clients.
-//! - [`nemesis`]: the faults and the Admin RPC that delivers network faults.
+//! - [`nemesis`]: the faults, delivered through `LocalCluster` and the fault
+//!   client of `replikv-testkit`.
 //! - [`monitor`]: polls `Status` for epoch regressions and split primaries.
-//! - [`measure`]: `chaos measure`: unavailability after faults, catch-up time.
+//! - [`measure`]: `replikv-chaos measure`: unavailability after faults,
+//!   catch-up time.
+//! - [`forked`]: `--forked-workers`: forked processes writing through the
+//!   kv739 C library during the faults, their acknowledged writes read back.
 //!
 //! A run: spawn a cluster with fault injection, start the clients and the
 //! monitor, inject faults in rounds (each healed, and the cluster whole
@@ -15,8 +19,11 @@
 //! epochs only grew, one primary per epoch, a server whose disk was wiped
 //! served only after it rejoined, no server panicked or died on its own, the
 //! cluster takes writes again, and the history (final reads included) is
-//! linearizable.
+//! linearizable. With `--forked-workers`, also: every kv739 call of the forked
+//! workers kept its deadline and every write they saw acknowledged reads back
+//! from every server.
 
+pub mod forked;
 pub mod history;
 pub mod measure;
 pub mod monitor;
@@ -34,11 +41,12 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use replikv_client::{Client, ClientConfig, Route};
-use replikv_server::cluster::{ClusterOptions, LocalCluster, ServerCommand};
+use replikv_lincheck::{self as checker, Call, CheckOptions, Verdict};
+use replikv_testkit::{ClusterOptions, LocalCluster, ServerCommand};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::checker::{self, Call, CheckOptions, Verdict};
+use forked::ForkedWorkload;
 use history::{Clock, Entry, Fate, History};
 use nemesis::{Fault, Nemesis, Timing};
 use workload::is_acknowledged_witness;
@@ -64,7 +72,7 @@ const WITNESS_READS_IN_FLIGHT: usize = 32;
 /// Lost writes named in a failed check.
 const LOST_SHOWN: usize = 10;
 
-/// Options of the `chaos` subcommand.
+/// Options of `replikv-chaos`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChaosArgs {
     #[command(subcommand)]
@@ -127,17 +135,31 @@ pub struct ChaosArgs {
     /// Linearizability search budget per key, in steps.
     #[arg(long, default_value_t = CheckOptions::default().max_steps_per_key)]
     pub max_search_steps: u64,
+    /// Also fork this many worker processes that put keys of their own through
+    /// libkv739 during the faults (a C driver, compiled with `cc` at the start),
+    /// and check afterwards that every put they saw acknowledged reads back
+    /// from every server and that no call exceeded its deadline.
+    #[arg(long, default_value_t = 0)]
+    pub forked_workers: usize,
+    /// The libkv739.so the forked workers load (default: the one built next to
+    /// this program).
+    #[arg(long, value_name = "PATH")]
+    pub kv739_lib: Option<PathBuf>,
     /// Only check a history written by an earlier run, then exit.
     #[arg(long, value_name = "HISTORY_CSV")]
     pub check_history: Option<PathBuf>,
 }
 
-/// Subcommands of `chaos`.
+/// Subcommands of `replikv-chaos`.
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum ChaosCommand {
     /// Measure write unavailability after faults and the catch-up time of a
     /// server that missed many writes; writes CSVs.
     Measure(measure::MeasureArgs),
+    /// Run one replikv server in this process (how the nemesis starts its
+    /// cluster, so that no separate server binary has to be built).
+    #[command(hide = true)]
+    Server(Box<replikv_server::Opt>),
 }
 
 /// Runs the nemesis (or `chaos measure`, or a re-check); `Ok(false)` when a
@@ -150,6 +172,9 @@ pub async fn run(args: ChaosArgs) -> Result<bool, BoxError> {
         }
         match &args.command {
             Some(ChaosCommand::Measure(m)) => measure::run(&args, m).await,
+            Some(ChaosCommand::Server(_)) => {
+                Err("the server command runs a server, not the nemesis".into())
+            }
             None => nemesis_run(&args).await,
         }
     };
@@ -162,7 +187,7 @@ pub async fn run(args: ChaosArgs) -> Result<bool, BoxError> {
 }
 
 fn init_tracing() {
-    replikv_server::init_tracing_with_default("warn,replikv_loadgen=info");
+    replikv_server::init_tracing_with_default("warn,replikv_chaos=info");
 }
 
 /// Checks a saved history again.
@@ -242,6 +267,17 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let mut rng = StdRng::seed_from_u64(seed);
     let (base, made_base) = base_dir(args, "chaos")?;
+    // Built before anything starts, so that a missing compiler or library fails
+    // the run at once.
+    let forked = match args.forked_workers {
+        0 => None,
+        workers => Some(ForkedWorkload::build(
+            &base.join("forked"),
+            forked::locate_library(args.kv739_lib.as_deref())?,
+            workers,
+            args.request_timeout,
+        )?),
+    };
     let mut cluster = start_cluster(args, &base)?;
     let (primary, _) = cluster.wait_ready(FIRST_PRIMARY).await?;
     let addrs = cluster.addrs();
@@ -274,6 +310,17 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
     let keys: Vec<String> = (0..args.keys).map(|k| format!("chaos-{k}")).collect();
     let (stop_clients, clients_stop) = watch::channel(false);
     let clients = spawn_clients(args, &addrs, &keys, clock, &mut rng, clients_stop).await?;
+    let forked_run = match &forked {
+        Some(f) => {
+            println!(
+                "forked workload: {} workers through {}",
+                args.forked_workers,
+                f.library().display()
+            );
+            Some(f.start(args.duration, &addrs)?)
+        }
+        None => None,
+    };
 
     let timing = Timing {
         hold: (args.hold_min, args.hold_max),
@@ -318,6 +365,11 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
         }
     }
 
+    let forked_calls = match forked_run {
+        Some(run) => Some(run.finish().await),
+        None => None,
+    };
+
     // The nemesis restarted everything it stopped; a server down now
     // stopped by itself.
     for rank in 0..cluster.len() {
@@ -345,6 +397,19 @@ async fn nemesis_run(args: &ChaosArgs) -> Result<bool, BoxError> {
     ];
     checks.extend(after_healing(&cluster, &addrs, &keys, clock, &mut history).await);
     checks.push(no_acknowledged_write_lost(&cluster, &history.entries).await);
+    if let (Some(forked), Some(calls)) = (&forked, forked_calls) {
+        checks.push(Check::new(
+            "forked kv739 workers: every call within its deadline, no write applied twice",
+            calls.passed,
+            calls.detail,
+        ));
+        let read_back = forked.verify(&addrs).await;
+        checks.push(Check::new(
+            "no write acknowledged to a forked kv739 worker lost",
+            read_back.passed,
+            read_back.detail,
+        ));
+    }
     let _ = stop_monitor.send(true);
     let observations = monitor.await?;
     checks.push(epoch_check(&observations));

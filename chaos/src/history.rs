@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checker::{Call, Nanos, Operation, Outcome};
+use replikv_lincheck::{Call, Nanos, Operation, Outcome};
 
 /// The run's clock: nanoseconds since the run started.
 #[derive(Debug, Clone, Copy)]

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use replikv_client::{Client, ClientConfig};
-use replikv_server::cluster::LocalCluster;
+use replikv_testkit::fault::{cut, FaultClient};
+use replikv_testkit::LocalCluster;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::nemesis::{cut, Admin};
 use super::{base_dir, start_cluster, BoxError, ChaosArgs};
 
 /// Steady writes before the fault.
@@ -120,7 +120,7 @@ pub async fn run(args: &ChaosArgs, m: &MeasureArgs) -> Result<bool, BoxError> {
     let (base, made_base) = base_dir(args, "measure")?;
     let mut cluster = start_cluster(args, &base)?;
     cluster.wait_ready(CONVERGE).await?;
-    let admin = Admin::new(&cluster.addrs())?;
+    let admin = FaultClient::new(&cluster.addrs())?;
     for &scenario in &m.scenarios {
         let name = scenario_name(scenario);
         if scenario == Scenario::CatchUp {
@@ -255,7 +255,7 @@ fn longest_gap(acked: &[Instant], from: Instant, fault: Instant) -> (Duration, D
 
 async fn unavailability(
     cluster: &mut LocalCluster,
-    admin: &Admin,
+    admin: &FaultClient,
     scenario: Scenario,
     trial: usize,
 ) -> Result<TrialRow, BoxError> {
