@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use crate::config::SyncMode;
 use crate::error::StorageError;
@@ -57,9 +57,12 @@ pub(super) fn op_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
 
 /// sled and the log in front of it, shared with the applier and checkpoint threads.
 pub(super) struct Durable {
-    pub(super) db: sled::Db,
-    /// sled's directory: its data file `db` and the `blobs/` it writes large nodes and values
-    /// to (without syncing them) are `fsync`ed at checkpoints.
+    /// `std::sync::RwLock`: read for one sled call at a time, never across an await; written
+    /// only by a compaction, to put the rewritten database in place (see `compact.rs`).
+    pub(super) db: RwLock<sled::Db>,
+    /// The data directory. sled's files are in `sled/` under it: its data file `db` and the
+    /// `blobs/` it writes large nodes and values to (without syncing them) are `fsync`ed at
+    /// checkpoints.
     pub(super) dir: PathBuf,
     /// The blobs already `fsync`ed: a blob file is written once and never changed.
     pub(super) synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
@@ -78,9 +81,51 @@ pub(super) struct Durable {
     /// One apply at a time (the applier's, or a checkpoint's), so sled never gets an older
     /// value after a newer one.
     pub(super) applying: Mutex<()>,
+    /// One checkpoint or compaction at a time: a checkpoint must not retire log segments on
+    /// the strength of a database that a compaction is about to replace.
+    pub(super) maintenance: Mutex<()>,
+    /// Bytes and count of the values sled was given, for the mean entry size a compaction
+    /// estimates the live data with.
+    pub(super) set_bytes: AtomicU64,
+    pub(super) sets: AtomicU64,
+    /// sled's size below which no compaction is tried again after one that found more live
+    /// data than estimated (0: no such limit).
+    pub(super) compact_retry_size: AtomicU64,
+    /// Whether the collector compacts sled when it is worth it (tests compact by hand).
+    pub(super) auto_compact: AtomicBool,
 }
 
 impl Durable {
+    pub(super) fn new(db: sled::Db, dir: PathBuf, wal: Wal) -> Durable {
+        Durable {
+            db: RwLock::new(db),
+            dir,
+            synced_blobs: Default::default(),
+            wal,
+            writing: Mutex::new(()),
+            checkpointing: AtomicBool::new(false),
+            idle_checkpoint_ms: AtomicU64::new(IDLE_CHECKPOINT_AFTER.as_millis() as u64),
+            logged: Default::default(),
+            logged_grew: Condvar::new(),
+            applying: Mutex::new(()),
+            maintenance: Mutex::new(()),
+            set_bytes: AtomicU64::new(0),
+            sets: AtomicU64::new(0),
+            compact_retry_size: AtomicU64::new(0),
+            auto_compact: AtomicBool::new(true),
+        }
+    }
+
+    /// The sled database in use.
+    pub(super) fn db(&self) -> RwLockReadGuard<'_, sled::Db> {
+        self.db.read().expect("sled handle lock poisoned")
+    }
+
+    /// sled's directory.
+    pub(super) fn sled_dir(&self) -> PathBuf {
+        self.dir.join(super::compact::SLED)
+    }
+
     pub(super) fn logged(&self) -> MutexGuard<'_, Logged> {
         self.logged.lock().expect("logged operations lock poisoned")
     }
@@ -117,9 +162,15 @@ impl Durable {
 
     /// Sets (or with `None` removes) one key in sled.
     pub(super) fn set_in_sled(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StorageError> {
+        let db = self.db();
         match value {
-            Some(v) => self.db.insert(key, v)?,
-            None => self.db.remove(key)?,
+            Some(v) => {
+                self.set_bytes
+                    .fetch_add((key.len() + v.len()) as u64, Ordering::Relaxed);
+                self.sets.fetch_add(1, Ordering::Relaxed);
+                db.insert(key, v)?
+            }
+            None => db.remove(key)?,
         };
         Ok(())
     }
@@ -129,14 +180,22 @@ impl Durable {
         if let Some(v) = self.logged().lookup(key) {
             return Ok(v);
         }
-        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+        Ok(self.db().get(key)?.map(|v| v.to_vec()))
     }
 
     /// Writes everything logged so far to sled. The log is made durable first: sled persists
     /// on its own schedule, and must never hold what a power failure could take from the log
     /// (replaying an older log over it would mix old and new).
     pub(super) fn apply_logged(&self) -> Result<(), StorageError> {
-        let _applying = self.applying.lock().expect("apply lock poisoned");
+        let applying = self.applying.lock().expect("apply lock poisoned");
+        self.apply_logged_locked(&applying)
+    }
+
+    /// [`Durable::apply_logged`] for a caller that holds the apply lock.
+    pub(super) fn apply_logged_locked(
+        &self,
+        _applying: &MutexGuard<'_, ()>,
+    ) -> Result<(), StorageError> {
         let batch = {
             let mut logged = self.logged();
             if logged.fresh.is_empty() {
@@ -223,21 +282,22 @@ impl Durable {
 
     /// Makes sled durable up to the start of a new log segment and deletes the older ones.
     pub(super) fn checkpoint(&self) -> Result<(), StorageError> {
+        let _maintenance = self.maintenance.lock().expect("maintenance lock poisoned");
         {
             let _writing = self.writing.lock().expect("store writer lock poisoned");
             self.wal.rotate()?;
         }
         let older = self.wal.older()?;
         self.apply_logged()?;
-        self.db.flush()?;
-        std::fs::File::open(self.dir.join("db"))?.sync_all()?;
+        self.db().flush()?;
+        std::fs::File::open(self.sled_dir().join("db"))?.sync_all()?;
         self.sync_blobs()?;
         self.wal.remove(&older)
     }
 
     /// `fsync`s the blobs sled wrote since the last checkpoint, and their directory.
     pub(super) fn sync_blobs(&self) -> Result<(), StorageError> {
-        let blobs = self.dir.join("blobs");
+        let blobs = self.sled_dir().join("blobs");
         let mut synced = self.synced_blobs.lock().expect("blob list lock poisoned");
         let mut present = std::collections::HashSet::new();
         for entry in std::fs::read_dir(&blobs)? {
@@ -308,7 +368,7 @@ mod tests {
         s.apply_records(&[rec(1, "a", Some("1")), rec(2, "b", Some("2"))], pos)
             .unwrap();
         s.flush_data().await.unwrap();
-        let in_sled = |item: &str| s.durable.db.get(data_key(item.as_bytes())).unwrap();
+        let in_sled = |item: &str| s.durable.db().get(data_key(item.as_bytes())).unwrap();
         let deadline = std::time::Instant::now() + APPLY_EVERY * 10;
         while in_sled("b").is_none() {
             assert_eq!(
@@ -392,10 +452,11 @@ mod tests {
         s.apply_records(&[rec(1, "big", Some(&big))], pos).unwrap();
         s.flush_data().await.unwrap();
         s.durable.checkpoint().unwrap();
-        let on_disk: std::collections::HashSet<_> = std::fs::read_dir(dir.path().join("blobs"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let on_disk: std::collections::HashSet<_> =
+            std::fs::read_dir(dir.path().join("sled/blobs"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
         assert!(
             !on_disk.is_empty(),
             "sled wrote no blob for a 300 KiB value"

@@ -21,6 +21,7 @@
 //! - [`durable`]: the log in front of sled, the sled applier thread, checkpoints.
 //! - [`gc`]: tombstone collection, its horizon and the transfers that pin it.
 
+mod compact;
 mod durable;
 mod gc;
 mod index;
@@ -41,7 +42,7 @@ use crate::error::StorageError;
 use crate::identity::Membership;
 use crate::types::{Entry, Rank, Record, SyncEntry, View};
 
-use durable::{Durable, IDLE_CHECKPOINT_AFTER};
+use durable::Durable;
 pub use gc::TransferPin;
 use gc::{Gc, RECEIVER_HOLD};
 use index::LsnIndex;
@@ -204,29 +205,15 @@ impl Store {
         let mut found = Wal::recover(&dir.join("wal"))?;
         let segment_bytes = segment_bytes_from_env()?;
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::default()
-            .path(dir)
-            .cache_capacity(256 * 1024 * 1024)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(Some(500))
-            .open()?;
+        // A compaction a crash interrupted is finished or undone before sled opens.
+        let sled_dir = compact::recover(dir)?;
+        let db = compact::open_sled(&sled_dir)?;
         let unsaved = std::mem::take(&mut found.batches);
         let wal = Wal::start(found)?;
         if let Some(bytes) = segment_bytes {
             wal.set_segment_bytes(bytes);
         }
-        let durable = Arc::new(Durable {
-            db,
-            dir: dir.to_path_buf(),
-            synced_blobs: Default::default(),
-            wal,
-            writing: Mutex::new(()),
-            checkpointing: AtomicBool::new(false),
-            idle_checkpoint_ms: AtomicU64::new(IDLE_CHECKPOINT_AFTER.as_millis() as u64),
-            logged: Default::default(),
-            logged_grew: Condvar::new(),
-            applying: Mutex::new(()),
-        });
+        let durable = Arc::new(Durable::new(db, dir.to_path_buf(), wal));
         // Batches the log holds may be missing from sled after a crash; applying them again
         // is harmless (each sets whole entries), and a checkpoint then retires the log.
         for op in unsaved.iter().flatten() {
@@ -242,9 +229,14 @@ impl Store {
         let items = Arc::new(Items::default());
         {
             let mut index = items.index();
-            for kv in durable.db.scan_prefix(DATA) {
+            for kv in durable.db().scan_prefix(DATA) {
                 let (k, v) = kv?;
                 let e = decode_entry(&v)?;
+                // The mean entry size a compaction estimates the live data with.
+                durable
+                    .set_bytes
+                    .fetch_add((k.len() + v.len()) as u64, Ordering::Relaxed);
+                durable.sets.fetch_add(1, Ordering::Relaxed);
                 let item = Bytes::copy_from_slice(&k[DATA.len()..]);
                 index.set(&item, Some((e.lsn, e.value.is_none())));
             }
@@ -801,7 +793,7 @@ mod tests {
             .unwrap();
             s.write_staged().unwrap();
             s.durable.apply_logged().unwrap();
-            s.durable.db.flush().unwrap();
+            s.durable.db().flush().unwrap();
         }
         let s = reopen(dir.path());
         assert_eq!(
