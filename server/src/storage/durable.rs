@@ -84,13 +84,14 @@ pub(super) struct Durable {
     /// One checkpoint or compaction at a time: a checkpoint must not retire log segments on
     /// the strength of a database that a compaction is about to replace.
     pub(super) maintenance: Mutex<()>,
-    /// Bytes and count of the values sled was given, for the mean entry size a compaction
-    /// estimates the live data with.
-    pub(super) set_bytes: AtomicU64,
-    pub(super) sets: AtomicU64,
+    /// Bytes of the keys and values sled holds, kept from what its inserts and removals
+    /// return: what a compaction would copy.
+    pub(super) live_bytes: AtomicU64,
     /// sled's size below which no compaction is tried again after one that found more live
     /// data than estimated (0: no such limit).
     pub(super) compact_retry_size: AtomicU64,
+    /// The live bytes and sled's size after the last compaction.
+    pub(super) last_compaction: Mutex<Option<(u64, u64)>>,
     /// Whether the collector compacts sled when it is worth it (tests compact by hand).
     pub(super) auto_compact: AtomicBool,
 }
@@ -109,9 +110,9 @@ impl Durable {
             logged_grew: Condvar::new(),
             applying: Mutex::new(()),
             maintenance: Mutex::new(()),
-            set_bytes: AtomicU64::new(0),
-            sets: AtomicU64::new(0),
+            live_bytes: AtomicU64::new(0),
             compact_retry_size: AtomicU64::new(0),
+            last_compaction: Mutex::new(None),
             auto_compact: AtomicBool::new(true),
         }
     }
@@ -163,15 +164,14 @@ impl Durable {
     /// Sets (or with `None` removes) one key in sled.
     pub(super) fn set_in_sled(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StorageError> {
         let db = self.db();
-        match value {
-            Some(v) => {
-                self.set_bytes
-                    .fetch_add((key.len() + v.len()) as u64, Ordering::Relaxed);
-                self.sets.fetch_add(1, Ordering::Relaxed);
-                db.insert(key, v)?
-            }
-            None => db.remove(key)?,
+        let (old, new) = match value {
+            Some(v) => (db.insert(key, v)?, key.len() + v.len()),
+            None => (db.remove(key)?, 0),
         };
+        let old = old.map_or(0, |o| key.len() + o.len());
+        // One applier at a time changes sled, so the two steps never interleave with another.
+        self.live_bytes.fetch_add(new as u64, Ordering::Relaxed);
+        self.live_bytes.fetch_sub(old as u64, Ordering::Relaxed);
         Ok(())
     }
 

@@ -229,17 +229,18 @@ impl Store {
         let items = Arc::new(Items::default());
         {
             let mut index = items.index();
-            for kv in durable.db().scan_prefix(DATA) {
+            let mut live = 0;
+            for kv in durable.db().iter() {
                 let (k, v) = kv?;
+                live += (k.len() + v.len()) as u64;
+                if !k.starts_with(DATA) {
+                    continue;
+                }
                 let e = decode_entry(&v)?;
-                // The mean entry size a compaction estimates the live data with.
-                durable
-                    .set_bytes
-                    .fetch_add((k.len() + v.len()) as u64, Ordering::Relaxed);
-                durable.sets.fetch_add(1, Ordering::Relaxed);
                 let item = Bytes::copy_from_slice(&k[DATA.len()..]);
                 index.set(&item, Some((e.lsn, e.value.is_none())));
             }
+            durable.live_bytes.store(live, Ordering::Relaxed);
         }
         if let Some(raw) = durable.get(GC_HORIZON)? {
             items.gc().horizon = unjson(&raw, "collection horizon")?;
