@@ -14,8 +14,9 @@
 //! to it. Opening the store ([`recover`]) therefore removes an unfinished `sled.tmp/`,
 //! finishes a swap that got as far as `sled.new/`, and removes `sled.old/`.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::StorageError;
@@ -90,11 +91,33 @@ extern "C" {
     fn mi_collect(force: bool);
 }
 
-/// Asks the allocator to give the memory the old database held back to the system: mimalloc
-/// otherwise keeps freed pages of this thread, and pages other threads freed into, for reuse.
-fn release_freed_memory() {
-    // SAFETY: `mi_collect` takes no pointers and may be called from any thread at any time.
-    unsafe { mi_collect(true) }
+/// Bumped by every compaction. A retired database's memory was allocated by many threads
+/// (the applier's inserts, the reads that paged nodes in on the runtime's threads) and is
+/// freed by the one that drops it; mimalloc hands a page back to the system only once the
+/// thread that owns it collects, which an idle thread may never do. So each thread that
+/// goes through the store after a compaction collects once (`release_on_this_thread`):
+/// the runtime's threads do within a heartbeat or two.
+static RELEASE_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The last generation this thread collected for.
+    static RELEASED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Asks the allocator to return what this thread's pages hold freed, once per compaction.
+pub(super) fn release_on_this_thread() {
+    let generation = RELEASE_GENERATION.load(Ordering::Acquire);
+    if generation == 0 {
+        return;
+    }
+    RELEASED.with(|done| {
+        if done.get() != generation {
+            done.set(generation);
+            // SAFETY: `mi_collect` takes no pointers and may be called from any thread at
+            // any time.
+            unsafe { mi_collect(true) }
+        }
+    });
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
@@ -280,7 +303,8 @@ impl Durable {
         if let Err(e) = remove_dir_if_present(&old).and_then(|()| sync_dir(&self.dir)) {
             tracing::warn!(error = %e, dir = %old.display(), "could not remove the old database; the next compaction or start does");
         }
-        release_freed_memory();
+        RELEASE_GENERATION.fetch_add(1, Ordering::AcqRel);
+        release_on_this_thread();
         let after = self.db().size_on_disk()?;
         self.compact_retry_size.store(0, Ordering::Relaxed);
         *self

@@ -238,6 +238,8 @@ impl Durable {
             if logged.closing || logged.failed.is_some() {
                 return;
             }
+            // Most of a database a compaction retired was built by this thread's inserts.
+            super::compact::release_on_this_thread();
             let due = logged.fresh.len() >= APPLY_OPS
                 || logged.fresh_bytes >= APPLY_BYTES
                 || (!logged.fresh.is_empty() && applied_at.elapsed() >= APPLY_EVERY);

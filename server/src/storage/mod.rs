@@ -302,6 +302,7 @@ impl Store {
     }
 
     pub fn get(&self, item: &[u8]) -> Result<Option<Entry>, StorageError> {
+        compact::release_on_this_thread();
         if let Some(staged) = self.staged().items.get(item) {
             return Ok(staged.clone());
         }
@@ -314,6 +315,7 @@ impl Store {
     /// Applies records (in lsn order) and the new log position: readable at once, appended to
     /// the log as one batch by the next flush.
     pub fn apply_records(&self, records: &[Record], pos: Position) -> Result<(), StorageError> {
+        compact::release_on_this_thread();
         let mut staged = self.staged();
         let mut index = self.index();
         for r in records {
@@ -538,6 +540,7 @@ impl Store {
     /// Lets the collector drop tombstones with an lsn up to `horizon`: the replica passes the
     /// horizon its primary handed out (at most its own commit point), or computed as primary.
     pub fn collect_up_to(&self, horizon: u64) {
+        compact::release_on_this_thread();
         self.items.gc_target.fetch_max(horizon, Ordering::AcqRel);
     }
 
