@@ -821,6 +821,97 @@ mod tests {
         assert_eq!(got[1999].1, Some(3000));
     }
 
+    /// A step of a server's life for the Paxos ordering test.
+    enum Step {
+        /// `save_paxos(view, promise, accepted)`.
+        Save(Option<View>, Option<Promise>, Option<Option<Accepted>>),
+        /// Data applied and flushed between two Paxos changes.
+        Data,
+        /// The applier's work done: sled holds what was logged.
+        Apply,
+        Checkpoint,
+        Compact,
+    }
+
+    /// Paxos state is persisted in the order it changed (DESIGN.md §10): whatever point a
+    /// server stops at, it comes back with the latest promise, accepted proposal and view it
+    /// saved, never an older one after a newer one, wherever the newer one was (only in the
+    /// log, in sled, in sled after a checkpoint or a compaction).
+    #[tokio::test]
+    async fn paxos_state_reopens_as_last_saved_whatever_the_step_it_stopped_at() {
+        let promise = |ballot, to| Some(Promise { ballot, to });
+        let accepted = |ballot, epoch, primary| {
+            Some(Some(Accepted {
+                ballot,
+                from_epoch: epoch - 1,
+                view: View::new(epoch, primary, [0, 1, 2]),
+            }))
+        };
+        let steps = [
+            Step::Save(Some(View::new(1, 0, [0, 1, 2])), promise(1, 0), None),
+            Step::Data,
+            Step::Save(None, promise(2, 1), None),
+            Step::Apply,
+            Step::Save(None, None, accepted(2, 2, 1)),
+            Step::Checkpoint,
+            Step::Save(None, promise(3, 2), None),
+            Step::Data,
+            Step::Apply,
+            Step::Save(Some(View::new(2, 1, [0, 1, 2])), None, Some(None)),
+            Step::Compact,
+            Step::Save(None, promise(4, 0), accepted(4, 3, 0)),
+            Step::Apply,
+            Step::Save(None, promise(5, 2), None),
+        ];
+        for stop in 1..=steps.len() {
+            let dir = tempfile::tempdir().unwrap();
+            let mut want = Meta::default();
+            let mut lsn = 0;
+            {
+                let s = Store::open(dir.path(), SyncMode::None).unwrap();
+                s.durable.auto_compact.store(false, Ordering::Relaxed);
+                for step in &steps[..stop] {
+                    match step {
+                        Step::Save(v, p, a) => {
+                            s.save_paxos(v.as_ref(), *p, a.as_ref().map(Option::as_ref))
+                                .await
+                                .unwrap();
+                            want.view = v.clone().or(want.view.take());
+                            want.promise = p.unwrap_or(want.promise);
+                            if let Some(a) = a {
+                                want.accepted = a.clone();
+                            }
+                        }
+                        Step::Data => {
+                            for _ in 0..50 {
+                                lsn += 1;
+                                s.apply_records(
+                                    &[rec(lsn, &format!("k{lsn}"), Some("v"))],
+                                    pos(lsn),
+                                )
+                                .unwrap();
+                            }
+                            s.flush_data().await.unwrap();
+                        }
+                        Step::Apply => s.durable.apply_logged().unwrap(),
+                        Step::Checkpoint => s.durable.checkpoint().unwrap(),
+                        Step::Compact => {
+                            let size = s.durable.db().size_on_disk().unwrap();
+                            assert!(s.durable.compact(size, None).unwrap());
+                        }
+                    }
+                }
+            }
+            let s = reopen(dir.path());
+            let got = s.load_meta().unwrap();
+            let after = format!("stopped after step {stop}");
+            assert_eq!(got.view, want.view, "{after}");
+            assert_eq!(got.promise, want.promise, "{after}");
+            assert_eq!(got.accepted, want.accepted, "{after}");
+            assert_eq!(got.position.applied, lsn, "{after}");
+        }
+    }
+
     #[tokio::test]
     async fn paxos_state_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
