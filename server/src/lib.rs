@@ -6,8 +6,9 @@
 //! - [`error`]: error enums and their single mapping to `tonic::Status`.
 //! - [`types`]: views and the quorum rule, records, entries: pure domain logic.
 //! - [`session`]: exactly-once session table (pure).
-//! - [`storage`]: sled layout, write-ahead log batches and the sled applier, lsn index,
-//!   persisted Paxos state.
+//! - [`storage`]: the store the replica uses, one job per file: the key layout, the lsn
+//!   index, the write-ahead log, the log in front of sled with its applier and checkpoints,
+//!   tombstone collection; persisted Paxos state.
 //! - [`convert`]: protobuf <-> domain conversions, the only place that knows both.
 //! - [`network`]: the peer network trait and its gRPC implementation.
 //! - [`fault`]: fault-injection rules for the peer network.
@@ -32,7 +33,6 @@ pub mod storage;
 pub mod transfer;
 pub mod types;
 pub mod viewchange;
-pub mod wal;
 
 use std::future::Future;
 use std::sync::Arc;

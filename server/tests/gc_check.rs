@@ -6,6 +6,11 @@
 //! `REPLIKV_GC_CHECK_VALUE_BYTES` the value size (default 100),
 //! `REPLIKV_GC_CHECK_BASE_KEYS` keys written before the baseline and kept (default 0),
 //! `REPLIKV_GC_CHECK_TOLERANCE` the allowed growth (default 0.2, i.e. 20 %).
+//!
+//! A smaller run, with fewer but larger values, checks the data directories within a minute
+//! on every `cargo test`.
+
+mod common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -175,6 +180,154 @@ fn horizon_reported(log: &Path) -> u64 {
         })
         .max()
         .unwrap_or(0)
+}
+
+/// How many times the server of `log` reported compacting sled, over all its lives.
+fn compactions(log: &Path) -> usize {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("compacted sled"))
+        .count()
+}
+
+/// Waits until every server's collection horizon reaches `last` (bounded by `limit`).
+async fn wait_collected(cluster: &LocalCluster, last: u64, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let horizons: Vec<u64> = (0..cluster.len())
+            .map(|r| horizon_reported(&cluster.log_path(r)))
+            .collect();
+        if horizons.iter().all(|&h| h >= last) {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "collection horizons {horizons:?}, want {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The CI-sized check: 3 servers, 12 000 keys of 4 KiB (~50 MB per server) written and
+/// deleted while 200 other keys stay, and the client's session expires.
+/// Every server's data directory must end within 20 % of its size before the writes (plus
+/// the kept keys' share), the kept keys must read back from every server, and again after
+/// every server restarts on its compacted database.
+#[test]
+fn the_data_directories_shrink_back_after_a_write_then_delete_run() {
+    const KEYS: usize = 12_000;
+    const VALUE_BYTES: usize = 4096;
+    common::run_for(Duration::from_secs(90), async {
+        // The client's session keeps the results (old values) of its last writes until it
+        // expires: a short TTL lets it be collected too, as the kept keys' share is.
+        let (mut cluster, _) = common::start_healthy(3, &["--session-ttl", "3s"]).await;
+        let client = Client::connect(
+            ClientConfig::new(cluster.addrs())
+                .with_route(Route::Primary)
+                .with_request_timeout(Duration::from_secs(10)),
+        )
+        .await
+        .expect("client");
+        let mut kept = common::Expected::new();
+        common::put_fresh(&client, "kept", 200, &mut kept).await;
+        cluster
+            .wait_converged(Duration::from_secs(10))
+            .await
+            .unwrap();
+        // The log holds the bootstrap and the kept keys until a checkpoint: let the idle one
+        // (after 10 s) not fall between the two measurements by taking the baseline after it.
+        let before = measure(&cluster, "before");
+        let value = Bytes::from(vec![b'v'; VALUE_BYTES]);
+        let put = {
+            let (client, value) = (client.clone(), value.clone());
+            move |i: usize| {
+                let (client, value) = (client.clone(), value.clone());
+                async move {
+                    client
+                        .put(key(i), value)
+                        .await
+                        .unwrap_or_else(|e| panic!("put {i}: {e}"));
+                }
+            }
+        };
+        for_keys("puts", 0, KEYS, put).await;
+        cluster
+            .wait_converged(Duration::from_secs(20))
+            .await
+            .unwrap();
+        let written = measure(&cluster, "after the puts");
+        let delete = {
+            let client = client.clone();
+            move |i: usize| {
+                let client = client.clone();
+                async move {
+                    client
+                        .delete(key(i))
+                        .await
+                        .unwrap_or_else(|e| panic!("delete {i}: {e}"));
+                }
+            }
+        };
+        for_keys("deletes", 0, KEYS, delete).await;
+        cluster
+            .wait_converged(Duration::from_secs(20))
+            .await
+            .unwrap();
+        let (_, status) = cluster
+            .wait_for_primary(Duration::from_secs(10))
+            .await
+            .unwrap();
+        wait_collected(&cluster, status.applied, Duration::from_secs(20)).await;
+        // sled is compacted within seconds of the collection pass that dropped the last
+        // tombstones (once the removals have reached it).
+        let bound = |rank: usize| before.disk[rank] as f64 * 1.2 + (1 << 20) as f64;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while (0..cluster.len()).any(|r| disk_of(&cluster.data_dir(r)).0 as f64 > bound(r)) {
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for rank in 0..cluster.len() {
+            assert!(
+                compactions(&cluster.log_path(rank)) > 0,
+                "server {rank} never compacted sled"
+            );
+        }
+        let after = measure(&cluster, "after deletes + GC");
+        for rank in 0..cluster.len() {
+            let (b, w, a) = (before.disk[rank], written.disk[rank], after.disk[rank]);
+            assert!(
+                w > 10 * b,
+                "server {rank}: the puts took {} on disk from {}",
+                mib(w),
+                mib(b)
+            );
+            // The log may have started a new 1 MiB segment between the two measurements.
+            assert!(
+                a as f64 <= bound(rank),
+                "server {rank}: data dir {} before, {} after the puts, {} after deletes + GC",
+                mib(b),
+                mib(w),
+                mib(a)
+            );
+        }
+        common::assert_every_server_reads(&cluster, 0..cluster.len(), &kept).await;
+        for rank in 0..cluster.len() {
+            cluster.restart(rank).unwrap();
+        }
+        cluster
+            .wait_converged(Duration::from_secs(30))
+            .await
+            .unwrap();
+        measure(&cluster, "after a restart");
+        common::assert_every_server_reads(&cluster, 0..cluster.len(), &kept).await;
+        let deleted: common::Expected = (0..KEYS)
+            .step_by(97)
+            .map(|i| (String::from_utf8(key(i).to_vec()).unwrap(), None))
+            .collect();
+        common::assert_every_server_reads(&cluster, 0..cluster.len(), &deleted).await;
+    });
 }
 
 #[test]
