@@ -8,6 +8,8 @@
 //! - [`session`]: exactly-once session table (pure).
 //! - [`storage`]: sled layout, write-ahead log batches and the sled applier, lsn index,
 //!   persisted Paxos state.
+//! - [`engine`]: the protocol's decisions as plain synchronous code (commit point, leases,
+//!   appends, Paxos, installs, take-over timing, session rules), time passed in, no I/O.
 //! - [`convert`]: protobuf <-> domain conversions, the only place that knows both.
 //! - [`network`]: the peer network trait and its gRPC implementation.
 //! - [`fault`]: fault-injection rules for the peer network.
@@ -22,6 +24,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod convert;
+pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod identity;

@@ -73,7 +73,7 @@ pub struct Header {
 }
 
 /// What to do with an incoming write of a session.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Apply it and record its result.
     New,
