@@ -107,6 +107,17 @@ impl From<&peer::MemberState> for LogState {
     }
 }
 
+impl From<crate::engine::append::AppendReject> for replikv_proto::peer::AppendStatus {
+    fn from(r: crate::engine::append::AppendReject) -> Self {
+        use crate::engine::append::AppendReject;
+        match r {
+            AppendReject::Stale => Self::Stale,
+            AppendReject::NotMember => Self::NotMember,
+            AppendReject::Gap => Self::Gap,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

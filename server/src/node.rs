@@ -19,19 +19,27 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::clock::BootInstant;
+use crate::clock::Clocks;
 use crate::config::Config;
 use crate::convert::{record_from_pb, view_from};
+use crate::engine::append::{self as appending, AppendHeader};
+use crate::engine::commit;
+use crate::engine::sequencer::{self as sequencing, Admission};
+use crate::engine::Time;
 use crate::error::{status_outcome, PrimaryHint, ServeError, SessionRefusal, StorageError};
 use crate::fault::Faults;
 use crate::identity::{ClusterId, Identity, Membership};
 use crate::network::{NetError, PeerNetwork};
 use crate::session::{self, Decision, Header, SessionId, StoredResult, WriteResult};
-use crate::storage::{Accepted, Position, Promise, Store};
+use crate::storage::{Position, Store};
 use crate::types::{
     session_header_item, session_of_header_item, session_result_item, user_item, Item, Rank,
     Record, View,
 };
+
+/// The replica's protocol state: the engine's (DESIGN.md §4, §5); this module only executes
+/// what the engine decides.
+pub(crate) use crate::engine::State;
 
 /// Most writes one sequencer batch takes.
 const MAX_BATCH: usize = 1024;
@@ -80,70 +88,6 @@ pub(crate) struct WriteOp {
     reply: oneshot::Sender<Result<(u64, WriteResult, u64), ServeError>>,
 }
 
-/// A member's replication progress as its primary tracks it.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Progress {
-    /// Highest lsn the member acknowledged.
-    pub acked: u64,
-    /// Send time of the latest message the member acknowledged (the primary's lease), on
-    /// the boot clock (`clock`).
-    pub ack_sent_at: Option<BootInstant>,
-    /// Send time of the latest message sent to it (bounds the lease it may hold).
-    pub last_send: Option<Instant>,
-    /// Highest commit point the member acknowledged receiving (bounds the GC horizon).
-    pub commit_acked: u64,
-}
-
-/// What only the primary has.
-pub(crate) struct PrimaryState {
-    pub epoch: u64,
-    /// When this server took the role for this view.
-    pub since: BootInstant,
-    /// A new primary waits out every lease of the previous view before serving (§5 step 5).
-    pub serve_after: Instant,
-    /// A removed member's lease must run out before anything commits without it.
-    pub commit_after: Instant,
-    /// Highest lsn flushed locally.
-    pub durable: u64,
-    pub peers: BTreeMap<Rank, Progress>,
-    /// One ordered feed of record batches per backup; dropping them stops the replicators.
-    pub feeds: Vec<mpsc::UnboundedSender<Arc<[Record]>>>,
-    pub gate_wake_scheduled: bool,
-}
-
-/// The position of the primary's stream to this member, for lease grants (§4): a message
-/// grants a lease measured from when this member answered the message before it.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct StreamMark {
-    pub epoch: u64,
-    pub msg_seq: u64,
-    pub answered_at: BootInstant,
-}
-
-pub(crate) struct State {
-    /// The newest view this server knows of.
-    pub view: View,
-    /// Whether this server's data is a synced member state of `view`. False after a restart,
-    /// after learning of a newer view, and while being installed, until a state transfer
-    /// from the primary makes it one again.
-    pub member: bool,
-    pub promise: Promise,
-    pub accepted: Option<Accepted>,
-    pub pos: Position,
-    /// End of the read lease the primary granted, on the boot clock (`clock`).
-    pub lease_until: Option<BootInstant>,
-    /// When this server last heard from its view's primary (appends, installs).
-    pub last_heard: Instant,
-    pub stream: Option<StreamMark>,
-    pub primary: Option<PrimaryState>,
-    pub term: u64,
-    /// Ranks the primary is already trying to drop.
-    pub dropping: Vec<Rank>,
-    /// `Some(e)` while this server is amnesiac (see [`Membership::amnesiac_until`]): it lost
-    /// its state, so it neither votes nor proposes until installed in a view newer than `e`.
-    pub amnesiac_until: Option<u64>,
-}
-
 pub struct Node {
     pub(crate) cfg: Config,
     pub(crate) me: Rank,
@@ -170,6 +114,11 @@ pub struct Node {
     write_tx: mpsc::Sender<WriteOp>,
     write_rx: Mutex<Option<mpsc::Receiver<WriteOp>>>,
     write_permits: Arc<Semaphore>,
+    /// The clocks handed to the engine.
+    pub(crate) clock: Clocks,
+    /// One ordered feed of record batches per backup while this server is primary; dropping
+    /// them stops the replicators. `std::sync::Mutex`: taken only inside `state`, briefly.
+    feeds: Mutex<Vec<mpsc::UnboundedSender<Arc<[Record]>>>>,
     /// Highest ballot seen anywhere, so a proposer's next ballot beats it.
     pub(crate) max_ballot: std::sync::atomic::AtomicU64,
     /// Set when the server shuts down: long-lived calls end so the shutdown need not wait.
@@ -207,7 +156,7 @@ impl Node {
                 ))
             }
         };
-        let member = false;
+        let clock = Clocks::new();
         let (write_tx, write_rx) = mpsc::channel(MAX_WRITES_IN_FLIGHT);
         let (commit_tx, _) = watch::channel(CommitPoint {
             committed: meta.position.committed,
@@ -220,20 +169,16 @@ impl Node {
             store,
             net,
             faults,
-            state: Mutex::new(State {
+            state: Mutex::new(State::restarted(
                 view,
-                member,
-                promise: meta.promise,
-                accepted: meta.accepted,
-                pos: meta.position,
-                lease_until: None,
-                last_heard: Instant::now(),
-                stream: None,
-                primary: None,
-                term: 0,
-                dropping: Vec::new(),
+                meta.promise,
+                meta.accepted,
+                meta.position,
                 amnesiac_until,
-            }),
+                clock.steady_now(),
+            )),
+            clock,
+            feeds: Mutex::new(Vec::new()),
             data: tokio::sync::Mutex::new(()),
             proposing: tokio::sync::Mutex::new(()),
             commit_tx,
@@ -350,7 +295,7 @@ impl Node {
             .or_fail_stop(self);
         self.identity.set(id);
         info!(cluster = %id, "formed a new cluster: every peer answered that it holds no state");
-        let now = Instant::now();
+        let now = self.clock.steady_now();
         // Nobody held a lease in a brand-new cluster: serve at once.
         self.become_primary(&view, now, now, &Default::default());
     }
@@ -377,11 +322,7 @@ impl Node {
         };
         let view = {
             let mut st = self.st();
-            if let Some(v) = newest {
-                st.view = v;
-            }
-            st.member = false;
-            st.amnesiac_until = Some(heard);
+            st.become_amnesiac(newest, heard);
             st.view.clone()
         };
         self.note_ballot(heard);
@@ -410,16 +351,7 @@ impl Node {
     /// An install made this server a synced member of `view`: an amnesiac server votes
     /// again once that view is newer than anything it heard of when it lost its state.
     pub(crate) async fn end_amnesia_if_past(&self, view: &View) {
-        let ended = {
-            let mut st = self.st();
-            match st.amnesiac_until {
-                Some(e) if view.epoch > e && st.member && st.view.epoch == view.epoch => {
-                    st.amnesiac_until = None;
-                    true
-                }
-                _ => false,
-            }
-        };
+        let ended = self.st().end_amnesia_if_past(view);
         if let (true, Some(id)) = (ended, self.identity.get()) {
             let m = Membership {
                 cluster: id,
@@ -494,128 +426,81 @@ impl Node {
 
     // ---------------------------------------------------------------- primary role
 
-    /// Takes the primary role for `view` with everything up to `applied` on every member.
-    /// Members in `synced` hold everything applied (their install succeeded); the others
-    /// count as having acknowledged nothing in this view (DESIGN.md §10).
+    /// Takes the primary role for `view` (see [`State::become_primary`]) and starts one
+    /// ordered stream per backup.
     pub(crate) fn become_primary(
         self: &Arc<Self>,
         view: &View,
-        serve_after: Instant,
-        commit_after: Instant,
+        serve_after: Time,
+        commit_after: Time,
         synced: &std::collections::BTreeSet<Rank>,
     ) {
         let mut st = self.st();
-        let applied = st.pos.applied;
-        let mut peers = BTreeMap::new();
+        st.become_primary(
+            view,
+            serve_after,
+            commit_after,
+            synced,
+            self.clock.boot_now(),
+        );
+        let start = (st.pos.applied, st.pos.last_epoch);
         let mut feeds = Vec::new();
         for m in view.backups() {
-            peers.insert(
-                m,
-                Progress {
-                    acked: if synced.contains(&m) { applied } else { 0 },
-                    ..Default::default()
-                },
-            );
             // A member now: its acknowledgements bound collection from here on.
             self.store.release_transfer_hold(m);
             let (tx, rx) = mpsc::unbounded_channel();
             feeds.push(tx);
-            tokio::spawn(self.clone().replicate_to(
-                m,
-                view.epoch,
-                rx,
-                (applied, st.pos.last_epoch),
-            ));
+            tokio::spawn(self.clone().replicate_to(m, view.epoch, rx, start));
         }
-        st.view = view.clone();
-        st.member = true;
-        st.lease_until = None;
-        st.stream = None;
-        st.dropping.clear();
-        st.primary = Some(PrimaryState {
-            epoch: view.epoch,
-            since: BootInstant::now(),
-            serve_after,
-            commit_after,
-            durable: applied,
-            peers,
-            feeds,
-            gate_wake_scheduled: false,
-        });
-        info!(epoch = view.epoch, members = ?view.members, applied, "serving as primary");
+        *self.feeds.lock().expect("feeds lock") = feeds;
+        info!(epoch = view.epoch, members = ?view.members, applied = start.0, "serving as primary");
         self.advance_commit(&mut st);
         self.publish_commit(&st);
     }
 
-    /// Gives up the primary role: writes sequenced but not committed get an unknown outcome.
-    pub(crate) fn step_down(&self, st: &mut State) {
-        if st.primary.take().is_some() {
-            st.term += 1;
-            warn!(epoch = st.view.epoch, "no longer primary");
-            self.publish_commit(st);
-        }
+    /// What giving up the primary role takes besides the state change (see
+    /// [`State::step_down`]): the streams stop, and waiting writes learn the new term.
+    pub(crate) fn stepped_down(&self, st: &State) {
+        self.feeds_stop();
+        warn!(epoch = st.view.epoch, "no longer primary");
+        self.publish_commit(st);
     }
 
-    /// Moves the commit point to the highest lsn every member has acknowledged and this
-    /// server has flushed, once the lease gates allow.
+    /// Drops the primary's feeds, which ends its streams to the members.
+    pub(crate) fn feeds_stop(&self) {
+        self.feeds.lock().expect("feeds lock").clear();
+    }
+
+    /// Moves the commit point as far as the engine allows (see
+    /// [`commit::advance_commit`]), and wakes itself when a lease gate opens.
     pub(crate) fn advance_commit(self: &Arc<Self>, st: &mut State) {
-        let now = Instant::now();
-        let backups: Vec<Rank> = st.view.backups().collect();
-        let Some(p) = st.primary.as_mut() else { return };
-        let gate = p.serve_after.max(p.commit_after);
-        if now < gate {
-            if !p.gate_wake_scheduled {
-                p.gate_wake_scheduled = true;
-                let node = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep_until(gate).await;
-                    let mut st = node.st();
-                    if let Some(p) = st.primary.as_mut() {
-                        p.gate_wake_scheduled = false;
-                    }
-                    node.advance_commit(&mut st);
-                });
-            }
-            return;
+        let a = commit::advance_commit(st, self.clock.steady_now());
+        if let Some(at) = a.wake_at {
+            let node = self.clone();
+            let at = self.clock.steady_instant(at);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                let mut st = node.st();
+                commit::gate_woke(&mut st);
+                node.advance_commit(&mut st);
+            });
         }
-        let mut c = p.durable;
-        for m in backups {
-            c = c.min(p.peers.get(&m).map_or(0, |x| x.acked));
-        }
-        if c > st.pos.committed {
-            st.pos.committed = c;
+        if a.moved {
             self.publish_commit(st);
         }
-        self.store.collect_up_to(self.gc_horizon(st));
+        if let Some(h) = a.collect_up_to {
+            self.store.collect_up_to(h);
+        }
     }
 
-    /// Remaining lease of the primary: until `min over members (send time of the latest
-    /// message it acked) + L`, and only once the new-primary wait is over (§4, §5).
+    /// Remaining lease of the primary (see [`commit::primary_lease`]).
     pub(crate) fn primary_lease(&self, st: &State) -> Option<Duration> {
-        let p = st.primary.as_ref()?;
-        if Instant::now() < p.serve_after {
-            return None;
-        }
-        let now = BootInstant::now();
-        let mut until: Option<BootInstant> = None;
-        for m in st.view.backups() {
-            let t = p.peers.get(&m)?.ack_sent_at? + self.cfg.timing.lease;
-            until = Some(until.map_or(t, |u: BootInstant| u.min(t)));
-        }
-        match until {
-            None => Some(self.cfg.timing.lease), // a single-member view needs no lease
-            Some(u) if u > now => Some(u - now),
-            Some(_) => None,
-        }
+        commit::primary_lease(st, self.cfg.timing.lease, self.clock.now())
     }
 
     /// Whether this server may answer reads now.
     pub(crate) fn can_read(&self, st: &State) -> bool {
-        if st.primary.is_some() {
-            self.primary_lease(st).is_some()
-        } else {
-            st.member && st.lease_until.is_some_and(|u| u > BootInstant::now())
-        }
+        commit::can_read(st, self.cfg.timing.lease, self.clock.now())
     }
 
     // ---------------------------------------------------------------- writes
@@ -792,35 +677,28 @@ impl Node {
                     SessionId::new(id.client_id_hi, id.client_id).map(|sid| (sid, id))
                 });
                 if let Some((sid, id)) = session {
-                    if id.seq == 0 {
-                        replies.push((
-                            op.reply,
-                            Err(ServeError::InvalidArgument(
-                                "a write with a session id needs a seq of at least 1".into(),
-                            )),
-                        ));
-                        continue;
-                    }
-                    if let Err(e) = self.load_session(&mut sessions, sid) {
-                        replies.push((op.reply, Err(e)));
-                        continue;
+                    if id.seq != 0 {
+                        if let Err(e) = self.load_session(&mut sessions, sid) {
+                            replies.push((op.reply, Err(e)));
+                            continue;
+                        }
                     }
                     let header = sessions.get(&sid);
-                    match session::decide(header, id.seq, id.first_unfinished) {
-                        Decision::New => {}
-                        Decision::Duplicate => {
+                    match sequencing::admit(header, id.seq, id.first_unfinished) {
+                        Err(e) => {
+                            let e = ServeError::InvalidArgument(e.to_string());
+                            replies.push((op.reply, Err(e)));
+                            continue;
+                        }
+                        Ok(Admission::Apply) => {}
+                        Ok(Admission::Duplicate { slot }) => {
                             let r = self
-                                .recorded_result(
-                                    &overlay,
-                                    sid,
-                                    id.seq,
-                                    header.and_then(|h| h.slot_of(id.seq)),
-                                )
+                                .recorded_result(&overlay, sid, id.seq, slot)
                                 .map(|r| (r.lsn, r.result, term));
                             replies.push((op.reply, r));
                             continue;
                         }
-                        refused => {
+                        Ok(Admission::Refuse(refused)) => {
                             let e = session_refusal(refused, sid, &id, header);
                             replies.push((op.reply, Err(e)));
                             continue;
@@ -877,7 +755,10 @@ impl Node {
                 if self.load_session(&mut sessions, sid).is_err() {
                     continue;
                 }
-                let Some(header) = sessions.get(&sid).filter(|h| h.idle(now_ms, ttl_ms)) else {
+                let header = sessions.get(&sid);
+                let Some(header) =
+                    header.filter(|_| sequencing::still_idle(header, now_ms, ttl_ms))
+                else {
                     continue;
                 };
                 let mut items = vec![Item {
@@ -910,8 +791,8 @@ impl Node {
                 let mut st = self.st();
                 st.pos.applied = applied;
                 st.pos.last_epoch = epoch;
-                if let Some(p) = st.primary.as_mut() {
-                    for f in &p.feeds {
+                if st.primary.is_some() {
+                    for f in self.feeds.lock().expect("feeds lock").iter() {
                         let _ = f.send(batch.clone());
                     }
                 }
@@ -987,8 +868,7 @@ impl Node {
     /// pass period (a quarter of the TTL, at most 5 minutes) after its last write.
     async fn session_collector(self: Arc<Self>, tx: mpsc::Sender<Vec<SessionId>>) {
         let ttl_ms = self.cfg.session_ttl.as_millis() as u64;
-        let period =
-            (self.cfg.session_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(300));
+        let period = sequencing::collector_period(self.cfg.session_ttl);
         let stopped = self.stopped();
         tokio::pin!(stopped);
         loop {
@@ -1014,7 +894,7 @@ impl Node {
                     .or_fail_stop(&self)
                     .and_then(|e| e.value)
                     .and_then(Header::decode);
-                if header.is_some_and(|h| h.idle(now_ms, ttl_ms)) {
+                if sequencing::still_idle(header.as_ref(), now_ms, ttl_ms) {
                     idle.push(SessionId { hi, lo });
                 }
                 if idle.len() >= EXPIRE_BATCH && tx.send(std::mem::take(&mut idle)).await.is_err() {
@@ -1074,9 +954,11 @@ impl Node {
         loop {
             self.check_read()?;
             let entry = self.store.get(&item)?;
-            let committed = self.st().pos.committed;
+            let pending = entry
+                .as_ref()
+                .is_some_and(|e| commit::read_is_pending(&self.st(), e.lsn));
             match entry {
-                Some(e) if e.lsn > committed => {
+                Some(e) if pending => {
                     let lsn = e.lsn;
                     let waited =
                         tokio::time::timeout_at(deadline, commits.wait_for(|c| c.committed >= lsn))
@@ -1100,50 +982,40 @@ impl Node {
 
     fn check_read(&self) -> Result<(), ServeError> {
         let st = self.st();
-        if self.can_read(&st) {
-            Ok(())
-        } else {
-            let reason = if !st.member {
-                "this server is recovering"
-            } else if st.primary.is_some() {
-                "primary lease not (yet) valid"
-            } else {
-                "no read lease from the primary"
-            };
-            Err(ServeError::unavailable(reason, self.hint(&st)))
+        match commit::read_refusal(&st, self.cfg.timing.lease, self.clock.now()) {
+            None => Ok(()),
+            Some(reason) => Err(ServeError::unavailable(reason, self.hint(&st))),
         }
     }
 
     // ---------------------------------------------------------------- member side
 
-    /// One batch (or heartbeat) of the primary's ordered stream to this member.
+    /// One batch (or heartbeat) of the primary's ordered stream to this member: the engine
+    /// admits it ([`appending::admit`]), this applies and flushes its records, then the
+    /// engine takes its commit point and lease ([`appending::accepted`]).
     pub async fn on_append(self: &Arc<Self>, req: AppendRequest) -> AppendResponse {
-        let reject = |st: &State, status: AppendStatus| AppendResponse {
-            status: status as i32,
+        let reject = |st: &State, why: appending::AppendReject| AppendResponse {
+            status: AppendStatus::from(why) as i32,
             applied: st.pos.applied,
             view: Some((&st.view).into()),
             promised: st.promise.ballot,
         };
-        let check = |st: &State| -> Option<AppendStatus> {
-            let promised_elsewhere = req.epoch < st.promise.ballot && st.promise.to != req.primary;
-            if req.epoch < st.view.epoch || promised_elsewhere {
-                Some(AppendStatus::Stale)
-            } else if req.epoch > st.view.epoch
-                || req.primary != st.view.primary
-                || !st.member
-                || st.primary.is_some()
-            {
-                Some(AppendStatus::NotMember)
-            } else {
-                None
-            }
+        let msg = AppendHeader {
+            epoch: req.epoch,
+            primary: req.primary,
+            msg_seq: req.msg_seq,
+            committed: req.committed,
+            lease_ms: req.lease_ms,
+            prev_lsn: req.prev_lsn,
+            prev_epoch: req.prev_epoch,
+            gc_horizon: req.gc_horizon,
         };
         {
             let mut st = self.st();
-            if let Some(s) = check(&st) {
-                return reject(&st, s);
+            if let Err(why) = appending::check(&st, msg.epoch, msg.primary) {
+                return reject(&st, why);
             }
-            st.last_heard = Instant::now();
+            st.last_heard = self.clock.steady_now();
         }
         let fresh: Vec<Record> = req.records.into_iter().map(record_from_pb).collect();
         let _guard = if fresh.is_empty() {
@@ -1151,67 +1023,40 @@ impl Node {
         } else {
             Some(self.data.lock().await)
         };
-        let (applied, last_epoch) = {
+        {
             let st = self.st();
-            if let Some(s) = check(&st) {
-                return reject(&st, s);
+            if let Err(why) = appending::admit(&st, &msg, &fresh) {
+                if why == appending::AppendReject::Gap {
+                    warn!(
+                        applied = st.pos.applied,
+                        last_epoch = st.pos.last_epoch,
+                        prev_lsn = msg.prev_lsn,
+                        prev_epoch = msg.prev_epoch,
+                        "append does not continue this member's log"
+                    );
+                }
+                return reject(&st, why);
             }
-            (st.pos.applied, st.pos.last_epoch)
-        };
-        // History check (§10): the message continues exactly the record this member holds
-        // last, same lsn and same epoch; a member with another history there (a wiped disk,
-        // a deposed primary's tail) answers GAP and is re-synced, never patched over.
-        if !continues(applied, last_epoch, req.prev_lsn, req.prev_epoch, &fresh) {
-            let st = self.st();
-            warn!(
-                applied,
-                last_epoch,
-                prev_lsn = req.prev_lsn,
-                prev_epoch = req.prev_epoch,
-                "append does not continue this member's log"
-            );
-            return reject(&st, AppendStatus::Gap);
         }
         if let Some(last) = fresh.last() {
-            let (committed, last_epoch) = {
-                let st = self.st();
-                (
-                    st.pos.committed.max(req.committed.min(last.lsn)),
-                    last.epoch,
-                )
-            };
+            let committed = appending::commit_point(&self.st(), msg.committed, last.lsn);
             let pos = Position {
                 applied: last.lsn,
                 committed,
-                last_epoch,
+                last_epoch: last.epoch,
             };
             self.store.apply_records(&fresh, pos).or_fail_stop(self);
             self.store.flush_data().await.or_fail_stop(self);
             let mut st = self.st();
             st.pos.applied = last.lsn;
-            st.pos.last_epoch = last_epoch;
+            st.pos.last_epoch = last.epoch;
         }
         let mut st = self.st();
-        if let Some(s) = check(&st) {
-            return reject(&st, s);
+        if let Err(why) = appending::check(&st, msg.epoch, msg.primary) {
+            return reject(&st, why);
         }
-        let new_committed = st.pos.committed.max(req.committed.min(st.pos.applied));
-        st.pos.committed = new_committed;
-        self.store.collect_up_to(req.gc_horizon.min(new_committed));
-        let now = Instant::now();
-        let answered_at = BootInstant::now();
-        if let Some(mark) = st.stream {
-            if mark.epoch == req.epoch && req.msg_seq == mark.msg_seq + 1 && req.lease_ms > 0 {
-                let grant = Duration::from_millis(req.lease_ms).min(self.cfg.timing.lease);
-                st.lease_until = Some(mark.answered_at + grant);
-            }
-        }
-        st.stream = Some(StreamMark {
-            epoch: req.epoch,
-            msg_seq: req.msg_seq,
-            answered_at,
-        });
-        st.last_heard = now;
+        let horizon = appending::accepted(&mut st, &msg, self.cfg.timing.lease, self.clock.now());
+        self.store.collect_up_to(horizon);
         self.publish_commit(&st);
         AppendResponse {
             status: AppendStatus::Ok as i32,
@@ -1226,21 +1071,15 @@ impl Node {
     pub(crate) async fn learn_view(self: &Arc<Self>, view: View) {
         let adopted = {
             let mut st = self.st();
-            if view.epoch <= st.view.epoch {
-                false
-            } else {
-                info!(
-                    epoch = view.epoch,
-                    primary = view.primary,
-                    "learned of a newer view; rejoining"
-                );
-                self.step_down(&mut st);
-                st.view = view.clone();
-                st.member = false;
-                st.lease_until = None;
-                st.stream = None;
-                true
+            let (epoch, primary) = (view.epoch, view.primary);
+            let learned = st.learn_view(view);
+            if learned.adopted() {
+                info!(epoch, primary, "learned of a newer view; rejoining");
             }
+            if learned == crate::engine::state::LearnOutcome::SteppedDown {
+                self.stepped_down(&st);
+            }
+            learned.adopted()
         };
         if adopted {
             self.persist_paxos().await;
@@ -1250,25 +1089,11 @@ impl Node {
     /// Replica state for `Status`.
     pub fn status(&self) -> replikv_proto::kv::StatusResponse {
         let st = self.st();
-        let role = if st.primary.is_some() {
-            "primary"
-        } else if st.amnesiac_until.is_some() && !st.member {
-            "amnesiac"
-        } else if !st.member {
-            if st.view.is_member(self.me) {
-                "recovering"
-            } else {
-                "joining"
-            }
-        } else {
-            "backup"
-        };
+        let role = st.role(self.me);
         let lease = if st.primary.is_some() {
             self.primary_lease(&st)
         } else {
-            st.lease_until
-                .filter(|_| st.member)
-                .and_then(|u| u.checked_duration_since(BootInstant::now()))
+            commit::backup_lease(&st, self.clock.boot_now())
         };
         let peers = self
             .cfg
@@ -1360,59 +1185,4 @@ fn session_refusal(
         ),
     };
     ServeError::Session { refusal, message }
-}
-
-/// Whether an append message continues this member's log (DESIGN.md §4, §10): the member
-/// holds exactly the record at `prev_lsn` with epoch `prev_epoch` as its last, and the
-/// message's records follow it without a gap.
-pub(crate) fn continues(
-    applied: u64,
-    last_epoch: u64,
-    prev_lsn: u64,
-    prev_epoch: u64,
-    records: &[Record],
-) -> bool {
-    applied == prev_lsn
-        && last_epoch == prev_epoch
-        && records
-            .first()
-            .is_none_or(|r| Some(r.lsn) == applied.checked_add(1))
-        && records
-            .windows(2)
-            .all(|w| Some(w[1].lsn) == w[0].lsn.checked_add(1))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(lsn: u64, epoch: u64) -> Record {
-        Record {
-            lsn,
-            epoch,
-            items: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn an_append_continues_only_the_same_history() {
-        assert!(continues(0, 0, 0, 0, &[rec(1, 1), rec(2, 1)]));
-        assert!(continues(5, 2, 5, 2, &[]), "a heartbeat at the same point");
-        assert!(continues(5, 2, 5, 2, &[rec(6, 3)]));
-        assert!(
-            !continues(5, 2, 5, 3, &[rec(6, 3)]),
-            "same lsn, other epoch"
-        );
-        assert!(!continues(0, 0, 5, 2, &[]), "a wiped member is behind");
-        assert!(!continues(7, 2, 5, 2, &[rec(6, 2)]), "a member ahead");
-        assert!(!continues(5, 2, 5, 2, &[rec(7, 2)]), "a gap");
-        assert!(
-            !continues(5, 2, 5, 2, &[rec(6, 2), rec(8, 2)]),
-            "a gap inside"
-        );
-        assert!(
-            !continues(u64::MAX, 1, u64::MAX, 1, &[rec(0, 1)]),
-            "no overflow"
-        );
-    }
 }

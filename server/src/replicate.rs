@@ -8,13 +8,12 @@ use std::sync::Arc;
 
 use replikv_proto::peer::{AppendRequest, AppendStatus};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::clock::BootInstant;
 use crate::convert::record_to_pb;
+use crate::engine::{append as appending, commit, paxos};
 use crate::node::{Node, State};
-use crate::types::{Rank, Record, MAX_EPOCH};
+use crate::types::{Rank, Record};
 use crate::viewchange::Reason;
 
 /// Most records in one append message.
@@ -90,9 +89,8 @@ impl Node {
             }
             let (committed, lease_ms, gc_horizon) = {
                 let st = self.st();
-                match &st.primary {
-                    Some(p) if p.epoch == epoch && st.view.is_member(to) => {}
-                    _ => return,
+                if !appending::stream_current(&st, to, epoch) {
+                    return;
                 }
                 let lease = self.primary_lease(&st).map_or(0, |d| d.as_millis() as u64);
                 (st.pos.committed, lease, self.gc_horizon(&st))
@@ -121,16 +119,8 @@ impl Node {
                 .last()
                 .map_or((prev, prev_epoch), |r| (r.lsn, r.epoch));
             msg_seq += 1;
-            let sent_at = Instant::now();
-            let sent_boot = BootInstant::now();
-            {
-                let mut st = self.st();
-                if let Some(p) = st.primary.as_mut() {
-                    if let Some(pr) = p.peers.get_mut(&to) {
-                        pr.last_send = Some(sent_at);
-                    }
-                }
-            }
+            let sent_boot = self.clock.boot_now();
+            appending::sending(&mut self.st(), to, self.clock.steady_now());
             let req = AppendRequest {
                 epoch,
                 primary: self.me,
@@ -149,14 +139,8 @@ impl Node {
                 Ok(r) if r.status == AppendStatus::Ok as i32 => {
                     (prev, prev_epoch) = (last, last_epoch);
                     let mut st = self.st();
-                    let Some(p) = st.primary.as_mut() else { return };
-                    if p.epoch != epoch {
+                    if !appending::acked(&mut st, to, epoch, last, commit_sent, sent_boot) {
                         return;
-                    }
-                    if let Some(pr) = p.peers.get_mut(&to) {
-                        pr.acked = pr.acked.max(last);
-                        pr.commit_acked = pr.commit_acked.max(commit_sent);
-                        pr.ack_sent_at = Some(sent_boot);
                     }
                     self.advance_commit(&mut st);
                 }
@@ -189,41 +173,28 @@ impl Node {
         }
     }
 
-    /// The tombstone-collection horizon of the primary (DESIGN.md §3): the lowest commit
-    /// point a member acknowledged receiving, and its own. Every member's commit point is at
-    /// or above every member's horizon, so a transfer between members (a view change's
-    /// reconcile, `since` = the receiver's commit point) is never forced to be full.
+    /// The tombstone-collection horizon of the primary (see [`commit::gc_horizon`]).
     pub(crate) fn gc_horizon(&self, st: &State) -> u64 {
-        let Some(p) = st.primary.as_ref() else {
-            return 0;
-        };
-        st.view.backups().fold(st.pos.committed, |h, m| {
-            h.min(p.peers.get(&m).map_or(0, |x| x.commit_acked))
-        })
+        commit::gc_horizon(st)
     }
 
     /// A member stopped acknowledging: propose a view without it (§5), once.
     pub(crate) fn member_failed(self: &Arc<Self>, rank: Rank, epoch: u64) {
-        {
-            let mut st = self.st();
-            let current = st.primary.as_ref().is_some_and(|p| p.epoch == epoch);
-            if !current || !st.view.is_member(rank) || st.dropping.contains(&rank) {
-                return;
-            }
-            st.dropping.push(rank);
+        if !appending::begin_drop(&mut self.st(), rank, epoch) {
+            return;
         }
         let node = self.clone();
         tokio::spawn(async move {
             let r = node.change_view(Reason::Drop(rank, epoch)).await;
             debug!(peer = rank, result = ?r.as_ref().map(|v| v.epoch), "drop finished");
-            node.st().dropping.retain(|&d| d != rank);
+            appending::end_drop(&mut node.st(), rank);
         });
     }
 
-    /// Remembers the highest ballot seen, so this server's next proposal beats it; a ballot
-    /// past [`MAX_EPOCH`] is a forgery and is ignored.
+    /// Remembers the highest ballot seen, so this server's next proposal beats it; an
+    /// implausible ballot is a forgery and is ignored (see [`paxos::plausible_ballot`]).
     pub(crate) fn note_ballot(&self, ballot: u64) {
-        if ballot <= MAX_EPOCH {
+        if paxos::plausible_ballot(ballot) {
             self.max_ballot
                 .fetch_max(ballot, std::sync::atomic::Ordering::Relaxed);
         }

@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::clock::BootInstant;
 use crate::convert::{sync_entry_from_pb, sync_entry_to_pb};
+use crate::engine::install::{self as installing, TransferRefusal};
+use crate::engine::monitor::{self, Rejoin};
 use crate::fault::CrashPoint;
 use crate::node::{Node, OrFailStop};
 use crate::storage::Position;
@@ -30,9 +31,6 @@ const CHUNK_BYTES: usize = 4 << 20;
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
 const DISCOVER_TIMEOUT: Duration = Duration::from_millis(300);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// A joiner asks to be added once it is this close to the primary; the rest is transferred
-/// during the install, while writes pause.
-const JOIN_WINDOW: u64 = 20_000;
 
 impl Node {
     /// Sink: replaces this server's state with `source`'s (§7). The caller holds `data`.
@@ -76,21 +74,24 @@ impl Node {
             }
             received += entries.len();
             if chunk.done {
-                if chunk.applied < since {
-                    // Never take a state that lacks what this server knows to be committed.
-                    return Err(format!(
-                        "rank {source} holds up to lsn {}, short of this server's committed {since}",
-                        chunk.applied
-                    ));
-                }
+                let source_pos = Position {
+                    applied: chunk.applied,
+                    committed: chunk.committed,
+                    last_epoch: chunk.last_epoch,
+                };
+                // Never take a state that lacks what this server knows to be committed.
+                let pos = match installing::transfer_end(since, source_pos) {
+                    Ok(pos) => pos,
+                    Err(_) => {
+                        return Err(format!(
+                            "rank {source} holds up to lsn {}, short of this server's committed {since}",
+                            chunk.applied
+                        ))
+                    }
+                };
                 if let Some(r) = replacing.take() {
                     self.store.finish_replacement(r, chunk.gc_horizon);
                 }
-                let pos = Position {
-                    applied: chunk.applied,
-                    committed: chunk.committed.min(chunk.applied),
-                    last_epoch: chunk.last_epoch,
-                };
                 self.store
                     .set_entries(&entries, Some(pos))
                     .or_fail_stop(self);
@@ -120,29 +121,8 @@ impl Node {
         self: &Arc<Self>,
         req: SyncRequest,
     ) -> Result<mpsc::Receiver<Result<SyncChunk, tonic::Status>>, tonic::Status> {
-        let pos = {
-            let st = self.st();
-            let authoritative = st.view.primary == self.me && st.member;
-            let reconciling = req.epoch > 0 && req.epoch >= st.view.epoch;
-            if !authoritative && !reconciling {
-                return Err(tonic::Status::failed_precondition(
-                    "only the primary serves state transfers",
-                ));
-            }
-            if st.amnesiac_until.is_some() && !st.member {
-                return Err(tonic::Status::failed_precondition(
-                    "this server lost its state and has not rejoined yet",
-                ));
-            }
-            // A transfer never lowers the receiver's committed prefix (§10).
-            if st.pos.applied < req.since {
-                return Err(tonic::Status::failed_precondition(format!(
-                    "this server holds up to lsn {}, short of the receiver's committed {}",
-                    st.pos.applied, req.since
-                )));
-            }
-            st.pos
-        };
+        let pos = installing::transfer_source(&self.st(), self.me, req.epoch, req.since)
+            .map_err(|e: TransferRefusal| tonic::Status::failed_precondition(e.to_string()))?;
         // Held until the last chunk is built: no tombstone the transfer should carry is
         // collected meanwhile.
         let pin = self
@@ -220,9 +200,10 @@ impl Node {
 
     /// On the primary: add a caught-up server to the view (§7).
     pub async fn on_join(self: &Arc<Self>, req: JoinRequest) -> JoinResponse {
-        let (ok, applied, view) = {
+        let (verdict, applied, view) = {
             let st = self.st();
-            (st.primary.is_some(), st.pos.applied, st.view.clone())
+            let verdict = installing::check_join(&st, self.me, self.n, req.rank, req.applied);
+            (verdict, st.pos.applied, st.view.clone())
         };
         let answer = |ok: bool, reason: String, view: &crate::types::View| JoinResponse {
             ok,
@@ -230,14 +211,8 @@ impl Node {
             reason,
             primary_applied: applied,
         };
-        if !ok {
-            return answer(false, "not the primary".into(), &view);
-        }
-        if req.rank as usize >= self.n || req.rank == self.me {
-            return answer(false, "unknown peer".into(), &view);
-        }
-        if applied.saturating_sub(req.applied) > JOIN_WINDOW {
-            return answer(false, "catch up first".into(), &view);
+        if let Err(e) = verdict {
+            return answer(false, e.into(), &view);
         }
         match self.change_view(Reason::Add(req.rank)).await {
             Ok(v) if v.is_member(req.rank) => answer(true, String::new(), &v),
@@ -263,7 +238,7 @@ impl Node {
                 .get()
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
-            amnesiac: st.amnesiac_until.is_some(),
+            amnesiac: st.amnesiac(),
         }
     }
 
@@ -289,38 +264,17 @@ impl Node {
         let tick = self.cfg.timing.heartbeat / 2;
         loop {
             tokio::time::sleep(tick).await;
-            let (takeover, rejoin, stuck) = {
-                let st = self.st();
-                let now = Instant::now();
-                // A member that has acknowledged nothing for a long while (its stream ended
-                // or a drop attempt failed for want of a quorum): try to drop it again.
-                let stuck: Vec<(Rank, u64)> = match &st.primary {
-                    Some(p) => {
-                        let limit = self.cfg.timing.lease_guard() * 2;
-                        let now = BootInstant::now();
-                        st.view
-                            .backups()
-                            .filter(|m| {
-                                let last = p
-                                    .peers
-                                    .get(m)
-                                    .and_then(|x| x.ack_sent_at)
-                                    .unwrap_or(p.since);
-                                now > last + limit
-                            })
-                            .map(|m| (m, p.epoch))
-                            .collect()
-                    }
-                    None => Vec::new(),
-                };
-                let in_view = st.view.is_member(self.me) && st.amnesiac_until.is_none();
-                let distance = (self.me as usize + self.n - st.view.primary as usize) % self.n;
-                let stagger = Duration::from_millis(150 * distance as u64);
-                let silent = now > st.last_heard + self.cfg.timing.lease_guard() + stagger;
-                let takeover =
-                    st.primary.is_none() && in_view && st.view.primary != self.me && silent;
-                (takeover, !st.member && !takeover, stuck)
-            };
+            let monitor::Tick {
+                stuck,
+                takeover,
+                rejoin,
+            } = monitor::tick(
+                &self.st(),
+                self.me,
+                self.n,
+                &self.cfg.timing,
+                self.clock.now(),
+            );
             for (m, epoch) in stuck {
                 self.member_failed(m, epoch);
             }
@@ -367,18 +321,14 @@ impl Node {
     /// anyone else catches up from that view's primary and asks it to join.
     async fn rejoin(self: &Arc<Self>) -> Result<(), String> {
         self.adopt_newer_view().await;
-        let (view, amnesiac) = {
-            let st = self.st();
-            (st.view.clone(), st.amnesiac_until.is_some())
-        };
-        if view.primary == self.me {
-            if amnesiac {
-                // It lost its state: another member must take over, then this server joins.
+        let plan = monitor::rejoin(&self.st(), self.me);
+        let primary = match plan {
+            Rejoin::WaitForTakeOver => {
                 return Err("the view names this server primary, but its state is lost".into());
             }
-            return self.change_view(Reason::Restart).await.map(|_| ());
-        }
-        let primary = view.primary;
+            Rejoin::Restart => return self.change_view(Reason::Restart).await.map(|_| ()),
+            Rejoin::CatchUpFrom(primary) => primary,
+        };
         // Bulk transfer while writes go on; the install transfers the rest with writes paused.
         let target = {
             let _guard = self.data.lock().await;

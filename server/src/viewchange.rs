@@ -13,15 +13,17 @@ use rand::Rng;
 use replikv_proto::peer::{
     AcceptRequest, AcceptResponse, InstallRequest, InstallResponse, PrepareRequest, PrepareResponse,
 };
-use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::convert::view_from;
+use crate::engine::install::{self as installing, PrimaryInstall};
+use crate::engine::paxos::{self, PrepareOutcome, PrepareRefusal, PromiseReply, Tally};
 use crate::fault::CrashPoint;
 use crate::network::NetResult;
 use crate::node::{Node, OrFailStop};
-use crate::storage::{Accepted, Promise};
-use crate::types::{most_advanced, LogState, Rank, View, MAX_EPOCH};
+use crate::types::{LogState, Rank, View};
+
+pub use crate::engine::paxos::Reason;
 
 const PREPARE_TIMEOUT: Duration = Duration::from_millis(400);
 /// A member's install includes a state transfer from the primary, usually small (members
@@ -29,20 +31,6 @@ const PREPARE_TIMEOUT: Duration = Duration::from_millis(400);
 /// member that cannot finish in time is dropped instead of waited for.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_ATTEMPTS: u32 = 6;
-
-/// Why a view change is proposed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    /// The primary drops a member whose acks timed out in the primary term of this epoch
-    /// (a failure seen in an earlier term says nothing about the member after a re-install).
-    Drop(Rank, u64),
-    /// The primary adds a caught-up joiner (or re-adds a restarted member).
-    Add(Rank),
-    /// A backup whose primary went silent takes over.
-    TakeOver,
-    /// A restarted primary never resumes silently (§7).
-    Restart,
-}
 
 /// After a quorum has said yes, how long stragglers may still answer (so a slightly slower
 /// member is not left out of the new view for nothing).
@@ -62,7 +50,7 @@ where
 {
     let mut pending: FuturesUnordered<F> = calls.into_iter().collect();
     let mut replies = Vec::new();
-    let mut ayes = BTreeSet::new();
+    let mut tally = Tally::new(view);
     let mut grace: Option<tokio::time::Instant> = None;
     loop {
         let next = match grace {
@@ -73,11 +61,9 @@ where
             None => pending.next().await,
         };
         let Some((rank, reply)) = next else { break };
-        if reply.as_ref().is_ok_and(&yes) {
-            ayes.insert(rank);
-        }
+        let quorum_now = reply.as_ref().is_ok_and(&yes) && tally.yes(rank);
         replies.push((rank, reply));
-        if grace.is_none() && view.is_quorum(&ayes) {
+        if quorum_now {
             grace = Some(tokio::time::Instant::now() + STRAGGLER_GRACE);
         }
     }
@@ -114,45 +100,17 @@ impl Node {
         gather(from, calls, yes).await
     }
 
-    /// Whether `reason` still calls for a view change given the current state.
+    /// Whether `reason` still calls for a view change now (see [`paxos::still_needed`]).
     fn still_needed(&self, reason: Reason) -> Result<(), String> {
-        let st = self.st();
-        let now = Instant::now();
-        match reason {
-            Reason::Drop(r, epoch) => {
-                let same_term = st.primary.as_ref().is_some_and(|p| p.epoch == epoch);
-                if !same_term || !st.view.is_member(r) {
-                    return Err(
-                        "the failure belongs to an earlier view, or the member is gone".into(),
-                    );
-                }
-            }
-            Reason::Add(_) => {
-                if st.primary.is_none() {
-                    return Err("not the primary".into());
-                }
-            }
-            Reason::TakeOver => {
-                if st.amnesiac_until.is_some() {
-                    return Err("this server lost its state and has not rejoined yet".into());
-                }
-                if st.primary.is_some() || !st.view.is_member(self.me) {
-                    return Err("not a backup of the current view".into());
-                }
-                if now < st.last_heard + self.cfg.timing.lease_guard() {
-                    return Err("the primary is alive".into());
-                }
-            }
-            Reason::Restart => {
-                if st.amnesiac_until.is_some() {
-                    return Err("this server lost its state and has not rejoined yet".into());
-                }
-                if st.view.primary != self.me || st.primary.is_some() {
-                    return Err("not a restarted primary".into());
-                }
-            }
-        }
-        Ok(())
+        let now = self.clock.steady_now();
+        paxos::still_needed(
+            &self.st(),
+            self.me,
+            reason,
+            now,
+            self.cfg.timing.lease_guard(),
+        )
+        .map_err(String::from)
     }
 
     /// Runs the Paxos instance that replaces the current view; returns the decided view.
@@ -166,13 +124,8 @@ impl Node {
             }
             self.still_needed(reason)?;
             let from = self.st().view.clone();
-            let ballot = self
-                .max_ballot
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .max(from.epoch)
-                .checked_add(1)
-                .filter(|&b| b <= MAX_EPOCH)
-                .ok_or("the ballots are exhausted")?;
+            let seen = self.max_ballot.load(std::sync::atomic::Ordering::Relaxed);
+            let ballot = paxos::next_ballot(seen, from.epoch).ok_or("the ballots are exhausted")?;
             self.note_ballot(ballot);
             info!(
                 ?reason,
@@ -197,64 +150,54 @@ impl Node {
                     |r: &PrepareResponse| r.promised,
                 )
                 .await;
-            let mut promisers = BTreeSet::new();
-            let mut states = Vec::new();
-            let mut best: Option<Accepted> = None;
+            let mut answers = Vec::new();
             for (m, r) in replies {
                 let Ok(resp) = r else { continue };
                 self.note_ballot(resp.promised_ballot);
-                if let Some(v) = self.peer_view(resp.view.as_ref()) {
-                    if v.epoch > from.epoch {
+                answers.push(PromiseReply {
+                    rank: m,
+                    promised: resp.promised,
+                    view: self.peer_view(resp.view.as_ref()),
+                    promised_ballot: resp.promised_ballot,
+                    accepted: resp
+                        .accepted
+                        .and_then(|a| Some((a.ballot, self.peer_view(a.view.as_ref())?))),
+                    log: LogState {
+                        rank: m,
+                        applied: resp.applied,
+                        committed: resp.committed,
+                        last_epoch: resp.last_epoch,
+                    },
+                    reason: resp.reason,
+                });
+            }
+            // Phase 2's value (§5 step 2): an accepted proposal must be re-proposed (Paxos),
+            // else ours.
+            let (promisers, states, view) =
+                match paxos::after_prepare(self.me, &from, ballot, reason, &answers) {
+                    PrepareOutcome::NewerView(v) => {
                         self.learn_view(v).await;
                         return Err("a newer view exists".into());
                     }
-                }
-                if !resp.promised {
-                    last_err = format!("rank {m} refused: {}", resp.reason);
-                    continue;
-                }
-                promisers.insert(m);
-                states.push(LogState {
-                    rank: m,
-                    applied: resp.applied,
-                    committed: resp.committed,
-                    last_epoch: resp.last_epoch,
-                });
-                if let Some(a) = resp.accepted {
-                    if let Some(v) = self.peer_view(a.view.as_ref()) {
-                        if best.as_ref().is_none_or(|b| a.ballot > b.ballot) {
-                            best = Some(Accepted {
-                                ballot: a.ballot,
-                                from_epoch: from.epoch,
-                                view: v,
-                            });
+                    PrepareOutcome::NoQuorum {
+                        promisers,
+                        last_refusal,
+                    } => {
+                        if let Some(e) = last_refusal {
+                            last_err = e;
                         }
+                        warn!(ballot, promisers = ?promisers, last_err, "no quorum of promises");
+                        continue;
                     }
-                }
-            }
-            if !from.is_quorum(&promisers) {
-                warn!(ballot, promisers = ?promisers, last_err, "no quorum of promises");
-                continue;
-            }
+                    PrepareOutcome::Quorum {
+                        promisers,
+                        states,
+                        view,
+                    } => (promisers, states, view),
+                };
             self.faults.crash_point(CrashPoint::Prepared);
 
-            // Phase 2: accept. An accepted proposal must be re-proposed (Paxos), else ours.
-            let view = match best {
-                Some(a) => View::new(ballot, a.view.primary, a.view.members),
-                None => {
-                    let mut members = promisers.clone();
-                    match reason {
-                        Reason::Drop(r, _) => {
-                            members.remove(&r);
-                        }
-                        Reason::Add(j) => {
-                            members.insert(j);
-                        }
-                        Reason::TakeOver | Reason::Restart => {}
-                    }
-                    View::new(ballot, self.me, members)
-                }
-            };
+            // Phase 2: accept.
             let req = AcceptRequest {
                 ballot,
                 proposer: self.me,
@@ -307,78 +250,43 @@ impl Node {
         Err(format!("view change gave up: {last_err}"))
     }
 
-    /// Acceptor, phase 1.
+    /// Acceptor, phase 1 (see [`paxos::prepare`]): the promise is persisted before the reply
+    /// (§10).
     pub async fn on_prepare(self: &Arc<Self>, req: PrepareRequest) -> PrepareResponse {
-        let now = Instant::now();
-        let from = view_from(req.view.as_ref(), self.n);
+        let refuse = |st: &crate::node::State, why: PrepareRefusal| PrepareResponse {
+            promised: false,
+            view: Some((&st.view).into()),
+            promised_ballot: st.promise.ballot,
+            accepted: None,
+            applied: st.pos.applied,
+            committed: st.pos.committed,
+            last_epoch: st.pos.last_epoch,
+            reason: why.to_string(),
+        };
+        let now = self.clock.steady_now();
         let resp = {
             let mut st = self.st();
-            let refuse = |st: &crate::node::State, reason: &str| PrepareResponse {
-                promised: false,
-                view: Some((&st.view).into()),
-                promised_ballot: st.promise.ballot,
-                accepted: None,
-                applied: st.pos.applied,
-                committed: st.pos.committed,
-                last_epoch: st.pos.last_epoch,
-                reason: reason.into(),
+            let Some(from) = view_from(req.view.as_ref(), self.n) else {
+                return refuse(&st, PrepareRefusal::Malformed);
             };
-            let Some(from) = from else {
-                return refuse(&st, "malformed view");
-            };
-            if st.amnesiac_until.is_some() {
-                // It forgot what it promised and accepted: its vote could undo a decision.
-                return refuse(&st, "this server lost its state and has not rejoined yet");
-            }
-            if req.ballot > MAX_EPOCH {
-                return refuse(&st, "ballot out of range");
-            }
-            if from.epoch < st.view.epoch {
-                return refuse(&st, "a newer view exists");
-            }
-            if req.ballot <= st.promise.ballot || req.ballot <= from.epoch {
-                return refuse(&st, "promised a higher ballot");
-            }
-            if req.proposer != self.me {
-                if st.primary.is_some() {
-                    return refuse(&st, "this server is the live primary");
-                }
-                // Loyalty (§4): do not help depose a primary heard from within L(1+eps).
-                if req.proposer != st.view.primary
-                    && from.epoch == st.view.epoch
-                    && now < st.last_heard + self.cfg.timing.lease_guard()
-                {
-                    return refuse(&st, "the primary is alive");
-                }
-            }
-            if from.epoch > st.view.epoch {
-                // This server missed the install of `from`; promising is still safe (it has
-                // accepted nothing for that instance), but its data is not a member's.
-                st.view = from.clone();
-                st.member = false;
-                st.lease_until = None;
-            }
-            st.promise = Promise {
+            let prepare = paxos::Prepare {
                 ballot: req.ballot,
-                to: req.proposer,
+                proposer: req.proposer,
+                from,
             };
-            if req.proposer != st.view.primary {
-                // Stop acting on the old primary's lease: it can no longer commit without us.
-                st.lease_until = None;
-            }
-            let accepted = st
-                .accepted
-                .as_ref()
-                .filter(|a| a.from_epoch == from.epoch)
-                .map(|a| replikv_proto::peer::Accepted {
-                    ballot: a.ballot,
-                    view: Some((&a.view).into()),
-                });
+            let guard = self.cfg.timing.lease_guard();
+            let accepted = match paxos::prepare(&mut st, self.me, &prepare, now, guard) {
+                Ok(a) => a,
+                Err(why) => return refuse(&st, why),
+            };
             PrepareResponse {
                 promised: true,
                 view: Some((&st.view).into()),
                 promised_ballot: req.ballot,
-                accepted,
+                accepted: accepted.map(|a| replikv_proto::peer::Accepted {
+                    ballot: a.ballot,
+                    view: Some((&a.view).into()),
+                }),
                 applied: st.pos.applied,
                 committed: st.pos.committed,
                 last_epoch: st.pos.last_epoch,
@@ -391,57 +299,46 @@ impl Node {
         resp
     }
 
-    /// Acceptor, phase 2.
+    /// Acceptor, phase 2 (see [`paxos::accept`]): persisted before the reply (§10).
     pub async fn on_accept(self: &Arc<Self>, req: AcceptRequest) -> AcceptResponse {
-        let (Some(from), Some(view)) = (
-            view_from(req.from_view.as_ref(), self.n),
-            view_from(req.view.as_ref(), self.n),
-        ) else {
-            let st = self.st();
-            return AcceptResponse {
-                accepted: false,
-                promised_ballot: st.promise.ballot,
-                view: Some((&st.view).into()),
-            };
-        };
-        {
+        let accepted = {
             let mut st = self.st();
-            // An equal ballot promised to another proposer is not ours to accept.
-            let promised_other = req.ballot == st.promise.ballot && st.promise.to != req.proposer;
-            if st.amnesiac_until.is_some()
-                || from.epoch < st.view.epoch
-                || req.ballot < st.promise.ballot
-                || promised_other
-                || view.epoch != req.ballot
-            {
+            let views = (
+                view_from(req.from_view.as_ref(), self.n),
+                view_from(req.view.as_ref(), self.n),
+            );
+            let accepted = match views {
+                (Some(from), Some(view)) => paxos::accept(
+                    &mut st,
+                    paxos::Accept {
+                        ballot: req.ballot,
+                        proposer: req.proposer,
+                        from,
+                        view,
+                    },
+                ),
+                _ => false,
+            };
+            if !accepted {
                 return AcceptResponse {
                     accepted: false,
                     promised_ballot: st.promise.ballot,
                     view: Some((&st.view).into()),
                 };
             }
-            st.promise = Promise {
-                ballot: req.ballot,
-                to: req.proposer,
-            };
-            let a = Accepted {
-                ballot: req.ballot,
-                from_epoch: from.epoch,
-                view,
-            };
-            st.accepted = Some(a);
-        }
+            accepted
+        };
         self.persist_paxos().await;
         self.faults.crash_point(CrashPoint::Accepted);
         AcceptResponse {
-            accepted: true,
+            accepted,
             promised_ballot: req.ballot,
             view: None,
         }
     }
 
     /// Step 4 on the decided primary: take the most advanced member state, have every member
-    /// sync from it, then serve (after the lease wait when the primary changed).
+    /// sync from it, then serve (after the lease wait when the primary changed, §5 step 5).
     pub(crate) async fn install_as_primary(
         self: &Arc<Self>,
         view: View,
@@ -449,42 +346,18 @@ impl Node {
         states: Vec<LogState>,
     ) -> Result<(), String> {
         let guard = self.data.lock().await;
-        let (was_primary, old_commit_after, removed_last_send) = {
+        let install: PrimaryInstall = {
             let mut st = self.st();
-            if view.epoch < st.view.epoch || (view.epoch == st.view.epoch && st.primary.is_some()) {
-                return Err("a newer view is already installed".into());
-            }
-            let old = st.primary.take();
-            let was_primary = old.is_some()
-                && prev.primary == self.me
-                && old.as_ref().is_some_and(|p| p.epoch == prev.epoch);
-            if old.is_some() && !was_primary {
-                st.term += 1;
+            let install = installing::begin_install_as_primary(&mut st, self.me, &view, &prev)?;
+            // The old role's streams end with it (a new set starts with the new role).
+            self.feeds_stop();
+            if install.term_changed {
                 self.publish_commit(&st);
             }
-            let mut commit_after = Instant::now();
-            let mut last_send = None;
-            if let Some(p) = &old {
-                commit_after = p.commit_after;
-                for (r, pr) in &p.peers {
-                    if !view.is_member(*r) {
-                        if let Some(t) = pr.last_send {
-                            last_send = Some(last_send.map_or(t, |l: Instant| l.max(t)));
-                        }
-                    }
-                }
-            }
-            st.view = view.clone();
-            st.accepted = None;
-            st.member = false;
-            st.lease_until = None;
-            st.stream = None;
-            (was_primary, commit_after, last_send)
+            install
         };
         self.persist_paxos().await;
 
-        // Take the most advanced state among the members (and this server, unless it lost
-        // its state: then it must take a member's state whatever its own looks like).
         let (mine, amnesiac) = {
             let st = self.st();
             let mine = LogState {
@@ -493,29 +366,22 @@ impl Node {
                 committed: st.pos.committed,
                 last_epoch: st.pos.last_epoch,
             };
-            (mine, st.amnesiac_until.is_some())
+            (mine, st.amnesiac())
         };
-        let mut all: Vec<LogState> = states
-            .into_iter()
-            .filter(|s| view.is_member(s.rank) && s.rank != self.me)
-            .collect();
-        if !amnesiac {
-            all.push(mine);
-        }
-        let best = most_advanced(&all, self.me);
-        if amnesiac && best.is_none() {
-            drop(guard);
-            return Err("this server lost its state and no member's state is known".into());
-        }
-        if let Some(best) = best {
-            if best.rank != self.me {
-                info!(source = best.rank, "taking the most advanced member state");
-                if let Err(e) = self.sync_from(best.rank, view.epoch).await {
-                    warn!(source = best.rank, error = %e, "could not take the most advanced state");
-                    drop(guard);
-                    self.st().member = false;
-                    return Err(e);
-                }
+        let source = match installing::reconcile_source(self.me, &view, &states, mine, amnesiac) {
+            Ok(source) => source,
+            Err(e) => {
+                drop(guard);
+                return Err(e.into());
+            }
+        };
+        if let Some(source) = source {
+            info!(source, "taking the most advanced member state");
+            if let Err(e) = self.sync_from(source, view.epoch).await {
+                warn!(source, error = %e, "could not take the most advanced state");
+                drop(guard);
+                self.st().member = false;
+                return Err(e);
             }
         }
         // The commit point does not move here: everything applied is about to be on every
@@ -561,22 +427,14 @@ impl Node {
                 }
             }
         }
-        let now = Instant::now();
-        let guard_time = self.cfg.timing.lease_guard();
-        let serve_after = if was_primary { now } else { now + guard_time };
-        let commit_after =
-            removed_last_send.map_or(old_commit_after, |t| old_commit_after.max(t + guard_time));
-        // A single-member view grants no leases, so only a change of primary needs a wait.
-        let serve_after = if view.members.len() == 1 && was_primary {
-            now
-        } else {
-            serve_after
-        };
-        {
-            let st = self.st();
-            if st.view.epoch != view.epoch {
-                return Err("superseded during install".into());
-            }
+        let (serve_after, commit_after) = installing::install_waits(
+            &install,
+            &view,
+            self.clock.steady_now(),
+            self.cfg.timing.lease_guard(),
+        );
+        if self.st().view.epoch != view.epoch {
+            return Err("superseded during install".into());
         }
         // A member whose install failed holds nothing of this view: it must not count as
         // having acknowledged anything (§10), or a write could commit without it.
@@ -618,26 +476,20 @@ impl Node {
                 Err(e) => refuse(self, e),
             };
         }
-        if req.from != view.primary || !view.is_member(self.me) {
-            return refuse(
-                self,
-                "install must come from the view's primary to a member".into(),
-            );
+        if let Err(e) = installing::check_member_install(self.me, &view, req.from) {
+            return refuse(self, e.into());
         }
         let _guard = self.data.lock().await;
         {
             let mut st = self.st();
-            if view.epoch < st.view.epoch {
-                drop(st);
-                return refuse(self, "a newer view exists".into());
+            match installing::begin_member_install(&mut st, &view, self.clock.steady_now()) {
+                Ok(true) => self.stepped_down(&st),
+                Ok(false) => {}
+                Err(e) => {
+                    drop(st);
+                    return refuse(self, e.into());
+                }
             }
-            self.step_down(&mut st);
-            st.view = view.clone();
-            st.member = false;
-            st.lease_until = None;
-            st.stream = None;
-            st.accepted = None;
-            st.last_heard = Instant::now();
         }
         self.persist_paxos().await;
         if let Err(e) = self.sync_from(view.primary, view.epoch).await {
@@ -645,12 +497,12 @@ impl Node {
         }
         let installed = {
             let mut st = self.st();
-            (st.view.epoch == view.epoch).then(|| {
-                st.member = true;
-                st.last_heard = Instant::now();
+            let applied =
+                installing::finish_member_install(&mut st, &view, self.clock.steady_now());
+            if applied.is_some() {
                 self.publish_commit(&st);
-                st.pos.applied
-            })
+            }
+            applied
         };
         let Some(applied) = installed else {
             return refuse(self, "superseded during install".into());
