@@ -10,8 +10,10 @@
 //!   persisted Paxos state.
 //! - [`engine`]: the protocol's decisions as plain synchronous code (commit point, leases,
 //!   appends, Paxos, installs, take-over timing, session rules), time passed in, no I/O.
+//! - [`message`]: the peer protocol's messages as domain types, with typed rejections.
 //! - [`convert`]: protobuf <-> domain conversions, the only place that knows both.
-//! - [`network`]: the peer network trait and its gRPC implementation.
+//! - [`network`]: the peer network trait (domain messages), its gRPC implementation and an
+//!   in-process router for tests.
 //! - [`fault`]: fault-injection rules for the peer network.
 //! - [`node`]: replica state, the primary's sequencer and commit point, reads, appends.
 //! - [`replicate`]: the primary's ordered stream to each member, heartbeats, leases.
@@ -28,6 +30,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod identity;
+pub mod message;
 pub mod network;
 pub mod node;
 pub mod replicate;

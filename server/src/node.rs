@@ -13,23 +13,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use replikv_proto::kv::RequestId;
-use replikv_proto::peer::{self, AppendRequest, AppendResponse, AppendStatus, DiscoverResponse};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::clock::Clocks;
 use crate::config::Config;
-use crate::convert::{record_from_pb, view_from};
-use crate::engine::append::{self as appending, AppendHeader};
+use crate::engine::append as appending;
 use crate::engine::commit;
 use crate::engine::sequencer::{self as sequencing, Admission};
 use crate::engine::Time;
-use crate::error::{status_outcome, PrimaryHint, ServeError, SessionRefusal, StorageError};
+use crate::error::{PrimaryHint, ServeError, SessionRefusal, StorageError};
 use crate::fault::Faults;
 use crate::identity::{ClusterId, Identity, Membership};
-use crate::network::{NetError, PeerNetwork};
+use crate::message::{Append, AppendReply, DiscoverReply, Forward, RequestId};
+use crate::network::{NetError, PeerNetwork, StatusKind};
 use crate::session::{self, Decision, Header, SessionId, StoredResult, WriteResult};
 use crate::storage::{Position, Store};
 use crate::types::{
@@ -240,10 +238,8 @@ impl Node {
         let mut next_log = started + Duration::from_secs(5);
         loop {
             let replies = self.discover_all().await;
-            let ids: std::collections::BTreeSet<ClusterId> = replies
-                .iter()
-                .filter_map(|r| r.cluster_id.parse().ok())
-                .collect();
+            let ids: std::collections::BTreeSet<ClusterId> =
+                replies.iter().filter_map(|r| r.cluster_id).collect();
             if ids.len() > 1 {
                 error!(ids = ?ids, "peers belong to different clusters; joining none of them");
             } else if let Some(&id) = ids.first() {
@@ -302,14 +298,14 @@ impl Node {
 
     /// Joins the cluster `id` with no state: amnesiac until a state transfer and an install
     /// make this server a member of a view newer than anything it may have voted in.
-    async fn adopt_cluster(self: &Arc<Self>, id: ClusterId, replies: &[DiscoverResponse]) {
-        let ours: Vec<&DiscoverResponse> = replies
+    async fn adopt_cluster(self: &Arc<Self>, id: ClusterId, replies: &[DiscoverReply]) {
+        let ours: Vec<&DiscoverReply> = replies
             .iter()
-            .filter(|r| r.cluster_id.parse() == Ok(id))
+            .filter(|r| r.cluster_id == Some(id))
             .collect();
         let newest = ours
             .iter()
-            .filter_map(|r| self.peer_view(r.view.as_ref()))
+            .filter_map(|r| r.view.clone())
             .max_by_key(|v| v.epoch);
         let heard = ours
             .iter()
@@ -530,35 +526,27 @@ impl Node {
                 None,
             ));
         }
-        let pb = peer::WriteRequest {
+        let forward = Forward {
             key: req.key,
             value: req.value,
             id: req.id,
         };
-        match self.net.forward(primary, pb, FORWARD_TIMEOUT).await {
-            Ok(r) => Ok((
-                WriteResult {
-                    old: r.had_old.then_some(r.old_value),
-                },
-                hint,
-            )),
-            Err(NetError::Status(s)) => Err(match s.code() {
-                tonic::Code::InvalidArgument => {
-                    ServeError::InvalidArgument(s.message().to_string())
-                }
-                tonic::Code::ResourceExhausted => ServeError::Overloaded(s.message().to_string()),
+        match self.net.forward(primary, forward, FORWARD_TIMEOUT).await {
+            Ok(r) => Ok((r, hint)),
+            Err(NetError::Refused(s)) => Err(match s.kind {
+                StatusKind::InvalidArgument => ServeError::InvalidArgument(s.message),
+                StatusKind::Overloaded => ServeError::Overloaded(s.message),
                 // Only a session's refusal passes through as such; any other precondition
                 // (e.g. a primary of another cluster) is this server's problem, and the
                 // client should try another one.
-                tonic::Code::FailedPrecondition
-                    if s.metadata().contains_key(crate::error::SESSION_HEADER) =>
-                {
-                    ServeError::session_from_status(&s)
-                }
+                StatusKind::Session(refusal) => ServeError::Session {
+                    refusal,
+                    message: s.message,
+                },
                 _ => ServeError::Unavailable {
-                    reason: format!("primary {primary}: {}", s.message()),
+                    reason: format!("primary {primary}: {}", s.message),
                     primary: hint,
-                    outcome: status_outcome(&s),
+                    outcome: s.outcome,
                 },
             }),
             Err(e) => Err(ServeError::unknown(
@@ -993,23 +981,14 @@ impl Node {
     /// One batch (or heartbeat) of the primary's ordered stream to this member: the engine
     /// admits it ([`appending::admit`]), this applies and flushes its records, then the
     /// engine takes its commit point and lease ([`appending::accepted`]).
-    pub async fn on_append(self: &Arc<Self>, req: AppendRequest) -> AppendResponse {
-        let reject = |st: &State, why: appending::AppendReject| AppendResponse {
-            status: AppendStatus::from(why) as i32,
+    pub async fn on_append(self: &Arc<Self>, req: Append) -> AppendReply {
+        let reject = |st: &State, why: appending::AppendReject| AppendReply {
+            result: Err(why),
             applied: st.pos.applied,
-            view: Some((&st.view).into()),
+            view: Some(st.view.clone()),
             promised: st.promise.ballot,
         };
-        let msg = AppendHeader {
-            epoch: req.epoch,
-            primary: req.primary,
-            msg_seq: req.msg_seq,
-            committed: req.committed,
-            lease_ms: req.lease_ms,
-            prev_lsn: req.prev_lsn,
-            prev_epoch: req.prev_epoch,
-            gc_horizon: req.gc_horizon,
-        };
+        let msg = req.header;
         {
             let mut st = self.st();
             if let Err(why) = appending::check(&st, msg.epoch, msg.primary) {
@@ -1017,7 +996,7 @@ impl Node {
             }
             st.last_heard = self.clock.steady_now();
         }
-        let fresh: Vec<Record> = req.records.into_iter().map(record_from_pb).collect();
+        let fresh: Vec<Record> = req.records;
         let _guard = if fresh.is_empty() {
             None
         } else {
@@ -1058,8 +1037,8 @@ impl Node {
         let horizon = appending::accepted(&mut st, &msg, self.cfg.timing.lease, self.clock.now());
         self.store.collect_up_to(horizon);
         self.publish_commit(&st);
-        AppendResponse {
-            status: AppendStatus::Ok as i32,
+        AppendReply {
+            result: Ok(()),
             applied: st.pos.applied,
             view: None,
             promised: st.promise.ballot,
@@ -1133,11 +1112,6 @@ impl Node {
             sync_mode: self.cfg.sync.as_str().into(),
             serving: self.can_read(&st),
         }
-    }
-
-    /// Decodes a peer's view, ignoring malformed ones.
-    pub(crate) fn peer_view(&self, v: Option<&replikv_proto::kv::View>) -> Option<View> {
-        view_from(v, self.n)
     }
 }
 

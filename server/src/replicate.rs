@@ -6,12 +6,12 @@
 
 use std::sync::Arc;
 
-use replikv_proto::peer::{AppendRequest, AppendStatus};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::convert::record_to_pb;
-use crate::engine::{append as appending, commit, paxos};
+use crate::engine::append::{self as appending, AppendHeader};
+use crate::engine::{commit, paxos};
+use crate::message::{Append, AppendReply};
 use crate::node::{Node, State};
 use crate::types::{Rank, Record};
 use crate::viewchange::Reason;
@@ -113,7 +113,7 @@ impl Node {
                     break;
                 }
                 bytes += size;
-                records.push(record_to_pb(&queue.pop_front().expect("front exists")));
+                records.push(queue.pop_front().expect("front exists"));
             }
             let (last, last_epoch) = records
                 .last()
@@ -121,22 +121,24 @@ impl Node {
             msg_seq += 1;
             let sent_boot = self.clock.boot_now();
             appending::sending(&mut self.st(), to, self.clock.steady_now());
-            let req = AppendRequest {
-                epoch,
-                primary: self.me,
-                msg_seq,
+            let req = Append {
+                header: AppendHeader {
+                    epoch,
+                    primary: self.me,
+                    msg_seq,
+                    committed: committed.min(last),
+                    lease_ms,
+                    prev_lsn: prev,
+                    prev_epoch,
+                    gc_horizon,
+                },
                 records,
-                committed: committed.min(last),
-                lease_ms,
-                prev_lsn: prev,
-                prev_epoch,
-                gc_horizon,
             };
-            let commit_sent = req.committed;
+            let commit_sent = req.header.committed;
             sent_committed = committed;
             let res = link.call(req, self.cfg.timing.ack_timeout).await;
             match res {
-                Ok(r) if r.status == AppendStatus::Ok as i32 => {
+                Ok(AppendReply { result: Ok(()), .. }) => {
                     (prev, prev_epoch) = (last, last_epoch);
                     let mut st = self.st();
                     if !appending::acked(&mut st, to, epoch, last, commit_sent, sent_boot) {
@@ -145,13 +147,10 @@ impl Node {
                     self.advance_commit(&mut st);
                 }
                 Ok(r) => {
-                    let status =
-                        AppendStatus::try_from(r.status).unwrap_or(AppendStatus::NotMember);
-                    if let Some(v) = self.peer_view(r.view.as_ref()) {
-                        if v.epoch > epoch {
-                            self.learn_view(v).await;
-                            return;
-                        }
+                    let status = r.result.err();
+                    if let Some(v) = r.view.filter(|v| v.epoch > epoch) {
+                        self.learn_view(v).await;
+                        return;
                     }
                     self.note_ballot(r.promised);
                     warn!(

@@ -8,17 +8,16 @@ use std::time::Duration;
 use futures::future::join_all;
 use futures::StreamExt;
 use rand::Rng;
-use replikv_proto::peer::{
-    DiscoverRequest, DiscoverResponse, JoinRequest, JoinResponse, SyncChunk, SyncRequest,
-};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::convert::{sync_entry_from_pb, sync_entry_to_pb};
-use crate::engine::install::{self as installing, TransferRefusal};
+use crate::engine::install as installing;
 use crate::engine::monitor::{self, Rejoin};
 use crate::fault::CrashPoint;
+use crate::message::{
+    Discover, DiscoverReply, Join, JoinReply, Refused, SyncChunk, SyncError, SyncRequest,
+};
 use crate::node::{Node, OrFailStop};
 use crate::storage::Position;
 use crate::types::{Rank, SyncEntry};
@@ -67,25 +66,19 @@ impl Node {
             if chunk.full && replacing.is_none() {
                 replacing = Some(self.store.begin_replacement());
             }
-            let entries: Vec<SyncEntry> =
-                chunk.entries.into_iter().map(sync_entry_from_pb).collect();
+            let entries: Vec<SyncEntry> = chunk.entries;
             if let Some(r) = replacing.as_mut() {
                 r.received(&entries);
             }
             received += entries.len();
             if chunk.done {
-                let source_pos = Position {
-                    applied: chunk.applied,
-                    committed: chunk.committed,
-                    last_epoch: chunk.last_epoch,
-                };
                 // Never take a state that lacks what this server knows to be committed.
-                let pos = match installing::transfer_end(since, source_pos) {
+                let pos = match installing::transfer_end(since, chunk.pos) {
                     Ok(pos) => pos,
                     Err(_) => {
                         return Err(format!(
                             "rank {source} holds up to lsn {}, short of this server's committed {since}",
-                            chunk.applied
+                            chunk.pos.applied
                         ))
                     }
                 };
@@ -120,9 +113,8 @@ impl Node {
     pub fn on_sync(
         self: &Arc<Self>,
         req: SyncRequest,
-    ) -> Result<mpsc::Receiver<Result<SyncChunk, tonic::Status>>, tonic::Status> {
-        let pos = installing::transfer_source(&self.st(), self.me, req.epoch, req.since)
-            .map_err(|e: TransferRefusal| tonic::Status::failed_precondition(e.to_string()))?;
+    ) -> Result<mpsc::Receiver<Result<SyncChunk, SyncError>>, SyncError> {
+        let pos = installing::transfer_source(&self.st(), self.me, req.epoch, req.since)?;
         // Held until the last chunk is built: no tombstone the transfer should carry is
         // collected meanwhile.
         let pin = self
@@ -142,9 +134,7 @@ impl Node {
                 send(SyncChunk {
                     entries: std::mem::take(entries),
                     done: false,
-                    applied: 0,
-                    last_epoch: 0,
-                    committed: 0,
+                    pos: Position::default(),
                     full,
                     gc_horizon: 0,
                 })
@@ -153,7 +143,7 @@ impl Node {
                 let e = match e {
                     Ok(e) => e,
                     Err(err) => {
-                        let _ = tx.blocking_send(Err(tonic::Status::internal(err.to_string())));
+                        let _ = tx.blocking_send(Err(SyncError::Storage(err.to_string())));
                         return;
                     }
                 };
@@ -162,7 +152,7 @@ impl Node {
                         .as_ref()
                         .and_then(|x| x.value.as_ref())
                         .map_or(0, |v| v.len());
-                entries.push(sync_entry_to_pb(e));
+                entries.push(e);
                 if (entries.len() >= CHUNK_ENTRIES || bytes >= CHUNK_BYTES)
                     && !flush(&mut entries, &mut bytes)
                 {
@@ -173,11 +163,11 @@ impl Node {
                 let entry = match node.store.get(&key) {
                     Ok(e) => e,
                     Err(err) => {
-                        let _ = tx.blocking_send(Err(tonic::Status::internal(err.to_string())));
+                        let _ = tx.blocking_send(Err(SyncError::Storage(err.to_string())));
                         return;
                     }
                 };
-                entries.push(sync_entry_to_pb(SyncEntry { key, entry }));
+                entries.push(SyncEntry { key, entry });
                 if entries.len() >= CHUNK_ENTRIES && !flush(&mut entries, &mut bytes) {
                     return;
                 }
@@ -186,9 +176,10 @@ impl Node {
             send(SyncChunk {
                 entries,
                 done: true,
-                applied: pos.applied,
-                last_epoch: pos.last_epoch,
-                committed: pos.committed.min(pos.applied),
+                pos: Position {
+                    committed: pos.committed.min(pos.applied),
+                    ..pos
+                },
                 full,
                 // Read after every entry was sent: it covers each tombstone the transfer
                 // could not carry.
@@ -199,62 +190,56 @@ impl Node {
     }
 
     /// On the primary: add a caught-up server to the view (§7).
-    pub async fn on_join(self: &Arc<Self>, req: JoinRequest) -> JoinResponse {
+    pub async fn on_join(self: &Arc<Self>, req: Join) -> JoinReply {
         let (verdict, applied, view) = {
             let st = self.st();
             let verdict = installing::check_join(&st, self.me, self.n, req.rank, req.applied);
             (verdict, st.pos.applied, st.view.clone())
         };
-        let answer = |ok: bool, reason: String, view: &crate::types::View| JoinResponse {
-            ok,
-            view: Some(view.into()),
-            reason,
+        let answer = |result: Result<(), String>, view: &crate::types::View| JoinReply {
+            result: result.map_err(Refused),
+            view: Some(view.clone()),
             primary_applied: applied,
         };
         if let Err(e) = verdict {
-            return answer(false, e.into(), &view);
+            return answer(Err(e.into()), &view);
         }
         match self.change_view(Reason::Add(req.rank)).await {
-            Ok(v) if v.is_member(req.rank) => answer(true, String::new(), &v),
+            Ok(v) if v.is_member(req.rank) => answer(Ok(()), &v),
             Ok(v) => answer(
-                false,
-                "the decided view does not include the joiner".into(),
+                Err("the decided view does not include the joiner".into()),
                 &v,
             ),
-            Err(e) => answer(false, e, &view),
+            Err(e) => answer(Err(e), &view),
         }
     }
 
-    pub fn on_discover(&self) -> DiscoverResponse {
+    pub fn on_discover(&self) -> DiscoverReply {
         let st = self.st();
-        DiscoverResponse {
+        DiscoverReply {
             rank: self.me,
-            view: Some((&st.view).into()),
+            view: Some(st.view.clone()),
             promised: st.promise.ballot,
             applied: st.pos.applied,
             recovering: !st.member,
-            cluster_id: self
-                .identity
-                .get()
-                .map(|id| id.to_string())
-                .unwrap_or_default(),
+            cluster_id: self.identity.get(),
             amnesiac: st.amnesiac(),
         }
     }
 
     /// Asks every peer for its view (the classic "who is primary, with which timestamp").
     /// Once this server knows its cluster, only answers of servers of that cluster count.
-    pub(crate) async fn discover_all(&self) -> Vec<DiscoverResponse> {
+    pub(crate) async fn discover_all(&self) -> Vec<DiscoverReply> {
         let peers = (0..self.n as Rank).filter(|&r| r != self.me);
         let ours = self.identity.get();
         join_all(peers.map(|r| {
             self.net
-                .discover(r, DiscoverRequest { from: self.me }, DISCOVER_TIMEOUT)
+                .discover(r, Discover { from: self.me }, DISCOVER_TIMEOUT)
         }))
         .await
         .into_iter()
         .filter_map(Result::ok)
-        .filter(|r| ours.is_none_or(|id| r.cluster_id == id.to_string()))
+        .filter(|r| ours.is_none_or(|id| r.cluster_id == Some(id)))
         .collect()
     }
 
@@ -306,7 +291,7 @@ impl Node {
         let replies = self.discover_all().await;
         let newest = replies
             .iter()
-            .filter_map(|r| self.peer_view(r.view.as_ref()))
+            .filter_map(|r| r.view.clone())
             .max_by_key(|v| v.epoch);
         match newest {
             Some(v) if v.epoch > self.st().view.epoch => {
@@ -343,7 +328,7 @@ impl Node {
             .net
             .join(
                 primary,
-                JoinRequest {
+                Join {
                     rank: self.me,
                     applied,
                 },
@@ -351,17 +336,20 @@ impl Node {
             )
             .await
             .map_err(|e| e.to_string())?;
-        if resp.ok {
-            info!(primary, "rejoined the view");
-            Ok(())
-        } else {
-            if let Some(v) = self.peer_view(resp.view.as_ref()) {
-                if v.epoch > self.st().view.epoch {
-                    self.learn_view(v).await;
-                }
+        match resp.result {
+            Ok(()) => {
+                info!(primary, "rejoined the view");
+                Ok(())
             }
-            warn!(primary, reason = resp.reason, "join refused");
-            Err(resp.reason)
+            Err(Refused(reason)) => {
+                if let Some(v) = resp.view {
+                    if v.epoch > self.st().view.epoch {
+                        self.learn_view(v).await;
+                    }
+                }
+                warn!(primary, reason, "join refused");
+                Err(reason)
+            }
         }
     }
 }

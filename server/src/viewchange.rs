@@ -10,15 +10,14 @@ use std::time::Duration;
 use futures::future::{join_all, Either, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
-use replikv_proto::peer::{
-    AcceptRequest, AcceptResponse, InstallRequest, InstallResponse, PrepareRequest, PrepareResponse,
-};
 use tracing::{info, warn};
 
-use crate::convert::view_from;
 use crate::engine::install::{self as installing, PrimaryInstall};
 use crate::engine::paxos::{self, PrepareOutcome, PrepareRefusal, PromiseReply, Tally};
 use crate::fault::CrashPoint;
+use crate::message::{
+    Accept, AcceptReply, Install, InstallReply, Prepare, PrepareRefused, PrepareReply, Refused,
+};
 use crate::network::NetResult;
 use crate::node::{Node, OrFailStop};
 use crate::types::{LogState, Rank, View};
@@ -135,10 +134,10 @@ impl Node {
             );
 
             // Phase 1: prepare.
-            let req = PrepareRequest {
+            let req = Prepare {
                 ballot,
                 proposer: self.me,
-                view: Some((&from).into()),
+                view: Some(from.clone()),
             };
             let replies = self
                 .ask(
@@ -147,28 +146,30 @@ impl Node {
                     &req,
                     move |req| self.on_prepare(req),
                     move |m, req| self.net.prepare(m, req, PREPARE_TIMEOUT),
-                    |r: &PrepareResponse| r.promised,
+                    |r: &PrepareReply| r.result.is_ok(),
                 )
                 .await;
             let mut answers = Vec::new();
             for (m, r) in replies {
                 let Ok(resp) = r else { continue };
                 self.note_ballot(resp.promised_ballot);
+                let (promised, accepted, reason) = match resp.result {
+                    Ok(accepted) => (true, accepted, String::new()),
+                    Err(why) => (false, None, why.to_string()),
+                };
                 answers.push(PromiseReply {
                     rank: m,
-                    promised: resp.promised,
-                    view: self.peer_view(resp.view.as_ref()),
+                    promised,
+                    view: resp.view,
                     promised_ballot: resp.promised_ballot,
-                    accepted: resp
-                        .accepted
-                        .and_then(|a| Some((a.ballot, self.peer_view(a.view.as_ref())?))),
+                    accepted,
                     log: LogState {
                         rank: m,
                         applied: resp.applied,
                         committed: resp.committed,
                         last_epoch: resp.last_epoch,
                     },
-                    reason: resp.reason,
+                    reason,
                 });
             }
             // Phase 2's value (§5 step 2): an accepted proposal must be re-proposed (Paxos),
@@ -198,11 +199,11 @@ impl Node {
             self.faults.crash_point(CrashPoint::Prepared);
 
             // Phase 2: accept.
-            let req = AcceptRequest {
+            let req = Accept {
                 ballot,
                 proposer: self.me,
-                from_view: Some((&from).into()),
-                view: Some((&view).into()),
+                from_view: Some(from.clone()),
+                view: Some(view.clone()),
             };
             let replies = self
                 .ask(
@@ -211,7 +212,7 @@ impl Node {
                     &req,
                     move |req| self.on_accept(req),
                     move |m, req| self.net.accept(m, req, PREPARE_TIMEOUT),
-                    |r: &AcceptResponse| r.accepted,
+                    |r: &AcceptReply| r.accepted,
                 )
                 .await;
             let accepters: BTreeSet<Rank> = replies
@@ -234,11 +235,11 @@ impl Node {
             if view.primary == self.me {
                 self.install_as_primary(view.clone(), from, states).await?;
             } else {
-                let req = InstallRequest {
-                    view: Some((&view).into()),
+                let req = Install {
+                    view: Some(view.clone()),
                     from: self.me,
-                    states: states.iter().map(Into::into).collect(),
-                    previous: Some((&from).into()),
+                    states,
+                    previous: Some(from.clone()),
                 };
                 let r = self.net.install(view.primary, req, INSTALL_TIMEOUT).await;
                 if let Err(e) = r {
@@ -252,21 +253,19 @@ impl Node {
 
     /// Acceptor, phase 1 (see [`paxos::prepare`]): the promise is persisted before the reply
     /// (§10).
-    pub async fn on_prepare(self: &Arc<Self>, req: PrepareRequest) -> PrepareResponse {
-        let refuse = |st: &crate::node::State, why: PrepareRefusal| PrepareResponse {
-            promised: false,
-            view: Some((&st.view).into()),
+    pub async fn on_prepare(self: &Arc<Self>, req: Prepare) -> PrepareReply {
+        let refuse = |st: &crate::node::State, why: PrepareRefusal| PrepareReply {
+            result: Err(PrepareRefused::Known(why)),
+            view: Some(st.view.clone()),
             promised_ballot: st.promise.ballot,
-            accepted: None,
             applied: st.pos.applied,
             committed: st.pos.committed,
             last_epoch: st.pos.last_epoch,
-            reason: why.to_string(),
         };
         let now = self.clock.steady_now();
         let resp = {
             let mut st = self.st();
-            let Some(from) = view_from(req.view.as_ref(), self.n) else {
+            let Some(from) = req.view else {
                 return refuse(&st, PrepareRefusal::Malformed);
             };
             let prepare = paxos::Prepare {
@@ -279,18 +278,13 @@ impl Node {
                 Ok(a) => a,
                 Err(why) => return refuse(&st, why),
             };
-            PrepareResponse {
-                promised: true,
-                view: Some((&st.view).into()),
+            PrepareReply {
+                result: Ok(accepted.map(|a| (a.ballot, a.view))),
+                view: Some(st.view.clone()),
                 promised_ballot: req.ballot,
-                accepted: accepted.map(|a| replikv_proto::peer::Accepted {
-                    ballot: a.ballot,
-                    view: Some((&a.view).into()),
-                }),
                 applied: st.pos.applied,
                 committed: st.pos.committed,
                 last_epoch: st.pos.last_epoch,
-                reason: String::new(),
             }
         };
         self.note_ballot(req.ballot);
@@ -300,13 +294,10 @@ impl Node {
     }
 
     /// Acceptor, phase 2 (see [`paxos::accept`]): persisted before the reply (§10).
-    pub async fn on_accept(self: &Arc<Self>, req: AcceptRequest) -> AcceptResponse {
+    pub async fn on_accept(self: &Arc<Self>, req: Accept) -> AcceptReply {
         let accepted = {
             let mut st = self.st();
-            let views = (
-                view_from(req.from_view.as_ref(), self.n),
-                view_from(req.view.as_ref(), self.n),
-            );
+            let views = (req.from_view, req.view);
             let accepted = match views {
                 (Some(from), Some(view)) => paxos::accept(
                     &mut st,
@@ -320,17 +311,17 @@ impl Node {
                 _ => false,
             };
             if !accepted {
-                return AcceptResponse {
+                return AcceptReply {
                     accepted: false,
                     promised_ballot: st.promise.ballot,
-                    view: Some((&st.view).into()),
+                    view: Some(st.view.clone()),
                 };
             }
             accepted
         };
         self.persist_paxos().await;
         self.faults.crash_point(CrashPoint::Accepted);
-        AcceptResponse {
+        AcceptReply {
             accepted,
             promised_ballot: req.ballot,
             view: None,
@@ -391,11 +382,11 @@ impl Node {
         self.faults.crash_point(CrashPoint::Reconciled);
 
         // Every other member syncs from this server while writes are paused.
-        let req = InstallRequest {
-            view: Some((&view).into()),
+        let req = Install {
+            view: Some(view.clone()),
             from: self.me,
             states: Vec::new(),
-            previous: Some((&prev).into()),
+            previous: Some(prev.clone()),
         };
         let results = join_all(view.backups().map(|m| {
             let req = req.clone();
@@ -405,19 +396,17 @@ impl Node {
         let mut failed = Vec::new();
         for (m, r) in results {
             match r {
-                Ok(resp) if resp.ok => {}
-                Ok(resp) => {
-                    warn!(
-                        member = m,
-                        reason = resp.reason,
-                        "member refused the install"
-                    );
-                    if let Some(v) = self.peer_view(resp.view.as_ref()) {
-                        if v.epoch > view.epoch {
-                            drop(guard);
-                            self.learn_view(v).await;
-                            return Err("a newer view exists".into());
-                        }
+                Ok(InstallReply { result: Ok(()), .. }) => {}
+                Ok(InstallReply {
+                    result: Err(why),
+                    view: theirs,
+                    ..
+                }) => {
+                    warn!(member = m, reason = %why, "member refused the install");
+                    if let Some(v) = theirs.filter(|v| v.epoch > view.epoch) {
+                        drop(guard);
+                        self.learn_view(v).await;
+                        return Err("a newer view exists".into());
                     }
                     failed.push(m)
                 }
@@ -450,27 +439,24 @@ impl Node {
 
     /// Install on a member (from the decided view's primary), or on the decided primary
     /// (from the proposer, with the promisers' states).
-    pub async fn on_install(self: &Arc<Self>, req: InstallRequest) -> InstallResponse {
+    pub async fn on_install(self: &Arc<Self>, req: Install) -> InstallReply {
         let refuse = |node: &Node, reason: String| {
             let st = node.st();
-            InstallResponse {
-                ok: false,
+            InstallReply {
+                result: Err(Refused(reason)),
                 applied: st.pos.applied,
-                reason,
-                view: Some((&st.view).into()),
+                view: Some(st.view.clone()),
             }
         };
-        let Some(view) = view_from(req.view.as_ref(), self.n) else {
+        let Some(view) = req.view else {
             return refuse(self, "malformed view".into());
         };
         if view.primary == self.me {
-            let prev = view_from(req.previous.as_ref(), self.n).unwrap_or_else(|| view.clone());
-            let states = req.states.iter().map(Into::into).collect();
-            return match self.install_as_primary(view, prev, states).await {
-                Ok(()) => InstallResponse {
-                    ok: true,
+            let prev = req.previous.unwrap_or_else(|| view.clone());
+            return match self.install_as_primary(view, prev, req.states).await {
+                Ok(()) => InstallReply {
+                    result: Ok(()),
                     applied: self.st().pos.applied,
-                    reason: String::new(),
                     view: None,
                 },
                 Err(e) => refuse(self, e),
@@ -515,10 +501,9 @@ impl Node {
             "installed view as backup"
         );
         self.end_amnesia_if_past(&view).await;
-        InstallResponse {
-            ok: true,
+        InstallReply {
+            result: Ok(()),
             applied,
-            reason: String::new(),
             view: None,
         }
     }
