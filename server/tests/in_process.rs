@@ -1,0 +1,144 @@
+//! Three replicas in one process, connected by the in-process peer network
+//! (`network::memory`): the real replica code, with no sockets and no child processes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use replikv_server::fault::Faults;
+use replikv_server::identity::Identity;
+use replikv_server::network::memory::MemoryRouter;
+use replikv_server::node::{Node, WriteReq};
+use replikv_server::storage::Store;
+use replikv_server::Opt;
+
+const N: usize = 3;
+/// Upper bound on each wait below: forming the cluster, a view change.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Starts `N` replicas; rank 0 forms the cluster and the others join it.
+async fn start(dir: &std::path::Path, router: &Arc<MemoryRouter>) -> Vec<Arc<Node>> {
+    // Never dialled: the in-process network routes by rank.
+    let peers: Vec<String> = (0..N).map(|r| format!("127.0.0.1:{}", 1 + r)).collect();
+    let mut nodes = Vec::new();
+    for rank in 0..N {
+        let data = dir.join(rank.to_string());
+        let opt = Opt::parse_from([
+            "replikv-server",
+            "--rank",
+            &rank.to_string(),
+            "--peers",
+            &peers.join(","),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--bootstrap",
+        ]);
+        let cfg = opt.resolve().unwrap();
+        let store = Store::open(&cfg.data_dir, cfg.sync).unwrap();
+        let identity = Arc::new(Identity::default());
+        let net = router.network(rank as u32, identity.clone());
+        let node = Node::open(cfg, store, net, Arc::new(Faults::default()), identity).unwrap();
+        router.register(rank as u32, &node);
+        nodes.push(node);
+    }
+    for node in &nodes {
+        let node = node.clone();
+        tokio::spawn(async move { node.boot().await });
+    }
+    nodes
+}
+
+/// Waits until `done` holds, for at most [`WAIT`].
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn put(key: &str, value: &str) -> WriteReq {
+    WriteReq {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Some(Bytes::copy_from_slice(value.as_bytes())),
+        id: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_commits_and_a_cut_off_primary_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = MemoryRouter::new();
+    let nodes = start(dir.path(), &router).await;
+
+    wait_for("every replica to be a member", || {
+        nodes.iter().all(|n| {
+            let s = n.status();
+            s.view.is_some_and(|v| v.members.len() == N)
+                && (s.role == "primary" || s.role == "backup")
+        })
+    })
+    .await;
+    let first = nodes[1].status().view.unwrap();
+    assert_eq!(first.primary, 0);
+
+    // A write through a backup is forwarded to the primary and commits on every member.
+    let (r, _) = nodes[1].write(put("k", "v1")).await.unwrap();
+    assert_eq!(r.old, None);
+    for node in &nodes {
+        let mut value = None;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while value.is_none() && tokio::time::Instant::now() < deadline {
+            value = node.read(b"k").await.ok().flatten();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            value.as_deref(),
+            Some(&b"v1"[..]),
+            "rank {}",
+            node.status().rank
+        );
+    }
+
+    // Cut the primary off: the others form a new view without it.
+    router.isolate(0, N);
+    wait_for("a new primary among the others", || {
+        nodes[1..].iter().any(|n| {
+            let s = n.status();
+            s.role == "primary"
+                && s.view
+                    .is_some_and(|v| v.epoch > first.epoch && v.primary != 0)
+        })
+    })
+    .await;
+    let primary = nodes[1..]
+        .iter()
+        .find(|n| n.status().role == "primary")
+        .unwrap();
+    let view = primary.status().view.unwrap();
+    assert!(
+        !view.members.contains(&0),
+        "the cut-off primary left the view"
+    );
+
+    // The new primary keeps the committed write and commits new ones.
+    let (r, _) = primary.write(put("k", "v2")).await.unwrap();
+    assert_eq!(r.old.as_deref(), Some(&b"v1"[..]));
+    let mut value = None;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while value.is_none() && tokio::time::Instant::now() < deadline {
+        value = primary.read(b"k").await.ok().flatten();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(value.as_deref(), Some(&b"v2"[..]));
+
+    // The old primary, cut off, lost its lease: it no longer answers reads.
+    wait_for("the old primary to stop serving reads", || {
+        !nodes[0].status().serving
+    })
+    .await;
+}
