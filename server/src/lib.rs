@@ -15,10 +15,9 @@
 //! - [`network`]: the peer network trait (domain messages), its gRPC implementation and an
 //!   in-process router for tests.
 //! - [`fault`]: fault-injection rules for the peer network.
-//! - [`node`]: replica state, the primary's sequencer and commit point, reads, appends.
-//! - [`replicate`]: the primary's ordered stream to each member, heartbeats, leases.
-//! - [`viewchange`]: Paxos view changes, install and reconcile.
-//! - [`transfer`]: state transfer, joins, discovery, failure detection and revival.
+//! - [`replica`]: the async replica, one file per protocol step (write path, read path, the
+//!   append stream, view change, state transfer, monitor), executing the engine's decisions;
+//!   one owner of its background tasks.
 //! - [`service`]: the gRPC services (Kv, Peer, Admin).
 //! - [`cluster`]: [`cluster::LocalCluster`], N real server processes on loopback for tests and tools.
 
@@ -32,14 +31,11 @@ pub mod fault;
 pub mod identity;
 pub mod message;
 pub mod network;
-pub mod node;
-pub mod replicate;
+pub mod replica;
 pub mod service;
 pub mod session;
 pub mod storage;
-pub mod transfer;
 pub mod types;
-pub mod viewchange;
 pub mod wal;
 
 use std::future::Future;
@@ -87,7 +83,7 @@ pub async fn run(
         faults.clone(),
         identity.clone(),
     )?);
-    let node = node::Node::open(config.clone(), store, net, faults, identity)
+    let node = replica::Node::open(config.clone(), store, net, faults, identity)
         .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
     let limits = config.limits;
     let addr = listener.local_addr()?;
@@ -129,8 +125,7 @@ pub async fn run(
                 node.stop_streams();
             }
         });
-    let booting = node.clone();
-    tokio::spawn(async move { booting.boot().await });
+    node.start();
     // A client that keeps its side of a stream open could hold the graceful shutdown up
     // for ever: past the grace period, the remaining connections are simply dropped.
     let stopped = node.stopped();
@@ -141,6 +136,7 @@ pub async fn run(
         }
     }
     info!("shutting down");
+    node.stop().await;
     node.store.flush_data().await.ok();
     Ok(())
 }

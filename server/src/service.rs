@@ -22,7 +22,7 @@ use crate::error::{PrimaryHint, ServeError};
 use crate::fault::{Action, CrashPoint};
 use crate::identity::CLUSTER_HEADER;
 use crate::network::FROM_HEADER;
-use crate::node::{Node, WriteReq};
+use crate::replica::{Node, WriteReq};
 
 /// How long a request "lost" by fault injection keeps its caller waiting.
 const LOST_REQUEST_WAIT: Duration = Duration::from_secs(2);

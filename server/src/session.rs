@@ -17,7 +17,7 @@
 //!
 //! A write record therefore carries that write's result and the small header only; results
 //! the client declared finished are deleted in the same record as the write that declared it.
-//! The rules here are pure: the sequencer (`node.rs`) loads headers, applies the decisions and
+//! The rules here are pure: the sequencer (`replica/write.rs`) loads headers, applies the decisions and
 //! writes the items.
 
 use std::collections::BTreeMap;

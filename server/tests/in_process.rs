@@ -9,7 +9,7 @@ use clap::Parser;
 use replikv_server::fault::Faults;
 use replikv_server::identity::Identity;
 use replikv_server::network::memory::MemoryRouter;
-use replikv_server::node::{Node, WriteReq};
+use replikv_server::replica::{Node, WriteReq};
 use replikv_server::storage::Store;
 use replikv_server::Opt;
 

@@ -3,7 +3,7 @@
 //! to propose, when to take over, what an install or a transfer may do. No clock is read
 //! here, nothing is spawned, sent or stored: every handler takes the time it runs at (`now`)
 //! as a value and returns what the caller must do (persist, send, answer, wake up later).
-//! The async replica (`node`, `replicate`, `viewchange`, `transfer`) executes those answers,
+//! The async replica (`crate::replica`) executes those answers,
 //! so a deterministic simulator can drive the same decisions with simulated time.
 //!
 //! - [`state`]: the replica's protocol state and its named transitions (adopt a view, step

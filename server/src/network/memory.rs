@@ -18,7 +18,7 @@ use crate::message::{
     Accept, AcceptReply, Append, AppendReply, Discover, DiscoverReply, Forward, Install,
     InstallReply, Join, JoinReply, Prepare, PrepareReply, SyncChunk, SyncRequest,
 };
-use crate::node::{Node, WriteReq};
+use crate::replica::{Node, WriteReq};
 use crate::session::WriteResult;
 use crate::types::Rank;
 

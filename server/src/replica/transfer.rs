@@ -1,35 +1,27 @@
-//! State transfer, revival and failure detection (DESIGN.md §5, §7): the Sync source and
-//! sink, Join on the primary, start-up discovery, and the monitor that takes over from a
-//! silent primary or brings a restarted / deposed server back as a member.
+//! State transfer (DESIGN.md §7, §10): the Sync source and sink, and Join on the primary.
+//! Who may serve and what a transfer may set are the engine's rules (`engine::install`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
 use futures::StreamExt;
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::info;
 
+use super::Reason;
+use super::{Node, OrFailStop};
 use crate::engine::install as installing;
-use crate::engine::monitor::{self, Rejoin};
 use crate::fault::CrashPoint;
-use crate::message::{
-    Discover, DiscoverReply, Join, JoinReply, Refused, SyncChunk, SyncError, SyncRequest,
-};
-use crate::node::{Node, OrFailStop};
+use crate::message::{Join, JoinReply, Refused, SyncChunk, SyncError, SyncRequest};
 use crate::storage::Position;
 use crate::types::{Rank, SyncEntry};
-use crate::viewchange::Reason;
 
 /// Entries per transfer chunk, and a soft byte cap.
 const CHUNK_ENTRIES: usize = 2048;
 const CHUNK_BYTES: usize = 4 << 20;
 /// Longest silence between two chunks of a transfer.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
-const DISCOVER_TIMEOUT: Duration = Duration::from_millis(300);
-const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Node {
     /// Sink: replaces this server's state with `source`'s (§7). The caller holds `data`.
@@ -124,7 +116,7 @@ impl Node {
         let since = if full { 0 } else { req.since };
         let (tx, rx) = mpsc::channel(4);
         let node = self.clone();
-        tokio::task::spawn_blocking(move || {
+        self.tasks.spawn_blocking(move || {
             let _pin = pin;
             let send = |c: SyncChunk| tx.blocking_send(Ok(c)).is_ok();
             let mut entries = Vec::new();
@@ -211,145 +203,6 @@ impl Node {
                 &v,
             ),
             Err(e) => answer(Err(e), &view),
-        }
-    }
-
-    pub fn on_discover(&self) -> DiscoverReply {
-        let st = self.st();
-        DiscoverReply {
-            rank: self.me,
-            view: Some(st.view.clone()),
-            promised: st.promise.ballot,
-            applied: st.pos.applied,
-            recovering: !st.member,
-            cluster_id: self.identity.get(),
-            amnesiac: st.amnesiac(),
-        }
-    }
-
-    /// Asks every peer for its view (the classic "who is primary, with which timestamp").
-    /// Once this server knows its cluster, only answers of servers of that cluster count.
-    pub(crate) async fn discover_all(&self) -> Vec<DiscoverReply> {
-        let peers = (0..self.n as Rank).filter(|&r| r != self.me);
-        let ours = self.identity.get();
-        join_all(peers.map(|r| {
-            self.net
-                .discover(r, Discover { from: self.me }, DISCOVER_TIMEOUT)
-        }))
-        .await
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|r| ours.is_none_or(|id| r.cluster_id == Some(id)))
-        .collect()
-    }
-
-    /// Background: a backup whose primary went silent takes over (after L(1+eps) plus a
-    /// stagger by rank distance, so the next rank goes first); a non-member rejoins.
-    pub(crate) async fn monitor(self: Arc<Self>) {
-        let tick = self.cfg.timing.heartbeat / 2;
-        loop {
-            tokio::time::sleep(tick).await;
-            let monitor::Tick {
-                stuck,
-                takeover,
-                rejoin,
-            } = monitor::tick(
-                &self.st(),
-                self.me,
-                self.n,
-                &self.cfg.timing,
-                self.clock.now(),
-            );
-            for (m, epoch) in stuck {
-                self.member_failed(m, epoch);
-            }
-            if takeover {
-                // Maybe the cluster moved on without us: look before proposing.
-                if self.adopt_newer_view().await {
-                    continue;
-                }
-                match self.change_view(Reason::TakeOver).await {
-                    Ok(v) => info!(epoch = v.epoch, primary = v.primary, "take-over decided"),
-                    Err(e) => {
-                        debug!(error = %e, "take-over did not happen");
-                        let ms = rand::rng().random_range(50..250);
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                    }
-                }
-            } else if rejoin {
-                if let Err(e) = self.rejoin().await {
-                    debug!(error = %e, "rejoin attempt failed");
-                    let ms = rand::rng().random_range(100..300);
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                }
-            }
-        }
-    }
-
-    /// Adopts the newest view any peer reports, if newer than ours. True if it adopted one.
-    async fn adopt_newer_view(self: &Arc<Self>) -> bool {
-        let replies = self.discover_all().await;
-        let newest = replies
-            .iter()
-            .filter_map(|r| r.view.clone())
-            .max_by_key(|v| v.epoch);
-        match newest {
-            Some(v) if v.epoch > self.st().view.epoch => {
-                self.learn_view(v).await;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// One revival attempt (§7): find the newest view; a restarted primary runs a view change;
-    /// anyone else catches up from that view's primary and asks it to join.
-    async fn rejoin(self: &Arc<Self>) -> Result<(), String> {
-        self.adopt_newer_view().await;
-        let plan = monitor::rejoin(&self.st(), self.me);
-        let primary = match plan {
-            Rejoin::WaitForTakeOver => {
-                return Err("the view names this server primary, but its state is lost".into());
-            }
-            Rejoin::Restart => return self.change_view(Reason::Restart).await.map(|_| ()),
-            Rejoin::CatchUpFrom(primary) => primary,
-        };
-        // Bulk transfer while writes go on; the install transfers the rest with writes paused.
-        let target = {
-            let _guard = self.data.lock().await;
-            if self.st().member {
-                return Ok(());
-            }
-            self.sync_from(primary, 0).await?
-        };
-        debug!(primary, target, "caught up; asking to join");
-        let applied = self.st().pos.applied;
-        let resp = self
-            .net
-            .join(
-                primary,
-                Join {
-                    rank: self.me,
-                    applied,
-                },
-                JOIN_TIMEOUT,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        match resp.result {
-            Ok(()) => {
-                info!(primary, "rejoined the view");
-                Ok(())
-            }
-            Err(Refused(reason)) => {
-                if let Some(v) = resp.view {
-                    if v.epoch > self.st().view.epoch {
-                        self.learn_view(v).await;
-                    }
-                }
-                warn!(primary, reason, "join refused");
-                Err(reason)
-            }
         }
     }
 }

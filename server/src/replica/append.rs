@@ -1,4 +1,5 @@
-//! The primary's ordered stream to one member (DESIGN.md §4), a gRPC stream open for the
+//! Both ends of the primary's ordered stream to a member (DESIGN.md §4): the primary's side
+//! (`replicate_to`) and the member's (`on_append`). The primary's stream, a gRPC stream open for the
 //! term: batches records while a batch is in flight (one in flight per member, so many
 //! writes share one message and one flush at the member), carries the commit point
 //! promptly, heartbeats every H with the lease the member may borrow, and reports a member
@@ -9,12 +10,13 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::Reason;
+use super::{Node, OrFailStop, State};
 use crate::engine::append::{self as appending, AppendHeader};
 use crate::engine::{commit, paxos};
 use crate::message::{Append, AppendReply};
-use crate::node::{Node, State};
+use crate::storage::Position;
 use crate::types::{Rank, Record};
-use crate::viewchange::Reason;
 
 /// Most records in one append message.
 const MAX_RECORDS_PER_MESSAGE: usize = 4096;
@@ -40,6 +42,75 @@ fn take(
 }
 
 impl Node {
+    // ---------------------------------------------------------------- member side
+
+    /// One batch (or heartbeat) of the primary's ordered stream to this member: the engine
+    /// admits it ([`appending::admit`]), this applies and flushes its records, then the
+    /// engine takes its commit point and lease ([`appending::accepted`]).
+    pub async fn on_append(self: &Arc<Self>, req: Append) -> AppendReply {
+        let reject = |st: &State, why: appending::AppendReject| AppendReply {
+            result: Err(why),
+            applied: st.pos.applied,
+            view: Some(st.view.clone()),
+            promised: st.promise.ballot,
+        };
+        let msg = req.header;
+        {
+            let mut st = self.st();
+            if let Err(why) = appending::check(&st, msg.epoch, msg.primary) {
+                return reject(&st, why);
+            }
+            st.last_heard = self.clock.steady_now();
+        }
+        let fresh: Vec<Record> = req.records;
+        let _guard = if fresh.is_empty() {
+            None
+        } else {
+            Some(self.data.lock().await)
+        };
+        {
+            let st = self.st();
+            if let Err(why) = appending::admit(&st, &msg, &fresh) {
+                if why == appending::AppendReject::Gap {
+                    warn!(
+                        applied = st.pos.applied,
+                        last_epoch = st.pos.last_epoch,
+                        prev_lsn = msg.prev_lsn,
+                        prev_epoch = msg.prev_epoch,
+                        "append does not continue this member's log"
+                    );
+                }
+                return reject(&st, why);
+            }
+        }
+        if let Some(last) = fresh.last() {
+            let committed = appending::commit_point(&self.st(), msg.committed, last.lsn);
+            let pos = Position {
+                applied: last.lsn,
+                committed,
+                last_epoch: last.epoch,
+            };
+            self.store.apply_records(&fresh, pos).or_fail_stop(self);
+            self.store.flush_data().await.or_fail_stop(self);
+            let mut st = self.st();
+            st.pos.applied = last.lsn;
+            st.pos.last_epoch = last.epoch;
+        }
+        let mut st = self.st();
+        if let Err(why) = appending::check(&st, msg.epoch, msg.primary) {
+            return reject(&st, why);
+        }
+        let horizon = appending::accepted(&mut st, &msg, self.cfg.timing.lease, self.clock.now());
+        self.store.collect_up_to(horizon);
+        self.publish_commit(&st);
+        AppendReply {
+            result: Ok(()),
+            applied: st.pos.applied,
+            view: None,
+            promised: st.promise.ballot,
+        }
+    }
+
     /// Streams records to `to` for the primary term `epoch`, starting after `start` (the lsn
     /// and epoch of the last record the member is known to hold). Ends when the term ends or
     /// the member fails.
@@ -183,7 +254,7 @@ impl Node {
             return;
         }
         let node = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let r = node.change_view(Reason::Drop(rank, epoch)).await;
             debug!(peer = rank, result = ?r.as_ref().map(|v| v.epoch), "drop finished");
             appending::end_drop(&mut node.st(), rank);

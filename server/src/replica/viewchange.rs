@@ -12,6 +12,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 use tracing::{info, warn};
 
+use super::{Node, OrFailStop};
 use crate::engine::install::{self as installing, PrimaryInstall};
 use crate::engine::paxos::{self, PrepareOutcome, PrepareRefusal, PromiseReply, Tally};
 use crate::fault::CrashPoint;
@@ -19,7 +20,6 @@ use crate::message::{
     Accept, AcceptReply, Install, InstallReply, Prepare, PrepareRefused, PrepareReply, Refused,
 };
 use crate::network::NetResult;
-use crate::node::{Node, OrFailStop};
 use crate::types::{LogState, Rank, View};
 
 pub use crate::engine::paxos::Reason;
@@ -254,7 +254,7 @@ impl Node {
     /// Acceptor, phase 1 (see [`paxos::prepare`]): the promise is persisted before the reply
     /// (§10).
     pub async fn on_prepare(self: &Arc<Self>, req: Prepare) -> PrepareReply {
-        let refuse = |st: &crate::node::State, why: PrepareRefusal| PrepareReply {
+        let refuse = |st: &super::State, why: PrepareRefusal| PrepareReply {
             result: Err(PrepareRefused::Known(why)),
             view: Some(st.view.clone()),
             promised_ballot: st.promise.ballot,
