@@ -518,6 +518,34 @@ pub fn sync_error_to_status(e: msg::SyncError) -> tonic::Status {
     }
 }
 
+/// A replica's `Status` for a client.
+pub fn status_to_pb(s: crate::replica::ReplicaStatus) -> kv::StatusResponse {
+    kv::StatusResponse {
+        rank: s.rank,
+        address: s.address,
+        view: Some((&s.view).into()),
+        role: s.role.into(),
+        applied: s.applied,
+        committed: s.committed,
+        lease_ms: s.lease.map_or(0, |d| d.as_millis() as u64),
+        peers: s
+            .peers
+            .into_iter()
+            .map(|p| kv::PeerStatus {
+                rank: p.rank,
+                address: p.address,
+                member: p.member,
+                acked: p.acked,
+            })
+            .collect(),
+        writes: s.writes,
+        flushes: s.flushes,
+        promised: s.promised,
+        sync_mode: s.sync_mode.into(),
+        serving: s.serving,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

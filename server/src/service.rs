@@ -142,7 +142,7 @@ impl Kv for KvService {
         &self,
         _req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        Ok(Response::new(self.node.status()))
+        Ok(Response::new(pb::status_to_pb(self.node.status())))
     }
 
     type PipelineStream = replikv_proto::pipeline::Answers;

@@ -78,12 +78,11 @@ async fn a_write_commits_and_a_cut_off_primary_is_replaced() {
     wait_for("every replica to be a member", || {
         nodes.iter().all(|n| {
             let s = n.status();
-            s.view.is_some_and(|v| v.members.len() == N)
-                && (s.role == "primary" || s.role == "backup")
+            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
         })
     })
     .await;
-    let first = nodes[1].status().view.unwrap();
+    let first = nodes[1].status().view;
     assert_eq!(first.primary, 0);
 
     // A write through a backup is forwarded to the primary and commits on every member.
@@ -109,9 +108,7 @@ async fn a_write_commits_and_a_cut_off_primary_is_replaced() {
     wait_for("a new primary among the others", || {
         nodes[1..].iter().any(|n| {
             let s = n.status();
-            s.role == "primary"
-                && s.view
-                    .is_some_and(|v| v.epoch > first.epoch && v.primary != 0)
+            s.role == "primary" && s.view.epoch > first.epoch && s.view.primary != 0
         })
     })
     .await;
@@ -119,7 +116,7 @@ async fn a_write_commits_and_a_cut_off_primary_is_replaced() {
         .iter()
         .find(|n| n.status().role == "primary")
         .unwrap();
-    let view = primary.status().view.unwrap();
+    let view = primary.status().view;
     assert!(
         !view.members.contains(&0),
         "the cut-off primary left the view"

@@ -64,6 +64,37 @@ pub struct CommitPoint {
     pub term: u64,
 }
 
+/// What `Status` shows of a replica (DESIGN.md §9).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub rank: Rank,
+    pub address: String,
+    pub view: View,
+    /// primary, backup, recovering, joining or amnesiac.
+    pub role: &'static str,
+    pub applied: u64,
+    pub committed: u64,
+    /// What is left of its read lease.
+    pub lease: Option<Duration>,
+    pub peers: Vec<PeerProgress>,
+    pub writes: u64,
+    pub flushes: u64,
+    pub promised: u64,
+    pub sync_mode: &'static str,
+    /// Whether it answers reads now.
+    pub serving: bool,
+}
+
+/// One server as its peer sees it in `Status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerProgress {
+    pub rank: Rank,
+    pub address: String,
+    pub member: bool,
+    /// On the primary: the highest lsn it acknowledged (its own: flushed).
+    pub acked: u64,
+}
+
 /// Writes waiting on the primary for their commit.
 #[derive(Default)]
 struct CommitWaiters {
@@ -422,9 +453,8 @@ impl Node {
     }
 
     /// Replica state for `Status`.
-    pub fn status(&self) -> replikv_proto::kv::StatusResponse {
+    pub fn status(&self) -> ReplicaStatus {
         let st = self.st();
-        let role = st.role(self.me);
         let lease = if st.primary.is_some() {
             self.primary_lease(&st)
         } else {
@@ -442,7 +472,7 @@ impl Node {
                     Some(p) => p.peers.get(&r).map_or(0, |x| x.acked),
                     None => 0,
                 };
-                replikv_proto::kv::PeerStatus {
+                PeerProgress {
                     rank: r,
                     address: addr.clone(),
                     member: st.view.is_member(r),
@@ -450,14 +480,14 @@ impl Node {
                 }
             })
             .collect();
-        replikv_proto::kv::StatusResponse {
+        ReplicaStatus {
             rank: self.me,
             address: self.cfg.peers[self.me as usize].clone(),
-            view: Some((&st.view).into()),
-            role: role.into(),
+            view: st.view.clone(),
+            role: st.role(self.me),
             applied: st.pos.applied,
             committed: st.pos.committed,
-            lease_ms: lease.map_or(0, |d| d.as_millis() as u64),
+            lease,
             peers,
             writes: self.store.writes.load(std::sync::atomic::Ordering::Relaxed),
             flushes: self
@@ -465,7 +495,7 @@ impl Node {
                 .flushes
                 .load(std::sync::atomic::Ordering::Relaxed),
             promised: st.promise.ballot,
-            sync_mode: self.cfg.sync.as_str().into(),
+            sync_mode: self.cfg.sync.as_str(),
             serving: self.can_read(&st),
         }
     }
