@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: flags / TOML config, validated into [`config::Config`].
 //! - [`identity`]: the cluster id, and what a data directory stores about its cluster.
-//! - [`clock`]: the boot clock leases are measured on (it keeps running through a suspend).
+//! - [`clock`]: the boot clock leases are measured on (it keeps running through a suspend),
+//!   and the replica's clocks, read there and handed to the engine as plain times.
 //! - [`error`]: error enums and their single mapping to `tonic::Status`.
 //! - [`types`]: views and the quorum rule, records, entries: pure domain logic.
 //! - [`session`]: exactly-once session table (pure).

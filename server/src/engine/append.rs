@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{Now, State, StreamMark, Time};
+use super::{commit, Now, State, StreamMark, Time};
 use crate::types::{Rank, Record};
 
 /// Why a member refuses an append message.
@@ -127,6 +127,13 @@ pub fn lease_grant(mark: Option<StreamMark>, msg: &AppendHeader, lease: Duration
     let consecutive = mark.epoch == msg.epoch && Some(msg.msg_seq) == mark.msg_seq.checked_add(1);
     (consecutive && msg.lease_ms > 0)
         .then(|| mark.answered_at + Duration::from_millis(msg.lease_ms).min(lease))
+}
+
+/// The lease a message lends its member, in ms (§4): what is left of the primary's own lease
+/// ([`commit::primary_lease`]); nothing while it holds none, so a member never holds a lease
+/// its primary does not.
+pub fn lease_to_lend(st: &State, lease: Duration, now: Now) -> u64 {
+    commit::primary_lease(st, lease, now).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Whether the primary's stream to `to` for the term `epoch` should go on.
@@ -327,6 +334,25 @@ mod tests {
             answered_at: ms(0),
         };
         assert_eq!(lease_grant(Some(wrapped), &msg(3, 0, 400), L), None);
+    }
+
+    #[test]
+    fn a_primary_lends_only_the_lease_it_holds() {
+        let mut st = primary(View::new(3, 0, [0, 1]), 0, ms(0));
+        assert_eq!(
+            lease_to_lend(&st, L, Now::at(ms(10))),
+            0,
+            "no ack yet: no lease"
+        );
+        assert!(acked(&mut st, 1, 3, 0, 0, ms(100)));
+        assert_eq!(lease_to_lend(&st, L, Now::at(ms(400))), 200);
+        assert_eq!(lease_to_lend(&st, L, Now::at(ms(600))), 0, "ran out");
+        st.primary.as_mut().unwrap().serve_after = ms(500);
+        assert_eq!(
+            lease_to_lend(&st, L, Now::at(ms(450))),
+            0,
+            "a new primary lends nothing before the old leases ran out"
+        );
     }
 
     #[test]

@@ -163,7 +163,7 @@ impl Node {
                 if !appending::stream_current(&st, to, epoch) {
                     return;
                 }
-                let lease = self.primary_lease(&st).map_or(0, |d| d.as_millis() as u64);
+                let lease = appending::lease_to_lend(&st, self.cfg.timing.lease, self.clock.now());
                 (st.pos.committed, lease, self.gc_horizon(&st))
             };
             if closed && queue.is_empty() {
