@@ -3,6 +3,12 @@
 
 use replikv_proto::{kv, peer};
 
+use crate::engine::append::{AppendHeader, AppendReject};
+use crate::engine::paxos::PrepareRefusal;
+use crate::error::SessionRefusal;
+use crate::message as msg;
+use crate::network::{NetError, PeerStatus, StatusKind};
+use crate::storage::Position;
 use crate::types::{Entry, Item, LogState, Record, SyncEntry, View, MAX_EPOCH};
 
 impl From<&View> for kv::View {
@@ -119,13 +125,6 @@ impl From<crate::engine::append::AppendReject> for replikv_proto::peer::AppendSt
 }
 
 // ---------------------------------------------------------------- peer messages
-
-use crate::engine::append::{AppendHeader, AppendReject};
-use crate::engine::paxos::PrepareRefusal;
-use crate::error::SessionRefusal;
-use crate::message as msg;
-use crate::network::{NetError, PeerStatus, StatusKind};
-use crate::storage::Position;
 
 fn view_pb(v: &Option<View>) -> Option<kv::View> {
     v.as_ref().map(Into::into)
@@ -550,6 +549,67 @@ pub fn status_to_pb(s: crate::replica::ReplicaStatus) -> kv::StatusResponse {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn prepare_refusals_keep_their_kind_across_the_wire() {
+        let reply = |result| msg::PrepareReply {
+            result,
+            view: Some(View::new(3, 0, [0, 1])),
+            promised_ballot: 4,
+            applied: 9,
+            committed: 8,
+            last_epoch: 3,
+        };
+        for r in PREPARE_REFUSALS {
+            let sent = reply(Err(r.into()));
+            assert_eq!(prepare_reply_from_pb(prepare_reply_to_pb(&sent), 2), sent);
+        }
+        let promised = reply(Ok(Some((4, View::new(4, 1, [0, 1])))));
+        assert_eq!(
+            prepare_reply_from_pb(prepare_reply_to_pb(&promised), 2),
+            promised
+        );
+        let mut other = prepare_reply_to_pb(&reply(Err(PrepareRefusal::Amnesiac.into())));
+        other.reason = "something new".into();
+        assert_eq!(
+            prepare_reply_from_pb(other, 2).result,
+            Err(msg::PrepareRefused::Other("something new".into()))
+        );
+        assert_eq!(
+            prepare_reply_from_pb(prepare_reply_to_pb(&promised), 1).view,
+            None,
+            "a view naming ranks outside the cluster is malformed"
+        );
+    }
+
+    #[test]
+    fn append_replies_map_every_status_and_an_unknown_one_to_not_member() {
+        for result in [
+            Ok(()),
+            Err(AppendReject::Stale),
+            Err(AppendReject::Gap),
+            Err(AppendReject::NotMember),
+        ] {
+            let r = msg::AppendReply {
+                result,
+                applied: 5,
+                view: None,
+                promised: 2,
+            };
+            assert_eq!(append_reply_from_pb(append_reply_to_pb(&r), 3), r);
+        }
+        let mut unknown = append_reply_to_pb(&msg::AppendReply {
+            result: Ok(()),
+            applied: 0,
+            view: None,
+            promised: 0,
+        });
+        unknown.status = 99;
+        assert_eq!(
+            append_reply_from_pb(unknown, 3).result,
+            Err(AppendReject::NotMember)
+        );
+    }
 
     #[test]
     fn malformed_views_are_rejected() {
