@@ -139,3 +139,49 @@ async fn a_write_commits_and_a_cut_off_primary_is_replaced() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_backup_is_dropped_and_rejoins_after_healing() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = MemoryRouter::new();
+    let nodes = start(dir.path(), &router).await;
+    wait_for("every replica to be a member", || {
+        nodes.iter().all(|n| {
+            let s = n.status();
+            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
+        })
+    })
+    .await;
+    let primary = &nodes[0];
+    primary.write(put("a", "1")).await.unwrap();
+
+    // The primary drops the silent backup and goes on committing without it.
+    router.isolate(2, N);
+    let (r, _) = primary.write(put("a", "2")).await.unwrap();
+    assert_eq!(r.old.as_deref(), Some(&b"1"[..]));
+    let view = primary.status().view;
+    assert_eq!(view.primary, 0, "the primary kept its role");
+    assert!(
+        !view.members.contains(&2),
+        "the silent backup left the view"
+    );
+
+    // Healed, it catches up through a state transfer and joins again.
+    router.heal();
+    wait_for("the backup to rejoin", || {
+        let s = nodes[2].status();
+        s.role == "backup" && s.view.members.contains(&2)
+    })
+    .await;
+    let mut value = None;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while value.is_none() && tokio::time::Instant::now() < deadline {
+        value = nodes[2].read(b"a").await.ok().flatten();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        value.as_deref(),
+        Some(&b"2"[..]),
+        "the rejoined backup holds the write it missed"
+    );
+}
