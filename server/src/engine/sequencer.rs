@@ -5,7 +5,37 @@
 
 use std::time::Duration;
 
+use super::State;
 use crate::session::{self, Decision, Header};
+use crate::types::Rank;
+
+/// Where a client write goes on the server it reached (§4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// This server is the primary: sequence it here.
+    Sequence,
+    /// Forward it to the primary of this server's view.
+    Forward(Rank),
+    /// This server is named primary by a view it has not (re)installed (a restart, or a view
+    /// change in progress): the client tries elsewhere.
+    Recovering,
+    /// Not part of a cluster yet: there is no primary to forward to (§10). Nothing was sent
+    /// anywhere, so the client may try another server.
+    NoCluster,
+}
+
+/// Routes a client write on server `me`; `in_cluster` says whether it has found its cluster.
+pub fn route(st: &State, me: Rank, in_cluster: bool) -> Route {
+    if st.primary.is_some() {
+        Route::Sequence
+    } else if st.view.primary == me {
+        Route::Recovering
+    } else if !in_cluster {
+        Route::NoCluster
+    } else {
+        Route::Forward(st.view.primary)
+    }
+}
 
 /// What the sequencer does with one write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +89,27 @@ pub fn collector_period(ttl: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::testing::*;
+    use crate::types::View;
+
+    #[test]
+    fn a_write_is_sequenced_by_the_primary_and_forwarded_by_anyone_else() {
+        let v = View::new(3, 0, [0, 1, 2]);
+        assert_eq!(
+            route(&primary(v.clone(), 0, ms(0)), 0, true),
+            Route::Sequence
+        );
+        assert_eq!(route(&member(v.clone(), 0), 1, true), Route::Forward(0));
+        let mut joining = member(v.clone(), 0);
+        joining.member = false;
+        assert_eq!(
+            route(&joining, 4, true),
+            Route::Forward(0),
+            "a non-member forwards too"
+        );
+        assert_eq!(route(&joining, 4, false), Route::NoCluster);
+        assert_eq!(route(&member(v, 0), 0, true), Route::Recovering);
+    }
 
     fn header_with(seqs: &[u64], first_unfinished: u64, now_ms: u64) -> Header {
         let mut h = Header::default();

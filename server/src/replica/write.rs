@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info};
 
-use crate::engine::sequencer::{self as sequencing, Admission};
+use crate::engine::sequencer::{self as sequencing, Admission, Route};
 use crate::error::{PrimaryHint, ServeError, SessionRefusal, StorageError};
 use crate::message::{Forward, RequestId};
 use crate::network::{NetError, StatusKind};
@@ -60,24 +60,24 @@ impl Node {
         self: &Arc<Self>,
         req: WriteReq,
     ) -> Result<(WriteResult, Option<PrimaryHint>), ServeError> {
-        let (is_primary, primary, hint) = {
+        let (route, hint) = {
             let st = self.st();
-            (st.primary.is_some(), st.view.primary, self.hint(&st))
+            let in_cluster = self.identity.get().is_some();
+            (sequencing::route(&st, self.me, in_cluster), self.hint(&st))
         };
-        if is_primary {
-            return Ok((self.write_local(req).await?, None));
-        }
-        if primary == self.me {
-            return Err(ServeError::unavailable("primary is recovering", hint));
-        }
-        if self.identity.get().is_none() {
-            // Not part of a cluster yet: there is no primary to forward to (§10). Nothing
-            // was sent anywhere, so the client may try another server.
-            return Err(ServeError::unavailable(
-                "this server has not joined its cluster yet",
-                None,
-            ));
-        }
+        let primary = match route {
+            Route::Sequence => return Ok((self.write_local(req).await?, None)),
+            Route::Forward(primary) => primary,
+            Route::Recovering => {
+                return Err(ServeError::unavailable("primary is recovering", hint));
+            }
+            Route::NoCluster => {
+                return Err(ServeError::unavailable(
+                    "this server has not joined its cluster yet",
+                    None,
+                ));
+            }
+        };
         let forward = Forward {
             key: req.key,
             value: req.value,
