@@ -1,17 +1,17 @@
-//! Both ends of the primary's ordered stream to a member (DESIGN.md §4): the primary's side
-//! (`replicate_to`) and the member's (`on_append`). The primary's stream, a gRPC stream open for the
-//! term: batches records while a batch is in flight (one in flight per member, so many
+//! Both ends of the primary's ordered stream to a member (DESIGN.md §4): the member's side
+//! (`on_append`) and the primary's (`replicate_to`). The stream is open for the primary's
+//! term: it batches records while a batch is in flight (one in flight per member, so many
 //! writes share one message and one flush at the member), carries the commit point
 //! promptly, heartbeats every H with the lease the member may borrow, and reports a member
-//! whose acks time out so the primary drops it.
+//! whose acks time out so the primary drops it. Admission, leases, acks and drops are the
+//! engine's rules (`engine::append`).
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::Reason;
-use super::{Node, OrFailStop, State};
+use super::{Node, OrFailStop, Reason, State};
 use crate::engine::append::{self as appending, AppendHeader};
 use crate::engine::{commit, paxos};
 use crate::message::{Append, AppendReply};
@@ -42,8 +42,6 @@ fn take(
 }
 
 impl Node {
-    // ---------------------------------------------------------------- member side
-
     /// One batch (or heartbeat) of the primary's ordered stream to this member: the engine
     /// admits it ([`appending::admit`]), this applies and flushes its records, then the
     /// engine takes its commit point and lease ([`appending::accepted`]).

@@ -11,18 +11,15 @@ use rand::Rng;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::Reason;
-use super::{Node, OrFailStop};
+use super::{Node, OrFailStop, Reason};
 use crate::engine::monitor::{self, Rejoin};
+use crate::error::StorageError;
+use crate::identity::{ClusterId, Membership};
 use crate::message::{Discover, DiscoverReply, Join, Refused};
-use crate::types::Rank;
+use crate::types::{Rank, View};
 
 const DISCOVER_TIMEOUT: Duration = Duration::from_millis(300);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-use crate::error::StorageError;
-use crate::identity::{ClusterId, Membership};
-use crate::types::View;
 
 impl Node {
     /// A server without state (new, or its data directory lost) asks its peers until it can

@@ -17,8 +17,6 @@ use super::Node;
 const PENDING_READ_WAIT: Duration = Duration::from_secs(1);
 
 impl Node {
-    // ---------------------------------------------------------------- reads
-
     /// A linearizable local read (§4): only with a valid lease, and only once the key's
     /// latest write is committed.
     pub async fn read(self: &Arc<Self>, key: &[u8]) -> Result<Option<Bytes>, ServeError> {

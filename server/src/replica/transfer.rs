@@ -9,8 +9,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::info;
 
-use super::Reason;
-use super::{Node, OrFailStop};
+use super::{Node, OrFailStop, Reason};
 use crate::engine::install as installing;
 use crate::fault::CrashPoint;
 use crate::message::{Join, JoinReply, Refused, SyncChunk, SyncError, SyncRequest};

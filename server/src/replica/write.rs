@@ -51,8 +51,6 @@ pub(super) struct WriteOp {
 }
 
 impl Node {
-    // ---------------------------------------------------------------- writes
-
     /// Entry point of a client write on any server: sequenced here if primary, else
     /// forwarded to the primary of this server's view. A forwarded write's result names the
     /// primary that sequenced it, so the client can send its next writes there directly.
