@@ -1,5 +1,6 @@
 //! Three replicas in one process, connected by the in-process peer network
 //! (`network::memory`): the real replica code, with no sockets and no child processes.
+//! Stopping a replica (`Node::stop`) ends its background tasks, as a shutdown does.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,34 +20,36 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Starts `N` replicas; rank 0 forms the cluster and the others join it.
 async fn start(dir: &std::path::Path, router: &Arc<MemoryRouter>) -> Vec<Arc<Node>> {
-    // Never dialled: the in-process network routes by rank.
-    let peers: Vec<String> = (0..N).map(|r| format!("127.0.0.1:{}", 1 + r)).collect();
-    let mut nodes = Vec::new();
-    for rank in 0..N {
-        let data = dir.join(rank.to_string());
-        let opt = Opt::parse_from([
-            "replikv-server",
-            "--rank",
-            &rank.to_string(),
-            "--peers",
-            &peers.join(","),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--bootstrap",
-        ]);
-        let cfg = opt.resolve().unwrap();
-        let store = Store::open(&cfg.data_dir, cfg.sync).unwrap();
-        let identity = Arc::new(Identity::default());
-        let net = router.network(rank as u32, identity.clone());
-        let node = Node::open(cfg, store, net, Arc::new(Faults::default()), identity).unwrap();
-        router.register(rank as u32, &node);
-        nodes.push(node);
-    }
+    let nodes: Vec<Arc<Node>> = (0..N)
+        .map(|rank| open(&dir.join(rank.to_string()), rank, router))
+        .collect();
     for node in &nodes {
-        let node = node.clone();
-        tokio::spawn(async move { node.boot().await });
+        node.start();
     }
     nodes
+}
+
+/// Opens replica `rank` on `data` and makes it reachable through `router`.
+fn open(data: &std::path::Path, rank: usize, router: &Arc<MemoryRouter>) -> Arc<Node> {
+    // Never dialled: the in-process network routes by rank.
+    let peers: Vec<String> = (0..N).map(|r| format!("127.0.0.1:{}", 1 + r)).collect();
+    let opt = Opt::parse_from([
+        "replikv-server",
+        "--rank",
+        &rank.to_string(),
+        "--peers",
+        &peers.join(","),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--bootstrap",
+    ]);
+    let cfg = opt.resolve().unwrap();
+    let store = Store::open(&cfg.data_dir, cfg.sync).unwrap();
+    let identity = Arc::new(Identity::default());
+    let net = router.network(rank as u32, identity.clone());
+    let node = Node::open(cfg, store, net, Arc::new(Faults::default()), identity).unwrap();
+    router.register(rank as u32, &node);
+    node
 }
 
 /// Waits until `done` holds, for at most [`WAIT`].
@@ -183,5 +186,48 @@ async fn a_cut_off_backup_is_dropped_and_rejoins_after_healing() {
         value.as_deref(),
         Some(&b"2"[..]),
         "the rejoined backup holds the write it missed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_disk_rejoins_the_cluster_it_belonged_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = MemoryRouter::new();
+    let nodes = start(dir.path(), &router).await;
+    wait_for("every replica to be a member", || {
+        nodes.iter().all(|n| {
+            let s = n.status();
+            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
+        })
+    })
+    .await;
+    nodes[0].write(put("k", "kept")).await.unwrap();
+
+    // Rank 2 stops, and comes back with an empty data directory (DESIGN.md §10).
+    nodes[2].stop().await;
+    router.isolate(2, N);
+    wait_for("the primary to drop rank 2", || {
+        !nodes[0].status().view.members.contains(&2)
+    })
+    .await;
+    let wiped = open(&dir.path().join("2-wiped"), 2, &router);
+    router.heal();
+    wiped.start();
+    wait_for("the wiped replica to rejoin as a backup", || {
+        let s = wiped.status();
+        s.role == "backup" && s.view.members.contains(&2)
+    })
+    .await;
+    let mut value = None;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while value.is_none() && tokio::time::Instant::now() < deadline {
+        value = wiped.read(b"k").await.ok().flatten();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(value.as_deref(), Some(&b"kept"[..]));
+    assert_eq!(
+        nodes[0].status().role,
+        "primary",
+        "no second cluster formed"
     );
 }
