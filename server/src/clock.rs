@@ -11,6 +11,8 @@
 use std::ops::{Add, Sub};
 use std::time::Duration;
 
+use crate::engine::{Now, Time};
+
 /// A point on the boot clock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BootInstant(Duration);
@@ -39,6 +41,56 @@ impl BootInstant {
     /// Time from `earlier` to `self`, or `None` if `earlier` is later.
     pub fn checked_duration_since(self, earlier: BootInstant) -> Option<Duration> {
         self.0.checked_sub(earlier.0)
+    }
+
+    /// This point as the engine's plain time value (time since boot).
+    pub fn as_time(self) -> Time {
+        Time::from_duration(self.0)
+    }
+}
+
+/// The replica's two clocks, read here and handed to the engine as plain [`Time`] values
+/// (the engine never reads a clock): the boot clock for leases, and tokio's steady clock
+/// (measured from when the replica opened) for waits that protect others.
+#[derive(Clone, Copy, Debug)]
+pub struct Clocks {
+    origin: tokio::time::Instant,
+}
+
+impl Clocks {
+    pub fn new() -> Clocks {
+        Clocks {
+            origin: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Both clocks now.
+    pub fn now(&self) -> Now {
+        Now {
+            steady: self.steady_now(),
+            boot: self.boot_now(),
+        }
+    }
+
+    /// The steady clock now.
+    pub fn steady_now(&self) -> Time {
+        Time::from_duration(tokio::time::Instant::now() - self.origin)
+    }
+
+    /// The boot clock now.
+    pub fn boot_now(&self) -> Time {
+        BootInstant::now().as_time()
+    }
+
+    /// The tokio instant of a steady-clock time, to sleep until it.
+    pub fn steady_instant(&self, t: Time) -> tokio::time::Instant {
+        self.origin + t.since_origin()
+    }
+}
+
+impl Default for Clocks {
+    fn default() -> Self {
+        Clocks::new()
     }
 }
 

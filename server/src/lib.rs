@@ -2,37 +2,40 @@
 //!
 //! - [`config`]: flags / TOML config, validated into [`config::Config`].
 //! - [`identity`]: the cluster id, and what a data directory stores about its cluster.
-//! - [`clock`]: the boot clock leases are measured on (it keeps running through a suspend).
+//! - [`clock`]: the boot clock leases are measured on (it keeps running through a suspend),
+//!   and the replica's clocks, read there and handed to the engine as plain times.
 //! - [`error`]: error enums and their single mapping to `tonic::Status`.
 //! - [`types`]: views and the quorum rule, records, entries: pure domain logic.
 //! - [`session`]: exactly-once session table (pure).
 //! - [`storage`]: the store the replica uses, one job per file: the key layout, the lsn
 //!   index, the write-ahead log, the log in front of sled with its applier and checkpoints,
 //!   tombstone collection; persisted Paxos state.
+//! - [`engine`]: the protocol's decisions as plain synchronous code (commit point, leases,
+//!   appends, Paxos, installs, take-over timing, session rules), time passed in, no I/O.
+//! - [`message`]: the peer protocol's messages as domain types, with typed rejections.
 //! - [`convert`]: protobuf <-> domain conversions, the only place that knows both.
-//! - [`network`]: the peer network trait and its gRPC implementation.
+//! - [`network`]: the peer network trait (domain messages), its gRPC implementation and an
+//!   in-process router for tests.
 //! - [`fault`]: fault-injection rules for the peer network.
-//! - [`node`]: replica state, the primary's sequencer and commit point, reads, appends.
-//! - [`replicate`]: the primary's ordered stream to each member, heartbeats, leases.
-//! - [`viewchange`]: Paxos view changes, install and reconcile.
-//! - [`transfer`]: state transfer, joins, discovery, failure detection and revival.
+//! - [`replica`]: the async replica, one file per protocol step (write path, read path, the
+//!   append stream, view change, state transfer, monitor), executing the engine's decisions;
+//!   one owner of its background tasks.
 //! - [`service`]: the gRPC services (Kv, Peer, Admin).
 
 pub mod clock;
 pub mod config;
 pub mod convert;
+pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod identity;
+pub mod message;
 pub mod network;
-pub mod node;
-pub mod replicate;
+pub mod replica;
 pub mod service;
 pub mod session;
 pub mod storage;
-pub mod transfer;
 pub mod types;
-pub mod viewchange;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -79,7 +82,7 @@ pub async fn run(
         faults.clone(),
         identity.clone(),
     )?);
-    let node = node::Node::open(config.clone(), store, net, faults, identity)
+    let node = replica::Node::open(config.clone(), store, net, faults, identity)
         .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
     let limits = config.limits;
     let addr = listener.local_addr()?;
@@ -121,8 +124,7 @@ pub async fn run(
                 node.stop_streams();
             }
         });
-    let booting = node.clone();
-    tokio::spawn(async move { booting.boot().await });
+    node.start();
     // A client that keeps its side of a stream open could hold the graceful shutdown up
     // for ever: past the grace period, the remaining connections are simply dropped.
     let stopped = node.stopped();
@@ -133,6 +135,7 @@ pub async fn run(
         }
     }
     info!("shutting down");
+    node.stop().await;
     node.store.flush_data().await.ok();
     Ok(())
 }

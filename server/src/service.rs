@@ -17,11 +17,12 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
 use crate::config::Limits;
+use crate::convert as pb;
 use crate::error::{PrimaryHint, ServeError};
 use crate::fault::{Action, CrashPoint};
 use crate::identity::CLUSTER_HEADER;
 use crate::network::FROM_HEADER;
-use crate::node::{Node, WriteReq};
+use crate::replica::{Node, WriteReq};
 
 /// How long a request "lost" by fault injection keeps its caller waiting.
 const LOST_REQUEST_WAIT: Duration = Duration::from_secs(2);
@@ -77,7 +78,11 @@ impl KvService {
         }
         let (r, forwarded_to) = self
             .node
-            .write(WriteReq { key, value, id })
+            .write(WriteReq {
+                key,
+                value,
+                id: id.as_ref().map(Into::into),
+            })
             .await
             .map_err(ServeError::into_status)?;
         Ok(match r.old {
@@ -137,7 +142,7 @@ impl Kv for KvService {
         &self,
         _req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        Ok(Response::new(self.node.status()))
+        Ok(Response::new(pb::status_to_pb(self.node.status())))
     }
 
     type PipelineStream = replikv_proto::pipeline::Answers;
@@ -247,7 +252,7 @@ impl Peer for PeerService {
             .write_local(WriteReq {
                 key: r.key,
                 value: r.value,
-                id: r.id,
+                id: r.id.as_ref().map(Into::into),
             })
             .await
             .map_err(ServeError::into_status)?;
@@ -286,9 +291,9 @@ impl Peer for PeerService {
                     Some(Action::Delay(d)) => tokio::time::sleep(d).await,
                     _ => {}
                 }
-                let r = node.on_append(req).await;
+                let r = node.on_append(pb::append_from_pb(req)).await;
                 if action != Some(Action::DropResponse) {
-                    return Some((Ok(r), (node, requests)));
+                    return Some((Ok(pb::append_reply_to_pb(&r)), (node, requests)));
                 }
             }
         });
@@ -302,8 +307,9 @@ impl Peer for PeerService {
         req: Request<PrepareRequest>,
     ) -> Result<Response<PrepareResponse>, Status> {
         let after = self.incoming(&req).await?;
-        let r = self.node.on_prepare(req.into_inner()).await;
-        self.finish(after, r).await
+        let r = pb::prepare_from_pb(req.into_inner(), self.node.n);
+        let r = self.node.on_prepare(r).await;
+        self.finish(after, pb::prepare_reply_to_pb(&r)).await
     }
 
     async fn accept(
@@ -311,8 +317,9 @@ impl Peer for PeerService {
         req: Request<AcceptRequest>,
     ) -> Result<Response<AcceptResponse>, Status> {
         let after = self.incoming(&req).await?;
-        let r = self.node.on_accept(req.into_inner()).await;
-        self.finish(after, r).await
+        let r = pb::accept_from_pb(req.into_inner(), self.node.n);
+        let r = self.node.on_accept(r).await;
+        self.finish(after, pb::accept_reply_to_pb(&r)).await
     }
 
     async fn install(
@@ -320,8 +327,9 @@ impl Peer for PeerService {
         req: Request<InstallRequest>,
     ) -> Result<Response<InstallResponse>, Status> {
         let after = self.incoming(&req).await?;
-        let r = self.node.on_install(req.into_inner()).await;
-        self.finish(after, r).await
+        let r = pb::install_from_pb(req.into_inner(), self.node.n);
+        let r = self.node.on_install(r).await;
+        self.finish(after, pb::install_reply_to_pb(&r)).await
     }
 
     type SyncStream = SyncStream;
@@ -333,15 +341,21 @@ impl Peer for PeerService {
                 .finish(after, Box::pin(futures::stream::empty()) as SyncStream)
                 .await;
         }
-        let rx = self.node.on_sync(req.into_inner())?;
-        let s: SyncStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let rx = self
+            .node
+            .on_sync(pb::sync_from_pb(req.into_inner()))
+            .map_err(pb::sync_error_to_status)?;
+        let s: SyncStream = Box::pin(tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            |c| c.map(pb::chunk_to_pb).map_err(pb::sync_error_to_status),
+        ));
         Ok(Response::new(s))
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let after = self.incoming(&req).await?;
-        let r = self.node.on_join(req.into_inner()).await;
-        self.finish(after, r).await
+        let r = self.node.on_join(pb::join_from_pb(req.into_inner())).await;
+        self.finish(after, pb::join_reply_to_pb(&r)).await
     }
 
     async fn discover(
@@ -351,7 +365,7 @@ impl Peer for PeerService {
         self.check_cluster(&req, true)?;
         let after = self.faults_in(&req).await?;
         let r = self.node.on_discover();
-        self.finish(after, r).await
+        self.finish(after, pb::discover_reply_to_pb(&r)).await
     }
 }
 

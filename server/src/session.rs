@@ -17,7 +17,7 @@
 //!
 //! A write record therefore carries that write's result and the small header only; results
 //! the client declared finished are deleted in the same record as the write that declared it.
-//! The rules here are pure: the sequencer (`node.rs`) loads headers, applies the decisions and
+//! The rules here are pure: the sequencer (`replica/write.rs`) loads headers, applies the decisions and
 //! writes the items.
 
 use std::collections::BTreeMap;
@@ -73,7 +73,7 @@ pub struct Header {
 }
 
 /// What to do with an incoming write of a session.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Apply it and record its result.
     New,

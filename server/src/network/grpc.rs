@@ -1,6 +1,6 @@
-//! The peer network: one trait for every server-to-server call, so the replica never touches
-//! tonic directly and tests can swap the transport, and its gRPC implementation with the
-//! fault-injection layer of DESIGN.md §8 (outgoing side; the incoming side is in `service`).
+//! The gRPC implementation of [`PeerNetwork`]: one lazily connected tonic `Channel` per
+//! peer, domain messages converted at this edge (`convert`), and the outgoing side of the
+//! fault-injection layer of DESIGN.md §8.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,92 +9,26 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use replikv_proto::peer::peer_client::PeerClient;
-use replikv_proto::peer::*;
+use replikv_proto::peer::{AppendRequest, AppendResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Streaming};
 
+use super::{AppendLink, NetError, NetResult, PeerNetwork};
+use crate::convert as pb;
 use crate::fault::{Action, Faults};
 use crate::identity::{Identity, CLUSTER_HEADER};
+use crate::message::{
+    Accept, AcceptReply, Append, AppendReply, Discover, DiscoverReply, Forward, Install,
+    InstallReply, Join, JoinReply, Prepare, PrepareReply, SyncChunk, SyncRequest,
+};
+use crate::session::WriteResult;
 use crate::types::Rank;
 
 /// Metadata header naming the calling server's rank on every peer request.
 pub const FROM_HEADER: &str = "replikv-from";
-
-#[derive(Debug, thiserror::Error)]
-pub enum NetError {
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error("{}: {}", .0.code(), .0.message())]
-    Status(tonic::Status),
-    #[error("unknown peer {0}")]
-    UnknownPeer(Rank),
-}
-
-pub type NetResult<T> = Result<T, NetError>;
-
-/// Every call the replica makes to a peer. Each takes a deadline; none retries.
-pub trait PeerNetwork: Send + Sync + 'static {
-    fn forward(
-        &self,
-        to: Rank,
-        req: WriteRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'_, NetResult<WriteResponse>>;
-    /// The ordered append stream to `to` for one primary term (DESIGN.md §4). It opens with
-    /// the first message; dropping the link closes it.
-    fn open_append(&self, to: Rank) -> NetResult<Box<dyn AppendLink>>;
-    fn prepare(
-        &self,
-        to: Rank,
-        req: PrepareRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'_, NetResult<PrepareResponse>>;
-    fn accept(
-        &self,
-        to: Rank,
-        req: AcceptRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'_, NetResult<AcceptResponse>>;
-    fn install(
-        &self,
-        to: Rank,
-        req: InstallRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'_, NetResult<InstallResponse>>;
-    fn join(
-        &self,
-        to: Rank,
-        req: JoinRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'_, NetResult<JoinResponse>>;
-    fn discover(
-        &self,
-        to: Rank,
-        req: DiscoverRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'_, NetResult<DiscoverResponse>>;
-    /// Opens a state transfer; each chunk must arrive within `timeout` of the previous one.
-    fn sync(
-        &self,
-        to: Rank,
-        req: SyncRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'_, NetResult<BoxStream<'static, NetResult<SyncChunk>>>>;
-}
-
-/// One member's end of the primary's append stream: a response per request, in order.
-pub trait AppendLink: Send {
-    /// Sends one message and waits for its response, within `timeout`. After an error the
-    /// link is unusable: a response may still be on its way.
-    fn call(
-        &mut self,
-        req: AppendRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'_, NetResult<AppendResponse>>;
-}
 
 /// gRPC transport: one lazily connected tonic `Channel` per peer, cloned per call.
 pub struct GrpcNetwork {
@@ -164,7 +98,7 @@ impl GrpcNetwork {
             f(client, self.request(msg, left))
                 .await
                 .map(|r| r.into_inner())
-                .map_err(NetError::Status)
+                .map_err(|s| pb::net_error_from_status(&s))
         })
         .await
     }
@@ -219,16 +153,25 @@ impl PeerNetwork for GrpcNetwork {
     fn forward(
         &self,
         to: Rank,
-        req: WriteRequest,
+        req: Forward,
         t: Duration,
-    ) -> BoxFuture<'_, NetResult<WriteResponse>> {
-        self.call(to, req, t, |mut c, r| async move { c.forward(r).await })
-            .boxed()
+    ) -> BoxFuture<'_, NetResult<WriteResult>> {
+        let req = pb::forward_to_pb(&req);
+        async move {
+            let r = self
+                .call(to, req, t, |mut c, r| async move { c.forward(r).await })
+                .await?;
+            Ok(WriteResult {
+                old: r.had_old.then_some(r.old_value),
+            })
+        }
+        .boxed()
     }
     fn open_append(&self, to: Rank) -> NetResult<Box<dyn AppendLink>> {
         Ok(Box::new(GrpcAppendLink {
             to,
             me: self.me,
+            n: self.channels.len(),
             client: self.client(to)?,
             faults: self.faults.clone(),
             identity: self.identity.clone(),
@@ -238,46 +181,51 @@ impl PeerNetwork for GrpcNetwork {
     fn prepare(
         &self,
         to: Rank,
-        req: PrepareRequest,
+        req: Prepare,
         t: Duration,
-    ) -> BoxFuture<'_, NetResult<PrepareResponse>> {
+    ) -> BoxFuture<'_, NetResult<PrepareReply>> {
+        let req = pb::prepare_to_pb(&req);
+        let n = self.channels.len();
         self.call(to, req, t, |mut c, r| async move { c.prepare(r).await })
+            .map(move |r| r.map(|r| pb::prepare_reply_from_pb(r, n)))
             .boxed()
     }
-    fn accept(
-        &self,
-        to: Rank,
-        req: AcceptRequest,
-        t: Duration,
-    ) -> BoxFuture<'_, NetResult<AcceptResponse>> {
+    fn accept(&self, to: Rank, req: Accept, t: Duration) -> BoxFuture<'_, NetResult<AcceptReply>> {
+        let req = pb::accept_to_pb(&req);
+        let n = self.channels.len();
         self.call(to, req, t, |mut c, r| async move { c.accept(r).await })
+            .map(move |r| r.map(|r| pb::accept_reply_from_pb(r, n)))
             .boxed()
     }
     fn install(
         &self,
         to: Rank,
-        req: InstallRequest,
+        req: Install,
         t: Duration,
-    ) -> BoxFuture<'_, NetResult<InstallResponse>> {
+    ) -> BoxFuture<'_, NetResult<InstallReply>> {
+        let req = pb::install_to_pb(&req);
+        let n = self.channels.len();
         self.call(to, req, t, |mut c, r| async move { c.install(r).await })
+            .map(move |r| r.map(|r| pb::install_reply_from_pb(r, n)))
             .boxed()
     }
-    fn join(
-        &self,
-        to: Rank,
-        req: JoinRequest,
-        t: Duration,
-    ) -> BoxFuture<'_, NetResult<JoinResponse>> {
+    fn join(&self, to: Rank, req: Join, t: Duration) -> BoxFuture<'_, NetResult<JoinReply>> {
+        let req = pb::join_to_pb(&req);
+        let n = self.channels.len();
         self.call(to, req, t, |mut c, r| async move { c.join(r).await })
+            .map(move |r| r.map(|r| pb::join_reply_from_pb(r, n)))
             .boxed()
     }
     fn discover(
         &self,
         to: Rank,
-        req: DiscoverRequest,
+        req: Discover,
         t: Duration,
-    ) -> BoxFuture<'_, NetResult<DiscoverResponse>> {
+    ) -> BoxFuture<'_, NetResult<DiscoverReply>> {
+        let req = replikv_proto::peer::DiscoverRequest { from: req.from };
+        let n = self.channels.len();
         self.call(to, req, t, |mut c, r| async move { c.discover(r).await })
+            .map(move |r| r.map(|r| pb::discover_reply_from_pb(r, n)))
             .boxed()
     }
     fn sync(
@@ -286,6 +234,7 @@ impl PeerNetwork for GrpcNetwork {
         req: SyncRequest,
         t: Duration,
     ) -> BoxFuture<'_, NetResult<BoxStream<'static, NetResult<SyncChunk>>>> {
+        let req = pb::sync_to_pb(&req);
         async move {
             let stream = self
                 .call(to, req, t, |mut c, mut r| async move {
@@ -299,9 +248,9 @@ impl PeerNetwork for GrpcNetwork {
                 let mut stream = st?;
                 match tokio::time::timeout(per_chunk, stream.message()).await {
                     Err(_) => Some((Err(NetError::Timeout(per_chunk)), None)),
-                    Ok(Err(s)) => Some((Err(NetError::Status(s)), None)),
+                    Ok(Err(s)) => Some((Err(pb::net_error_from_status(&s)), None)),
                     Ok(Ok(None)) => None,
-                    Ok(Ok(Some(c))) => Some((Ok(c), Some(stream))),
+                    Ok(Ok(Some(c))) => Some((Ok(pb::chunk_from_pb(c)), Some(stream))),
                 }
             });
             Ok(s.boxed())
@@ -314,6 +263,8 @@ impl PeerNetwork for GrpcNetwork {
 struct GrpcAppendLink {
     to: Rank,
     me: Rank,
+    /// Servers in the cluster, to validate the views in answers.
+    n: usize,
     client: PeerClient<Channel>,
     faults: Arc<Faults>,
     identity: Arc<Identity>,
@@ -340,7 +291,7 @@ impl GrpcAppendLink {
                     .client
                     .append(open)
                     .await
-                    .map_err(NetError::Status)?
+                    .map_err(|s| pb::net_error_from_status(&s))?
                     .into_inner();
                 &mut self.stream.insert((tx, responses)).1
             }
@@ -348,22 +299,24 @@ impl GrpcAppendLink {
         match responses.message().await {
             Ok(Some(r)) => Ok(r),
             Ok(None) => Err(closed()),
-            Err(s) => Err(NetError::Status(s)),
+            Err(s) => Err(pb::net_error_from_status(&s)),
         }
     }
 }
 
 fn closed() -> NetError {
-    NetError::Status(tonic::Status::unavailable("append stream closed"))
+    pb::net_error_from_status(&tonic::Status::unavailable("append stream closed"))
 }
 
 impl AppendLink for GrpcAppendLink {
-    fn call(
-        &mut self,
-        req: AppendRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'_, NetResult<AppendResponse>> {
-        let (faults, to) = (self.faults.clone(), self.to);
-        async move { through_faults(&faults, to, timeout, |_| self.exchange(req)).await }.boxed()
+    fn call(&mut self, req: Append, timeout: Duration) -> BoxFuture<'_, NetResult<AppendReply>> {
+        let (faults, to, n) = (self.faults.clone(), self.to, self.n);
+        let req = pb::append_to_pb(&req);
+        async move {
+            through_faults(&faults, to, timeout, |_| self.exchange(req))
+                .await
+                .map(|r| pb::append_reply_from_pb(r, n))
+        }
+        .boxed()
     }
 }

@@ -1,21 +1,22 @@
-//! The primary's ordered stream to one member (DESIGN.md §4), a gRPC stream open for the
-//! term: batches records while a batch is in flight (one in flight per member, so many
+//! Both ends of the primary's ordered stream to a member (DESIGN.md §4): the member's side
+//! (`on_append`) and the primary's (`replicate_to`). The stream is open for the primary's
+//! term: it batches records while a batch is in flight (one in flight per member, so many
 //! writes share one message and one flush at the member), carries the commit point
 //! promptly, heartbeats every H with the lease the member may borrow, and reports a member
-//! whose acks time out so the primary drops it.
+//! whose acks time out so the primary drops it. Admission, leases, acks and drops are the
+//! engine's rules (`engine::append`).
 
 use std::sync::Arc;
 
-use replikv_proto::peer::{AppendRequest, AppendStatus};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::clock::BootInstant;
-use crate::convert::record_to_pb;
-use crate::node::{Node, State};
-use crate::types::{Rank, Record, MAX_EPOCH};
-use crate::viewchange::Reason;
+use super::{Node, OrFailStop, Reason, State};
+use crate::engine::append::{self as appending, AppendHeader};
+use crate::engine::{commit, paxos};
+use crate::message::{Append, AppendReply};
+use crate::storage::Position;
+use crate::types::{Rank, Record};
 
 /// Most records in one append message.
 const MAX_RECORDS_PER_MESSAGE: usize = 4096;
@@ -41,6 +42,73 @@ fn take(
 }
 
 impl Node {
+    /// One batch (or heartbeat) of the primary's ordered stream to this member: the engine
+    /// admits it ([`appending::admit`]), this applies and flushes its records, then the
+    /// engine takes its commit point and lease ([`appending::accepted`]).
+    pub async fn on_append(self: &Arc<Self>, req: Append) -> AppendReply {
+        let reject = |st: &State, why: appending::AppendReject| AppendReply {
+            result: Err(why),
+            applied: st.pos.applied,
+            view: Some(st.view.clone()),
+            promised: st.promise.ballot,
+        };
+        let msg = req.header;
+        {
+            let mut st = self.st();
+            if let Err(why) = appending::check(&st, msg.epoch, msg.primary) {
+                return reject(&st, why);
+            }
+            st.last_heard = self.clock.steady_now();
+        }
+        let fresh: Vec<Record> = req.records;
+        let _guard = if fresh.is_empty() {
+            None
+        } else {
+            Some(self.data.lock().await)
+        };
+        {
+            let st = self.st();
+            if let Err(why) = appending::admit(&st, &msg, &fresh) {
+                if why == appending::AppendReject::Gap {
+                    warn!(
+                        applied = st.pos.applied,
+                        last_epoch = st.pos.last_epoch,
+                        prev_lsn = msg.prev_lsn,
+                        prev_epoch = msg.prev_epoch,
+                        "append does not continue this member's log"
+                    );
+                }
+                return reject(&st, why);
+            }
+        }
+        if let Some(last) = fresh.last() {
+            let committed = appending::commit_point(&self.st(), msg.committed, last.lsn);
+            let pos = Position {
+                applied: last.lsn,
+                committed,
+                last_epoch: last.epoch,
+            };
+            self.store.apply_records(&fresh, pos).or_fail_stop(self);
+            self.store.flush_data().await.or_fail_stop(self);
+            let mut st = self.st();
+            st.pos.applied = last.lsn;
+            st.pos.last_epoch = last.epoch;
+        }
+        let mut st = self.st();
+        if let Err(why) = appending::check(&st, msg.epoch, msg.primary) {
+            return reject(&st, why);
+        }
+        let horizon = appending::accepted(&mut st, &msg, self.cfg.timing.lease, self.clock.now());
+        self.store.collect_up_to(horizon);
+        self.publish_commit(&st);
+        AppendReply {
+            result: Ok(()),
+            applied: st.pos.applied,
+            view: None,
+            promised: st.promise.ballot,
+        }
+    }
+
     /// Streams records to `to` for the primary term `epoch`, starting after `start` (the lsn
     /// and epoch of the last record the member is known to hold). Ends when the term ends or
     /// the member fails.
@@ -90,11 +158,10 @@ impl Node {
             }
             let (committed, lease_ms, gc_horizon) = {
                 let st = self.st();
-                match &st.primary {
-                    Some(p) if p.epoch == epoch && st.view.is_member(to) => {}
-                    _ => return,
+                if !appending::stream_current(&st, to, epoch) {
+                    return;
                 }
-                let lease = self.primary_lease(&st).map_or(0, |d| d.as_millis() as u64);
+                let lease = appending::lease_to_lend(&st, self.cfg.timing.lease, self.clock.now());
                 (st.pos.committed, lease, self.gc_horizon(&st))
             };
             if closed && queue.is_empty() {
@@ -115,59 +182,44 @@ impl Node {
                     break;
                 }
                 bytes += size;
-                records.push(record_to_pb(&queue.pop_front().expect("front exists")));
+                records.push(queue.pop_front().expect("front exists"));
             }
             let (last, last_epoch) = records
                 .last()
                 .map_or((prev, prev_epoch), |r| (r.lsn, r.epoch));
             msg_seq += 1;
-            let sent_at = Instant::now();
-            let sent_boot = BootInstant::now();
-            {
-                let mut st = self.st();
-                if let Some(p) = st.primary.as_mut() {
-                    if let Some(pr) = p.peers.get_mut(&to) {
-                        pr.last_send = Some(sent_at);
-                    }
-                }
-            }
-            let req = AppendRequest {
-                epoch,
-                primary: self.me,
-                msg_seq,
+            let sent_boot = self.clock.boot_now();
+            appending::sending(&mut self.st(), to, self.clock.steady_now());
+            let req = Append {
+                header: AppendHeader {
+                    epoch,
+                    primary: self.me,
+                    msg_seq,
+                    committed: committed.min(last),
+                    lease_ms,
+                    prev_lsn: prev,
+                    prev_epoch,
+                    gc_horizon,
+                },
                 records,
-                committed: committed.min(last),
-                lease_ms,
-                prev_lsn: prev,
-                prev_epoch,
-                gc_horizon,
             };
-            let commit_sent = req.committed;
+            let commit_sent = req.header.committed;
             sent_committed = committed;
             let res = link.call(req, self.cfg.timing.ack_timeout).await;
             match res {
-                Ok(r) if r.status == AppendStatus::Ok as i32 => {
+                Ok(AppendReply { result: Ok(()), .. }) => {
                     (prev, prev_epoch) = (last, last_epoch);
                     let mut st = self.st();
-                    let Some(p) = st.primary.as_mut() else { return };
-                    if p.epoch != epoch {
+                    if !appending::acked(&mut st, to, epoch, last, commit_sent, sent_boot) {
                         return;
-                    }
-                    if let Some(pr) = p.peers.get_mut(&to) {
-                        pr.acked = pr.acked.max(last);
-                        pr.commit_acked = pr.commit_acked.max(commit_sent);
-                        pr.ack_sent_at = Some(sent_boot);
                     }
                     self.advance_commit(&mut st);
                 }
                 Ok(r) => {
-                    let status =
-                        AppendStatus::try_from(r.status).unwrap_or(AppendStatus::NotMember);
-                    if let Some(v) = self.peer_view(r.view.as_ref()) {
-                        if v.epoch > epoch {
-                            self.learn_view(v).await;
-                            return;
-                        }
+                    let status = r.result.err();
+                    if let Some(v) = r.view.filter(|v| v.epoch > epoch) {
+                        self.learn_view(v).await;
+                        return;
                     }
                     self.note_ballot(r.promised);
                     warn!(
@@ -189,41 +241,28 @@ impl Node {
         }
     }
 
-    /// The tombstone-collection horizon of the primary (DESIGN.md §3): the lowest commit
-    /// point a member acknowledged receiving, and its own. Every member's commit point is at
-    /// or above every member's horizon, so a transfer between members (a view change's
-    /// reconcile, `since` = the receiver's commit point) is never forced to be full.
+    /// The tombstone-collection horizon of the primary (see [`commit::gc_horizon`]).
     pub(crate) fn gc_horizon(&self, st: &State) -> u64 {
-        let Some(p) = st.primary.as_ref() else {
-            return 0;
-        };
-        st.view.backups().fold(st.pos.committed, |h, m| {
-            h.min(p.peers.get(&m).map_or(0, |x| x.commit_acked))
-        })
+        commit::gc_horizon(st)
     }
 
     /// A member stopped acknowledging: propose a view without it (§5), once.
     pub(crate) fn member_failed(self: &Arc<Self>, rank: Rank, epoch: u64) {
-        {
-            let mut st = self.st();
-            let current = st.primary.as_ref().is_some_and(|p| p.epoch == epoch);
-            if !current || !st.view.is_member(rank) || st.dropping.contains(&rank) {
-                return;
-            }
-            st.dropping.push(rank);
+        if !appending::begin_drop(&mut self.st(), rank, epoch) {
+            return;
         }
         let node = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let r = node.change_view(Reason::Drop(rank, epoch)).await;
             debug!(peer = rank, result = ?r.as_ref().map(|v| v.epoch), "drop finished");
-            node.st().dropping.retain(|&d| d != rank);
+            appending::end_drop(&mut node.st(), rank);
         });
     }
 
-    /// Remembers the highest ballot seen, so this server's next proposal beats it; a ballot
-    /// past [`MAX_EPOCH`] is a forgery and is ignored.
+    /// Remembers the highest ballot seen, so this server's next proposal beats it; an
+    /// implausible ballot is a forgery and is ignored (see [`paxos::plausible_ballot`]).
     pub(crate) fn note_ballot(&self, ballot: u64) {
-        if ballot <= MAX_EPOCH {
+        if paxos::plausible_ballot(ballot) {
             self.max_ballot
                 .fetch_max(ballot, std::sync::atomic::Ordering::Relaxed);
         }
