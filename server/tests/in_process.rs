@@ -231,3 +231,96 @@ async fn a_replica_that_lost_its_disk_rejoins_the_cluster_it_belonged_to() {
         "no second cluster formed"
     );
 }
+
+/// docs/design.md §5 step 4, §10 "Failed installs": a member that promised and accepted a
+/// view but whose install failed holds nothing of that view. The new primary must not count
+/// it as holding its state: a write commits only once every member has it, and that member
+/// never answers a read with a value older than an acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_install_failed_never_serves_a_stale_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = MemoryRouter::new();
+    let nodes = start(dir.path(), &router).await;
+    wait_for("every replica to be a member", || {
+        nodes.iter().all(|n| {
+            let s = n.status();
+            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
+        })
+    })
+    .await;
+    let first = nodes[0].status().view;
+    nodes[0].write(put("k", "v1")).await.unwrap();
+
+    // Rank 2 votes in the next view change but never hears that it was decided. (It may
+    // take over itself later, after syncing from the most advanced member.)
+    router.lose_installs_to(2);
+    router.isolate(0, N);
+    wait_for("a new primary among ranks 1 and 2", || {
+        nodes[1..].iter().any(|n| {
+            let s = n.status();
+            s.role == "primary" && s.view.epoch > first.epoch
+        })
+    })
+    .await;
+
+    // Rank 2 is asked for the key all along while a write is acknowledged: before the
+    // acknowledgement it may answer v1 or refuse; after it, only v2 or a refusal.
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let node = nodes[2].clone();
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            let mut stale = Vec::new();
+            while tokio::time::Instant::now() < deadline {
+                let after = acked.load(std::sync::atomic::Ordering::SeqCst);
+                if let Ok(value) = node.read(b"k").await {
+                    if after && value.as_deref() != Some(&b"v2"[..]) {
+                        stale.push(value);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stale
+        })
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let old = loop {
+        // Through rank 1, which forwards to whichever primary it knows.
+        match nodes[1].write(put("k", "v2")).await {
+            Ok((r, _)) => break r.old,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "no commit: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    acked.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(old.as_deref(), Some(&b"v1"[..]));
+    let stale = reader.await.unwrap();
+    assert!(stale.is_empty(), "rank 2 answered stale values: {stale:?}");
+
+    // If rank 2 is a member of the view that committed the write, it holds the write.
+    let view = nodes[1].status().view;
+    if view.members.contains(&2) {
+        let mut value = None;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while value.is_none() && tokio::time::Instant::now() < deadline {
+            value = nodes[2].read(b"k").await.ok().flatten();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(value.as_deref(), Some(&b"v2"[..]));
+    }
+
+    // Once installs get through again, rank 2 rejoins and reads the acknowledged write.
+    router.heal();
+    router.isolate(0, N);
+    wait_for("rank 2 to serve again", || nodes[2].status().serving).await;
+    let mut value = None;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while value.is_none() && tokio::time::Instant::now() < deadline {
+        value = nodes[2].read(b"k").await.ok().flatten();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(value.as_deref(), Some(&b"v2"[..]));
+}

@@ -28,6 +28,9 @@ pub struct MemoryRouter {
     nodes: RwLock<Vec<Option<Weak<Node>>>>,
     /// Directed links that lose every message: (from, to).
     cut: Mutex<BTreeSet<(Rank, Rank)>>,
+    /// Ranks whose installs are lost on the way, while every other message gets through:
+    /// a member that promised and accepted a view but never learns it was decided.
+    lose_installs: Mutex<BTreeSet<Rank>>,
 }
 
 impl MemoryRouter {
@@ -63,9 +66,16 @@ impl MemoryRouter {
         }
     }
 
-    /// Restores every link.
+    /// Loses every install sent to `rank` (the sender sees a timeout); other messages
+    /// to it get through.
+    pub fn lose_installs_to(&self, rank: Rank) {
+        self.lose_installs.lock().expect("router lock").insert(rank);
+    }
+
+    /// Restores every link and lets installs through again.
     pub fn heal(&self) {
         self.cut.lock().expect("router lock").clear();
+        self.lose_installs.lock().expect("router lock").clear();
     }
 
     fn target(&self, from: Rank, to: Rank) -> Result<Option<Arc<Node>>, NetError> {
@@ -182,6 +192,19 @@ impl PeerNetwork for MemoryNetwork {
         req: Install,
         t: Duration,
     ) -> BoxFuture<'_, NetResult<InstallReply>> {
+        let lost = self
+            .router
+            .lose_installs
+            .lock()
+            .expect("router lock")
+            .contains(&to);
+        if lost {
+            return async move {
+                tokio::time::sleep(t).await;
+                Err(NetError::Timeout(t))
+            }
+            .boxed();
+        }
         self.call(to, t, false, move |node| async move {
             Ok(node.on_install(req).await)
         })
