@@ -8,7 +8,7 @@
 //! - [`session`]: exactly-once session table (pure).
 //! - [`storage`]: the store the replica uses, one job per file: the key layout, the lsn
 //!   index, the write-ahead log, the log in front of sled with its applier and checkpoints,
-//!   tombstone collection; persisted Paxos state.
+//!   tombstone collection, compaction of sled; persisted Paxos state.
 //! - [`convert`]: protobuf <-> domain conversions, the only place that knows both.
 //! - [`network`]: the peer network trait and its gRPC implementation.
 //! - [`fault`]: fault-injection rules for the peer network.
