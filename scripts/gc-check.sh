@@ -8,6 +8,9 @@
 #   RELEASE=1 scripts/gc-check.sh        # a release server (built without LTO: faster to build)
 #   KEYS=100000 scripts/gc-check.sh
 #
+# A smaller version (12 000 keys of 4 KiB, disk only) runs with every
+# `cargo test -p replikv-server --test gc_check`.
+#
 # Environment (all optional):
 #   KEYS         keys written then deleted (default 1000000)
 #   VALUE_BYTES  bytes per value (default 100)

@@ -9,7 +9,7 @@
 //! - [`session`]: exactly-once session table (pure).
 //! - [`storage`]: the store the replica uses, one job per file: the key layout, the lsn
 //!   index, the write-ahead log, the log in front of sled with its applier and checkpoints,
-//!   tombstone collection; persisted Paxos state.
+//!   tombstone collection, compaction of sled; persisted Paxos state.
 //! - [`engine`]: the protocol's decisions as plain synchronous code (commit point, leases,
 //!   appends, Paxos, installs, take-over timing, session rules), time passed in, no I/O.
 //! - [`message`]: the peer protocol's messages as domain types, with typed rejections.

@@ -224,8 +224,8 @@ impl Durable {
     }
 
     /// Rewrites sled into a fresh directory and swaps it in (see the module doc). `size` is
-    /// sled's size now: a copy that grows past half of it is given up (the estimate of the
-    /// live data was wrong), and no compaction is tried again until sled has doubled.
+    /// sled's size now: a copy that grows past half of it is given up (the count of live
+    /// bytes was off), and no compaction is tried again until sled has doubled.
     /// `crash_after` stops it after a step, leaving the disk as a crash would (tests).
     ///
     /// The applier is paused throughout: writes go on to the log and are read from memory,

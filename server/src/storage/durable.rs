@@ -78,7 +78,8 @@ pub(super) struct Durable {
     pub(super) logged: Mutex<Logged>,
     /// Wakes the applier.
     pub(super) logged_grew: Condvar,
-    /// One apply at a time (the applier's, or a checkpoint's), so sled never gets an older
+    /// One apply at a time (the applier's, a checkpoint's or a compaction's; a compaction
+    /// holds it throughout, which pauses the applier), so sled never gets an older
     /// value after a newer one.
     pub(super) applying: Mutex<()>,
     /// One checkpoint or compaction at a time: a checkpoint must not retire log segments on

@@ -20,6 +20,8 @@
 //! - [`wal`]: the write-ahead log's segments and records.
 //! - [`durable`]: the log in front of sled, the sled applier thread, checkpoints.
 //! - [`gc`]: tombstone collection, its horizon and the transfers that pin it.
+//! - [`compact`]: rewriting sled into a fresh directory once it is mostly garbage, and
+//!   finishing or undoing a rewrite a crash interrupted.
 
 mod compact;
 mod durable;
