@@ -20,12 +20,14 @@
 //! - [`wal`]: the write-ahead log's segments and records.
 //! - [`durable`]: the log in front of sled, the sled applier thread, checkpoints.
 //! - [`gc`]: tombstone collection, its horizon and the transfers that pin it.
+//! - [`scan`]: ordered reads of a range of items across memory, the log and sled.
 
 mod compact;
 mod durable;
 mod gc;
 mod index;
 mod keys;
+mod scan;
 #[cfg(test)]
 mod testutil;
 pub mod wal;
@@ -50,6 +52,7 @@ use keys::{
     data_key, decode_entry, encode_entry, json, unjson, ACCEPTED, CLUSTER, DATA, GC_HORIZON,
     POSITION, PROMISE, VIEW,
 };
+pub use scan::{within, ScanPage};
 use wal::{Op, Wal};
 
 /// The highest ballot this acceptor promised, and to whom.
