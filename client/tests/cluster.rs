@@ -317,6 +317,15 @@ async fn shell_answers_a_scripted_session_exactly() {
                   DELETE fruit\n\
                   DELETE fruit\n\
                   GET fruit\n\
+                  PUT k3 v3\n\
+                  PUT k1 v1\n\
+                  PUT k2 v2\n\
+                  SCAN k1 k2\n\
+                  DELETE k1\n\
+                  scan a z\n\
+                  SCAN q r\n\
+                  SCAN z a\n\
+                  SCAN k1\n\
                   STOP\n\
                   GET nut\n";
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replikv"))
@@ -342,10 +351,27 @@ async fn shell_answers_a_scripted_session_exactly() {
          GET fruit plum\n\
          GET missing null\n\
          ERROR PUT onlykey: PUT takes 2 arguments (PUT key value), got 1\n\
-         ERROR FROB x: unknown command FROB (PUT, SWAP, GET, DELETE or STOP)\n\
+         ERROR FROB x: unknown command FROB (PUT, SWAP, GET, DELETE, SCAN or STOP)\n\
          DELETE fruit found\n\
          DELETE fruit not_found\n\
          GET fruit null\n\
+         PUT k3 not_found\n\
+         PUT k1 not_found\n\
+         PUT k2 not_found\n\
+         SCAN k1 k2 BEGIN\n  \
+         k1 v1\n  \
+         k2 v2\n\
+         SCAN END\n\
+         DELETE k1 found\n\
+         SCAN a z BEGIN\n  \
+         k2 v2\n  \
+         k3 v3\n  \
+         nut almond\n\
+         SCAN END\n\
+         SCAN q r BEGIN\n\
+         SCAN END\n\
+         ERROR SCAN z a: invalid argument: inverted range: the start is above the end\n\
+         ERROR SCAN k1: SCAN takes 2 arguments (SCAN from to), got 1\n\
          STOP\n",
         "nothing after STOP runs"
     );
