@@ -206,6 +206,64 @@ async fn replikv(servers: &str, args: &[&str]) -> Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_scan_cas_and_delete_range() {
+    let cluster = start_cluster().await;
+    let servers = cluster.addrs().join(",");
+    let text = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    for (k, v) in [("u/2", "b"), ("u/1", "a"), ("u/3", "c"), ("v", "x")] {
+        let out = replikv(&servers, &["put", k, v]).await;
+        assert_eq!(out.status.code(), Some(0));
+    }
+    let out = replikv(&servers, &["scan", "--prefix", "u/"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out), "u/1\ta\nu/2\tb\nu/3\tc\n");
+    let out = replikv(&servers, &["scan", "u/2", "v", "--limit", "2"]).await;
+    assert_eq!(text(&out), "u/2\tb\nu/3\tc\n");
+    let out = replikv(&servers, &["scan", "v", "u"]).await;
+    assert_eq!(out.status.code(), Some(2), "an inverted range is bad usage");
+
+    let out = replikv(&servers, &["cas", "u/1", "a", "A"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(0), "swapped\na\n".into())
+    );
+    let out = replikv(&servers, &["cas", "u/1", "a", "B"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(4), "mismatch\nA\n".into())
+    );
+    let out = replikv(&servers, &["cas", "--absent", "new", "n"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(0), "swapped\n(none)\n".into())
+    );
+    let out = replikv(&servers, &["cas", "--delete", "new", "n"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(0), "swapped\nn\n".into())
+    );
+    let out = replikv(&servers, &["cas", "--absent", "u/1", "x", "y"]).await;
+    assert_eq!(out.status.code(), Some(2), "--absent takes KEY NEW");
+
+    let out = replikv(
+        &servers,
+        &["delete-range", "--prefix", "u/", "--limit", "2"],
+    )
+    .await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(0), "removed 2\nmore remain\n".into())
+    );
+    let out = replikv(&servers, &["delete-range", "--prefix", "u/", "--all"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(0), "removed 1\n".into())
+    );
+    let out = replikv(&servers, &["scan"]).await;
+    assert_eq!(text(&out), "v\tx\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_put_get_and_status() {
     let mut cluster = start_cluster().await;
     let servers = cluster.addrs().join(",");
