@@ -13,8 +13,8 @@ use replikv_client::{Client, ClientConfig, Error, Range, Route};
 use replikv_lincheck::{check, Call, CheckOptions, Operation, Outcome, Verdict};
 use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::{
-    pipeline_request, pipeline_response, CasRequest, DeleteRangeRequest, KeyRange, PipelineRequest,
-    ScanRequest,
+    pipeline_request, pipeline_response, CasRequest, CasResponse, DeleteRangeRequest,
+    DeleteRangeResponse, KeyRange, PipelineRequest, RequestId, ScanRequest,
 };
 use replikv_testkit::{ClusterOptions, LocalCluster};
 use tokio::time::Instant;
@@ -171,8 +171,8 @@ async fn scan_cas_and_range_delete_keep_their_meaning_across_a_primary_kill() {
     assert_eq!(got, pairs(&[("b1", "v-b1"), ("c", "3")]));
 }
 
-/// One pipelined request straight to `addr`: the gRPC code of its answer (0 for OK).
-async fn raw_code(addr: &str, op: pipeline_request::Op) -> i32 {
+/// One pipelined request straight to `addr`: its answer.
+async fn raw(addr: &str, op: pipeline_request::Op) -> pipeline_response::Result {
     let mut stub = KvClient::connect(format!("http://{addr}")).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(PipelineRequest {
@@ -188,11 +188,78 @@ async fn raw_code(addr: &str, op: pipeline_request::Op) -> i32 {
         .into_inner();
     let answer = answers.message().await.unwrap().expect("one answer");
     drop(tx);
-    match answer.result {
-        Some(pipeline_response::Result::Error(e)) => e.code,
-        Some(_) => 0,
-        None => panic!("an answer without a result"),
+    answer.result.expect("an answer with a result")
+}
+
+/// One pipelined request straight to `addr`: the gRPC code of its answer (0 for OK).
+async fn raw_code(addr: &str, op: pipeline_request::Op) -> i32 {
+    match raw(addr, op).await {
+        pipeline_response::Result::Error(e) => e.code,
+        _ => 0,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_cas_or_range_delete_returns_its_first_answer() {
+    let cluster = start_cluster().await;
+    let client = client_of(&cluster).await;
+    for k in ["d/1", "d/2"] {
+        bounded(client.put(b(k), b("v"))).await.unwrap();
+    }
+    let (primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
+    let addr = cluster.addr(primary);
+    let id = |seq| {
+        Some(RequestId {
+            client_id: 0x5eed,
+            client_id_hi: 7,
+            seq,
+            first_unfinished: 1,
+        })
+    };
+    let cas = pipeline_request::Op::Cas(CasRequest {
+        key: b("c"),
+        expect_absent: true,
+        value: b("first"),
+        id: id(1),
+        ..Default::default()
+    });
+    let first = CasResponse {
+        swapped: true,
+        had_current: false,
+        current: Bytes::new(),
+    };
+    for attempt in 0..3 {
+        let r = bounded(raw(&addr, cas.clone())).await;
+        assert_eq!(
+            r,
+            pipeline_response::Result::Cas(first.clone()),
+            "attempt {attempt}: the first answer, not a mismatch against its own write"
+        );
+    }
+    let range = pipeline_request::Op::DeleteRange(DeleteRangeRequest {
+        range: Some(KeyRange {
+            prefix: b("d/"),
+            ..Default::default()
+        }),
+        limit: 0,
+        id: id(2),
+    });
+    let removed = pipeline_response::Result::DeleteRange(DeleteRangeResponse {
+        removed: 2,
+        more: false,
+    });
+    assert_eq!(bounded(raw(&addr, range.clone())).await, removed);
+    bounded(client.put(b("d/3"), b("after"))).await.unwrap();
+    assert_eq!(
+        bounded(raw(&addr, range)).await,
+        removed,
+        "answered from the session, not applied again"
+    );
+    assert_eq!(
+        bounded(client.get(b("d/3"))).await.unwrap(),
+        Some(b("after"))
+    );
+    assert_eq!(bounded(client.get(b("c"))).await.unwrap(), Some(b("first")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
