@@ -1,5 +1,5 @@
-//! The `Pipeline` call of [`Kv`](crate::kv::kv_server::Kv): many gets, puts and deletes
-//! multiplexed over one HTTP/2 stream. Each is served by the unary handler of its kind and
+//! The `Pipeline` call of [`Kv`](crate::kv::kv_server::Kv): many gets, puts and deletes (and
+//! scans, compare-and-swaps and range deletes, see [`Extra`]) multiplexed over one HTTP/2 stream. Each is served by the unary handler of its kind and
 //! answered with that handler's response or status, so both paths behave alike.
 
 use std::collections::HashMap;
@@ -15,6 +15,9 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::kv::kv_server::Kv;
 use crate::kv::PipelineResponse;
 use crate::kv::{pipeline_request, pipeline_response, PipelineError, PipelineRequest};
+use crate::kv::{
+    CasRequest, CasResponse, DeleteRangeRequest, DeleteRangeResponse, ScanRequest, ScanResponse,
+};
 
 /// Most requests of one call served at once; further ones wait to be read.
 pub const MAX_IN_FLIGHT: usize = 1024;
@@ -28,6 +31,53 @@ pub type Answers = Pin<Box<dyn Stream<Item = Result<PipelineResponse, Status>> +
 /// unary calls whose client went away.
 pub fn serve<S: Kv + Clone>(
     svc: S,
+    requests: Streaming<PipelineRequest>,
+    until: impl Future<Output = ()> + Send + 'static,
+) -> Answers {
+    serve_with(svc, Unsupported, requests, until)
+}
+
+/// The operations only the pipeline carries: scans, compare-and-swaps and range deletes.
+/// They are not unary `Kv` methods, so a `Kv` implementation written before them (a test
+/// double) needs no change and answers them `UNIMPLEMENTED`.
+#[tonic::async_trait]
+pub trait Extra: Send + Sync + 'static {
+    async fn scan(&self, r: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status>;
+    async fn cas(&self, r: Request<CasRequest>) -> Result<Response<CasResponse>, Status>;
+    async fn delete_range(
+        &self,
+        r: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status>;
+}
+
+/// Serves none of [`Extra`]'s operations.
+#[derive(Clone, Copy)]
+pub struct Unsupported;
+
+#[tonic::async_trait]
+impl Extra for Unsupported {
+    async fn scan(&self, _: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        Err(Status::unimplemented("this server does not serve scans"))
+    }
+    async fn cas(&self, _: Request<CasRequest>) -> Result<Response<CasResponse>, Status> {
+        Err(Status::unimplemented(
+            "this server does not serve compare-and-swap",
+        ))
+    }
+    async fn delete_range(
+        &self,
+        _: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        Err(Status::unimplemented(
+            "this server does not serve range deletes",
+        ))
+    }
+}
+
+/// [`serve`], with `extra` serving the operations of [`Extra`].
+pub fn serve_with<S: Kv + Clone, E: Extra + Clone>(
+    svc: S,
+    extra: E,
     mut requests: Streaming<PipelineRequest>,
     until: impl Future<Output = ()> + Send + 'static,
 ) -> Answers {
@@ -38,9 +88,9 @@ pub fn serve<S: Kv + Clone>(
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
-            let (svc, tx) = (svc.clone(), tx.clone());
+            let (svc, extra, tx) = (svc.clone(), extra.clone(), tx.clone());
             tokio::spawn(async move {
-                let _ = tx.send(Ok(serve_one(&svc, r).await));
+                let _ = tx.send(Ok(serve_one(&svc, &extra, r).await));
                 drop(permit);
             });
         }
@@ -48,7 +98,7 @@ pub fn serve<S: Kv + Clone>(
     Box::pin(UnboundedReceiverStream::new(rx).take_until(until))
 }
 
-async fn serve_one<S: Kv>(svc: &S, req: PipelineRequest) -> PipelineResponse {
+async fn serve_one<S: Kv, E: Extra>(svc: &S, extra: &E, req: PipelineRequest) -> PipelineResponse {
     use pipeline_request::Op;
     use pipeline_response::Result as Res;
     let answer = match req.op {
@@ -58,6 +108,12 @@ async fn serve_one<S: Kv>(svc: &S, req: PipelineRequest) -> PipelineResponse {
             .delete(Request::new(r))
             .await
             .map(|r| r.map(Res::Delete)),
+        Some(Op::Scan(r)) => extra.scan(Request::new(r)).await.map(|r| r.map(Res::Scan)),
+        Some(Op::Cas(r)) => extra.cas(Request::new(r)).await.map(|r| r.map(Res::Cas)),
+        Some(Op::DeleteRange(r)) => extra
+            .delete_range(Request::new(r))
+            .await
+            .map(|r| r.map(Res::DeleteRange)),
         None => Err(Status::invalid_argument(
             "pipelined request names no operation",
         )),

@@ -147,6 +147,8 @@ impl History {
                     Call::Get => ("get", None),
                     Call::Put(v) => ("put", Some(v.clone())),
                     Call::Delete => ("delete", None),
+                    // The chaos workload issues no compare-and-swap.
+                    Call::Cas { .. } => ("cas", None),
                 };
                 let (fate, found, result, detail) = match &e.fate {
                     Fate::Ok(r) => ("ok", Some(r.is_some()), r.clone(), None),

@@ -930,6 +930,7 @@ fn summary(history: &History, checks: &[Check], report: &checker::Report) -> Str
             Call::Get => "get",
             Call::Put(_) => "put",
             Call::Delete => "delete",
+            Call::Cas { .. } => "cas",
         };
         let slot = match e.fate {
             Fate::Ok(_) => 0,

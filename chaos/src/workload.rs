@@ -76,6 +76,15 @@ pub async fn run_client(
                 tokio::time::timeout(deadline, client.put(key.clone(), v.clone())).await
             }
             Call::Delete => tokio::time::timeout(deadline, client.delete(key.clone())).await,
+            // Not drawn by this workload; run as asked if a caller ever builds one.
+            Call::Cas { expected, new } => {
+                let cas = client.cas(
+                    key.clone(),
+                    expected.clone().map(bytes::Bytes::from),
+                    new.clone().map(bytes::Bytes::from),
+                );
+                tokio::time::timeout(deadline, async { cas.await.map(|r| r.current) }).await
+            }
         };
         let complete = clock.now();
         let fate = match result {

@@ -13,6 +13,8 @@ use crate::{Client, ClientConfig, Error, Route};
 
 /// Exit code when `get` finds no value.
 pub const EXIT_NOT_FOUND: u8 = 1;
+/// Exit code when `cas` finds another value than the expected one (nothing written).
+pub const EXIT_MISMATCH: u8 = 4;
 /// Exit code for bad usage: bad flags, bad input, bad configuration.
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code when the cluster could not serve the request (or a write's
@@ -53,7 +55,48 @@ pub enum Command {
     Delete { key: String },
     /// Print every server's view of the cluster as a table.
     Status,
-    /// Read commands from stdin, one per line (PUT k v, SWAP k v, GET k, DELETE k, STOP),
+    /// Print the keys from FROM to TO (both inclusive; no TO: to the last key), or those
+    /// starting with --prefix, in key order: one `KEY<TAB>VALUE` line each.
+    Scan {
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        prefix: Option<String>,
+        from: Option<String>,
+        to: Option<String>,
+        /// Print at most this many keys (default: every key of the range).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Compare-and-swap: set KEY to NEW only if it holds EXPECTED. Prints "swapped" or
+    /// "mismatch" (exit 4), then the value before, or "(none)".
+    /// `cas --absent KEY NEW` sets KEY only if it does not exist;
+    /// `cas --delete KEY EXPECTED` removes KEY only if it holds EXPECTED.
+    Cas {
+        #[arg(long, conflicts_with = "delete")]
+        absent: bool,
+        #[arg(long)]
+        delete: bool,
+        key: String,
+        /// EXPECTED NEW, or one of them with --absent or --delete.
+        #[arg(num_args = 1..=2)]
+        values: Vec<String>,
+    },
+    /// Remove the keys from FROM to TO (both inclusive) or starting with --prefix, as one
+    /// write of at most --limit keys (at most 10000); prints "removed N", and "more remain"
+    /// when keys of the range are left. --all repeats until none are.
+    DeleteRange {
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        prefix: Option<String>,
+        #[arg(required_unless_present = "prefix")]
+        from: Option<String>,
+        #[arg(required_unless_present = "prefix")]
+        to: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Read commands from stdin, one per line (PUT k v, SWAP k v, GET k, DELETE k, SCAN a b,
+    /// STOP),
     /// and answer each on one line, in order.
     Shell,
 }
@@ -138,6 +181,88 @@ async fn execute(opt: Opt, out: &mut impl Write) -> Result<u8, Error> {
             codec.print_old(out, old)?;
             Ok(0)
         }
+        Command::Scan {
+            prefix,
+            from,
+            to,
+            limit,
+        } => {
+            let range = codec.range(prefix, from, to)?;
+            let mut left = limit.unwrap_or(u64::MAX);
+            let page = left.min(1000) as u32;
+            let mut pages = std::pin::pin!(client.scan_pages(range, page));
+            while left > 0 {
+                let Some(p) = futures::StreamExt::next(&mut pages).await else {
+                    break;
+                };
+                for (k, v) in p?.items {
+                    if left == 0 {
+                        break;
+                    }
+                    left -= 1;
+                    codec.print_pair(out, &k, &v)?;
+                }
+            }
+            Ok(0)
+        }
+        Command::Cas {
+            absent,
+            delete,
+            key,
+            values,
+        } => {
+            let mut values = values.into_iter();
+            let (expected, new) = match (absent, delete, values.len()) {
+                (true, false, 1) => (None, values.next()),
+                (false, true, 1) => (values.next(), None),
+                (false, false, 2) => (values.next(), values.next()),
+                _ => {
+                    return Err(Error::InvalidArgument(
+                        "cas takes KEY EXPECTED NEW, --absent KEY NEW or --delete KEY EXPECTED"
+                            .into(),
+                    ))
+                }
+            };
+            let expected = expected
+                .map(|v| codec.decode("expected value", &v))
+                .transpose()?;
+            let new = new.map(|v| codec.decode("value", &v)).transpose()?;
+            let r = client
+                .cas(codec.decode("key", &key)?, expected, new)
+                .await?;
+            write_out(
+                out,
+                if r.swapped {
+                    b"swapped\n"
+                } else {
+                    b"mismatch\n"
+                },
+            )?;
+            codec.print_old(out, r.current)?;
+            Ok(if r.swapped { 0 } else { EXIT_MISMATCH })
+        }
+        Command::DeleteRange {
+            prefix,
+            from,
+            to,
+            limit,
+            all,
+        } => {
+            let range = codec.range(prefix, from, to)?;
+            let mut removed = 0;
+            let more = loop {
+                let r = client.delete_range(&range, limit).await?;
+                removed += r.removed;
+                if !(all && r.more) {
+                    break r.more;
+                }
+            };
+            write_out(out, format!("removed {removed}\n").as_bytes())?;
+            if more {
+                write_out(out, b"more remain\n")?;
+            }
+            Ok(0)
+        }
         Command::Shell => {
             let stdin = tokio::io::BufReader::new(tokio::io::stdin());
             crate::shell::run(&client, stdin, out)
@@ -188,6 +313,35 @@ impl Codec {
             write_out(out, value)?;
         }
         write_out(out, b"\n")
+    }
+
+    fn print_pair(self, out: &mut impl Write, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        if self.hex {
+            write_out(out, encode_hex(key).as_bytes())?;
+        } else {
+            write_out(out, key)?;
+        }
+        write_out(out, b"\t")?;
+        self.print(out, value)
+    }
+
+    /// The range the arguments name.
+    fn range(
+        self,
+        prefix: Option<String>,
+        from: Option<String>,
+        to: Option<String>,
+    ) -> Result<crate::Range, Error> {
+        Ok(match prefix {
+            Some(p) => crate::Range::Prefix(self.decode("prefix", &p)?),
+            None => crate::Range::Keys {
+                from: from
+                    .map(|f| self.decode("start key", &f))
+                    .transpose()?
+                    .unwrap_or_default(),
+                to: to.map(|t| self.decode("end key", &t)).transpose()?,
+            },
+        })
     }
 
     fn print_old(self, out: &mut impl Write, old: Option<Bytes>) -> Result<(), Error> {

@@ -11,8 +11,8 @@ use futures::future::join_all;
 use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::pipeline_request::Op;
 use replikv_proto::kv::{
-    pipeline_response, DeleteRequest, GetRequest, PutRequest, RequestId, StatusRequest,
-    StatusResponse,
+    pipeline_response, CasRequest, DeleteRangeRequest, DeleteRequest, GetRequest, KeyRange,
+    PutRequest, RequestId, ScanRequest, StatusRequest, StatusResponse,
 };
 use replikv_proto::MAX_MESSAGE_BYTES;
 use tokio::time::Instant;
@@ -28,6 +28,91 @@ use crate::session::{random_session_id, Session};
 
 /// Room left in a gRPC message for everything but the key and value.
 const ENVELOPE_BYTES: usize = 4096;
+
+/// A range of keys for [`Client::scan`] and [`Client::delete_range`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Range {
+    /// Every key starting with these bytes (every key when empty).
+    Prefix(Bytes),
+    /// Keys from `from` to `to`, both inclusive; `to: None` runs to the last key.
+    Keys { from: Bytes, to: Option<Bytes> },
+}
+
+impl Range {
+    /// Keys from `from` to `to`, both inclusive.
+    pub fn keys(from: impl Into<Bytes>, to: impl Into<Bytes>) -> Range {
+        Range::Keys {
+            from: from.into(),
+            to: Some(to.into()),
+        }
+    }
+
+    /// Every key starting with `prefix`.
+    pub fn prefix(prefix: impl Into<Bytes>) -> Range {
+        Range::Prefix(prefix.into())
+    }
+
+    fn is_everything(&self) -> bool {
+        match self {
+            Range::Prefix(p) => p.is_empty(),
+            Range::Keys { from, to } => from.is_empty() && to.is_none(),
+        }
+    }
+
+    /// What no server would take.
+    fn check(&self) -> Result<(), Error> {
+        match self {
+            Range::Keys { to: Some(to), .. } if to.is_empty() => Err(Error::InvalidArgument(
+                "the end of a range must not be empty (use no end instead)".into(),
+            )),
+            Range::Keys { from, to: Some(to) } if from > to => Err(Error::InvalidArgument(
+                "inverted range: the start is above the end".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn to_pb(&self) -> KeyRange {
+        match self {
+            Range::Prefix(p) => KeyRange {
+                prefix: p.clone(),
+                ..Default::default()
+            },
+            Range::Keys { from, to } => KeyRange {
+                from: from.clone(),
+                to: to.clone().unwrap_or_default(),
+                prefix: Bytes::new(),
+            },
+        }
+    }
+}
+
+/// One page of a scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Keys and values, in key order.
+    pub items: Vec<(Bytes, Bytes)>,
+    /// Set when more keys may follow: pass it to the next [`Client::scan`].
+    pub continuation: Option<Bytes>,
+}
+
+/// The answer to a compare-and-swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CasOutcome {
+    /// Whether the key held the expected value and the new one was written.
+    pub swapped: bool,
+    /// The value before the operation (on a mismatch, the current value).
+    pub current: Option<Bytes>,
+}
+
+/// The answer to a range delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeDeleted {
+    /// Keys removed by this call.
+    pub removed: u64,
+    /// Whether keys of the range remain (the call reached its limit).
+    pub more: bool,
+}
 
 /// Counters of one client (shared by its clones).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -266,6 +351,138 @@ impl Client {
             })
             .await?;
         Ok(reply.had_old.then_some(reply.old_value))
+    }
+
+    /// One page of a scan (linearizable, DESIGN.md §6 "Scans"): the first `limit` keys of
+    /// `range` (at most 10 000; `0` asks for the server's default of 1 000) after
+    /// `continuation`, in key order, with their values. Retried on other servers like a get.
+    pub async fn scan(
+        &self,
+        range: &Range,
+        limit: u32,
+        continuation: Option<Bytes>,
+    ) -> Result<ScanPage, Error> {
+        range.check()?;
+        let spec = RequestSpec {
+            op: "scan",
+            kind: OpKind::Read,
+        };
+        let request = ScanRequest {
+            range: Some(range.to_pb()),
+            limit,
+            continuation: continuation.unwrap_or_default(),
+        };
+        let reply = self
+            .request(spec, |pipe| {
+                let op = Op::Scan(request.clone());
+                async move { answer(pipe.call(op).await, |r| as_variant!(r, Scan)) }
+            })
+            .await?;
+        Ok(ScanPage {
+            items: reply
+                .items
+                .into_iter()
+                .map(|kv| (kv.key, kv.value))
+                .collect(),
+            continuation: reply.more.then_some(reply.continuation),
+        })
+    }
+
+    /// Every key of `range` as a stream of pages of up to `page` keys each, in key order.
+    /// Each page is one linearizable [`Client::scan`] (the pages together are not one
+    /// snapshot); the stream ends after the last page or the first error.
+    pub fn scan_pages(
+        &self,
+        range: Range,
+        page: u32,
+    ) -> impl futures::Stream<Item = Result<ScanPage, Error>> + Send + 'static {
+        let client = self.clone();
+        // `None` once the last page is out.
+        futures::stream::unfold(Some(None), move |next: Option<Option<Bytes>>| {
+            let (client, range) = (client.clone(), range.clone());
+            async move {
+                let continuation = next?;
+                match client.scan(&range, page, continuation).await {
+                    Ok(p) => {
+                        let next = p.continuation.clone().map(Some);
+                        Some((Ok(p), next))
+                    }
+                    Err(e) => Some((Err(e), None)),
+                }
+            }
+        })
+    }
+
+    /// Compare-and-swap: writes `new` (`None` deletes the key) only if the key holds
+    /// `expected` (`None`: only if it is absent), decided by the primary in the order of
+    /// writes. The answer says whether it wrote and carries the value before it (on a
+    /// mismatch, the current value). Exactly once, like every write.
+    pub async fn cas(
+        &self,
+        key: impl Into<Bytes>,
+        expected: Option<Bytes>,
+        new: Option<Bytes>,
+    ) -> Result<CasOutcome, Error> {
+        let key = key.into();
+        check_input(
+            &key,
+            expected.as_ref().map_or(0, Bytes::len) + new.as_ref().map_or(0, Bytes::len),
+        )?;
+        if expected.is_none() && new.is_none() {
+            return Err(Error::InvalidArgument(
+                "deleting a key expected to be absent changes nothing".into(),
+            ));
+        }
+        let reply = self
+            .session_write("cas", |id| {
+                let op = Op::Cas(CasRequest {
+                    key: key.clone(),
+                    expected: expected.clone().unwrap_or_default(),
+                    expect_absent: expected.is_none(),
+                    value: new.clone().unwrap_or_default(),
+                    delete: new.is_none(),
+                    id,
+                });
+                move |pipe: &Pipe| {
+                    let op = op.clone();
+                    async move { answer(pipe.call(op).await, |r| as_variant!(r, Cas)) }
+                }
+            })
+            .await?;
+        Ok(CasOutcome {
+            swapped: reply.swapped,
+            current: reply.had_current.then_some(reply.current),
+        })
+    }
+
+    /// Removes the keys of `range` as one write: up to `limit` of them (at most 10 000, `0`
+    /// for that maximum, and fewer when their keys pass 4 MiB). Returns how many it removed
+    /// and whether keys of the range remain (call again to remove them). Exactly once.
+    pub async fn delete_range(&self, range: &Range, limit: u32) -> Result<RangeDeleted, Error> {
+        range.check()?;
+        if range.is_everything() {
+            return Err(Error::InvalidArgument(
+                "this would remove every key: name a prefix or a range".into(),
+            ));
+        }
+        let pb = range.to_pb();
+        let reply = self
+            .session_write("delete-range", |id| {
+                let op = Op::DeleteRange(DeleteRangeRequest {
+                    range: Some(pb.clone()),
+                    limit,
+                    id,
+                });
+                move |pipe: &Pipe| {
+                    let op = op.clone();
+                    async move { answer(pipe.call(op).await, |r| as_variant!(r, DeleteRange)) }
+                }
+            })
+            .await?;
+        Ok(RangeDeleted {
+            removed: reply.removed,
+            more: reply.more,
+        })
     }
 
     /// Runs a write under this client's session: one request id for every attempt

@@ -39,7 +39,7 @@ mod session;
 pub mod shell;
 
 pub use blocking::BlockingClient;
-pub use client::{Client, ClientStats};
+pub use client::{CasOutcome, Client, ClientStats, Range, RangeDeleted, ScanPage};
 pub use config::{ClientConfig, Route};
 pub use error::Error;
 pub use replikv_proto::kv::StatusResponse;

@@ -5,12 +5,15 @@
 //! SWAP k v     ->  SWAP k <old value> | SWAP k null
 //! GET k        ->  GET k <value> | GET k null
 //! DELETE k     ->  DELETE k found | DELETE k not_found
+//! SCAN a b     ->  SCAN a b BEGIN, then `  k v` for each key from a to b (both
+//!                  inclusive) in key order, then SCAN END
 //! STOP         ->  STOP, then the shell exits
 //! ```
 //!
 //! Command names are case-insensitive; empty lines are skipped and runs of blanks count as
 //! one. A malformed line, or a command the cluster could not serve, gets one line
-//! `ERROR <the line>: <why>` and the shell goes on. Commands run one at a time, so answers
+//! `ERROR <the line>: <why>` and the shell goes on (a SCAN that fails answers only that
+//! line, never part of its keys). Commands run one at a time, so answers
 //! come in the order of the commands. The end of the input ends the shell as STOP does.
 
 use std::io::Write;
@@ -27,6 +30,7 @@ pub enum Command {
     Swap { key: String, value: String },
     Get { key: String },
     Delete { key: String },
+    Scan { from: String, to: String },
     Stop,
 }
 
@@ -75,13 +79,20 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
                 key: args[0].into(),
             }
         }
+        "SCAN" => {
+            want(2, "SCAN from to")?;
+            Command::Scan {
+                from: args[0].into(),
+                to: args[1].into(),
+            }
+        }
         "STOP" => {
             want(0, "STOP")?;
             Command::Stop
         }
         _ => {
             return Err(format!(
-                "unknown command {name} (PUT, SWAP, GET, DELETE or STOP)"
+                "unknown command {name} (PUT, SWAP, GET, DELETE, SCAN or STOP)"
             ))
         }
     };
@@ -117,7 +128,10 @@ pub async fn run(
     Ok(())
 }
 
-/// One command's answer line.
+/// Keys per page of a SCAN.
+const SCAN_PAGE: u32 = 1000;
+
+/// One command's answer line (a SCAN's answer spans several).
 async fn execute(client: &Client, command: &Command) -> Result<String, Error> {
     let bytes = |s: &str| Bytes::copy_from_slice(s.as_bytes());
     let text = |v: Option<Bytes>| match v {
@@ -138,6 +152,22 @@ async fn execute(client: &Client, command: &Command) -> Result<String, Error> {
         Command::Delete { key } => {
             let old = client.delete(bytes(key)).await?;
             format!("DELETE {key} {}", found(&old))
+        }
+        Command::Scan { from, to } => {
+            let range = crate::Range::keys(bytes(from), bytes(to));
+            let mut answer = format!("SCAN {from} {to} BEGIN\n");
+            let mut pages = std::pin::pin!(client.scan_pages(range, SCAN_PAGE));
+            while let Some(page) = futures::StreamExt::next(&mut pages).await {
+                for (k, v) in page?.items {
+                    answer.push_str(&format!(
+                        "  {} {}\n",
+                        String::from_utf8_lossy(&k),
+                        String::from_utf8_lossy(&v)
+                    ));
+                }
+            }
+            answer.push_str("SCAN END");
+            answer
         }
         Command::Stop => "STOP".to_string(),
     })
@@ -169,6 +199,13 @@ mod tests {
             parse("delete a"),
             Ok(Some(Command::Delete { key: "a".into() }))
         );
+        assert_eq!(
+            parse("scan a  b"),
+            Ok(Some(Command::Scan {
+                from: "a".into(),
+                to: "b".into()
+            }))
+        );
         assert_eq!(parse("STOP"), Ok(Some(Command::Stop)));
     }
 
@@ -180,6 +217,8 @@ mod tests {
         assert!(err.contains("GET takes 1 argument"), "{err}");
         let err = parse("STOP now").unwrap_err();
         assert!(err.contains("STOP takes 0 arguments"), "{err}");
+        let err = parse("SCAN a").unwrap_err();
+        assert!(err.contains("SCAN takes 2 arguments"), "{err}");
         let err = parse("FROB x").unwrap_err();
         assert!(err.contains("unknown command FROB"), "{err}");
     }

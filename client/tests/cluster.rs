@@ -206,6 +206,64 @@ async fn replikv(servers: &str, args: &[&str]) -> Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_scan_cas_and_delete_range() {
+    let cluster = start_cluster().await;
+    let servers = cluster.addrs().join(",");
+    let text = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    for (k, v) in [("u/2", "b"), ("u/1", "a"), ("u/3", "c"), ("v", "x")] {
+        let out = replikv(&servers, &["put", k, v]).await;
+        assert_eq!(out.status.code(), Some(0));
+    }
+    let out = replikv(&servers, &["scan", "--prefix", "u/"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out), "u/1\ta\nu/2\tb\nu/3\tc\n");
+    let out = replikv(&servers, &["scan", "u/2", "v", "--limit", "2"]).await;
+    assert_eq!(text(&out), "u/2\tb\nu/3\tc\n");
+    let out = replikv(&servers, &["scan", "v", "u"]).await;
+    assert_eq!(out.status.code(), Some(2), "an inverted range is bad usage");
+
+    let out = replikv(&servers, &["cas", "u/1", "a", "A"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(0), "swapped\na\n".into())
+    );
+    let out = replikv(&servers, &["cas", "u/1", "a", "B"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(4), "mismatch\nA\n".into())
+    );
+    let out = replikv(&servers, &["cas", "--absent", "new", "n"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(0), "swapped\n(none)\n".into())
+    );
+    let out = replikv(&servers, &["cas", "--delete", "new", "n"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(0), "swapped\nn\n".into())
+    );
+    let out = replikv(&servers, &["cas", "--absent", "u/1", "x", "y"]).await;
+    assert_eq!(out.status.code(), Some(2), "--absent takes KEY NEW");
+
+    let out = replikv(
+        &servers,
+        &["delete-range", "--prefix", "u/", "--limit", "2"],
+    )
+    .await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(0), "removed 2\nmore remain\n".into())
+    );
+    let out = replikv(&servers, &["delete-range", "--prefix", "u/", "--all"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out)),
+        (Some(0), "removed 1\n".into())
+    );
+    let out = replikv(&servers, &["scan"]).await;
+    assert_eq!(text(&out), "v\tx\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_put_get_and_status() {
     let mut cluster = start_cluster().await;
     let servers = cluster.addrs().join(",");
@@ -317,6 +375,15 @@ async fn shell_answers_a_scripted_session_exactly() {
                   DELETE fruit\n\
                   DELETE fruit\n\
                   GET fruit\n\
+                  PUT k3 v3\n\
+                  PUT k1 v1\n\
+                  PUT k2 v2\n\
+                  SCAN k1 k2\n\
+                  DELETE k1\n\
+                  scan a z\n\
+                  SCAN q r\n\
+                  SCAN z a\n\
+                  SCAN k1\n\
                   STOP\n\
                   GET nut\n";
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replikv"))
@@ -342,10 +409,27 @@ async fn shell_answers_a_scripted_session_exactly() {
          GET fruit plum\n\
          GET missing null\n\
          ERROR PUT onlykey: PUT takes 2 arguments (PUT key value), got 1\n\
-         ERROR FROB x: unknown command FROB (PUT, SWAP, GET, DELETE or STOP)\n\
+         ERROR FROB x: unknown command FROB (PUT, SWAP, GET, DELETE, SCAN or STOP)\n\
          DELETE fruit found\n\
          DELETE fruit not_found\n\
          GET fruit null\n\
+         PUT k3 not_found\n\
+         PUT k1 not_found\n\
+         PUT k2 not_found\n\
+         SCAN k1 k2 BEGIN\n  \
+         k1 v1\n  \
+         k2 v2\n\
+         SCAN END\n\
+         DELETE k1 found\n\
+         SCAN a z BEGIN\n  \
+         k2 v2\n  \
+         k3 v3\n  \
+         nut almond\n\
+         SCAN END\n\
+         SCAN q r BEGIN\n\
+         SCAN END\n\
+         ERROR SCAN z a: invalid argument: inverted range: the start is above the end\n\
+         ERROR SCAN k1: SCAN takes 2 arguments (SCAN from to), got 1\n\
          STOP\n",
         "nothing after STOP runs"
     );

@@ -1,7 +1,10 @@
 //! Linearizability checker for histories of a key-value register (DESIGN.md §8).
 //!
 //! The model, per key: `Get -> value | absent`, `Put(v) -> old value | absent`,
-//! `Delete -> old value | absent` (a put of "absent"). Keys are independent
+//! `Delete -> old value | absent` (a put of "absent"), and `Cas(expected, new) -> value
+//! before it`: it writes `new` (a value, or "absent" to delete) only when the state is
+//! `expected` (a value, or "absent"). A known CAS result alone says whether it swapped (the
+//! value before it equals `expected` exactly when it did). Keys are independent
 //! registers, so a history is linearizable iff each key's sub-history is
 //! (linearizability is compositional), and each key is checked on its own.
 //!
@@ -27,6 +30,8 @@
 //!   pending until the end of the history. Unknown deletes are
 //!   interchangeable, so only the earliest-invoked pending one is ever tried,
 //!   which collapses the otherwise exponential choice of "which of them".
+//! - an unknown `Cas` is treated as the put or delete it would be, guarded: it can take
+//!   effect only where the state is its `expected`, and elsewhere it is the same as never.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -40,6 +45,11 @@ pub enum Call {
     Get,
     Put(String),
     Delete,
+    /// Compare-and-swap: `new` (`None` deletes) if the state is `expected` (`None`: absent).
+    Cas {
+        expected: Option<String>,
+        new: Option<String>,
+    },
 }
 
 /// What came back.
@@ -224,12 +234,17 @@ struct SearchOp {
     expect: Option<State>,
     /// `Some(new)` for writes.
     write: Option<State>,
+    /// `Some(g)`: takes effect only in state `g` (an unknown compare-and-swap).
+    guard: Option<State>,
     /// Rank among unknown deletes by invocation (see the module doc).
     unknown_delete: Option<u32>,
 }
 
 impl SearchOp {
     fn apply(&self, state: State) -> Option<State> {
+        if self.guard.is_some_and(|g| g != state) {
+            return None;
+        }
         let new = self.write.unwrap_or(state);
         match self.expect {
             Some(expected) if expected != state => None,
@@ -292,7 +307,7 @@ fn check_key(
             let t = first_observed.entry(v.as_str()).or_insert(op.complete);
             *t = (*t).min(op.complete);
         }
-        if let Call::Put(v) = &op.call {
+        if let Call::Put(v) | Call::Cas { new: Some(v), .. } = &op.call {
             *writers.entry(v.as_str()).or_default() += 1;
         }
     }
@@ -304,21 +319,32 @@ fn check_key(
             Outcome::Ok(result) => (Some(values.id(result.as_deref())), op.complete),
             Outcome::Unknown => match &op.call {
                 Call::Get => continue,
-                Call::Put(v) => match first_observed.get(v.as_str()) {
-                    None => continue,
-                    // Clamped to the invocation so that the events stay in
-                    // order; an observer that completed even earlier then
-                    // fails on its own.
-                    Some(&seen) if writers[v.as_str()] == 1 => (None, seen.max(op.invoke)),
-                    Some(_) => (None, INFINITY),
-                },
-                Call::Delete => (None, INFINITY),
+                Call::Put(v) | Call::Cas { new: Some(v), .. } => {
+                    match first_observed.get(v.as_str()) {
+                        None => continue,
+                        // Clamped to the invocation so that the events stay in
+                        // order; an observer that completed even earlier then
+                        // fails on its own.
+                        Some(&seen) if writers[v.as_str()] == 1 => (None, seen.max(op.invoke)),
+                        Some(_) => (None, INFINITY),
+                    }
+                }
+                Call::Delete | Call::Cas { new: None, .. } => (None, INFINITY),
             },
         };
-        let write = match &op.call {
-            Call::Get => None,
-            Call::Put(v) => Some(values.id(Some(v))),
-            Call::Delete => Some(ABSENT),
+        let (write, guard) = match &op.call {
+            Call::Get => (None, None),
+            Call::Put(v) => (Some(values.id(Some(v))), None),
+            Call::Delete => (Some(ABSENT), None),
+            Call::Cas { expected, new } => {
+                let expected = values.id(expected.as_deref());
+                let new = values.id(new.as_deref());
+                match expect {
+                    // A known result is the state it saw: it swapped exactly on a match.
+                    Some(seen) => ((seen == expected).then_some(new), None),
+                    None => (Some(new), Some(expected)),
+                }
+            }
         };
         ops.push(SearchOp {
             index: i,
@@ -326,13 +352,15 @@ fn check_key(
             deadline,
             expect,
             write,
+            guard,
             unknown_delete: None,
         });
     }
     ops.sort_by_key(|op| (op.invoke, op.index));
     let mut rank = 0;
     for op in &mut ops {
-        if op.deadline == INFINITY && op.write == Some(ABSENT) {
+        // A guarded delete is not interchangeable with the others.
+        if op.deadline == INFINITY && op.write == Some(ABSENT) && op.guard.is_none() {
             op.unknown_delete = Some(rank);
             rank += 1;
         }
@@ -744,10 +772,26 @@ fn describe(op: &Operation) -> String {
         Call::Get => "get".to_owned(),
         Call::Put(v) => format!("put {}", quote(Some(v))),
         Call::Delete => "delete".to_owned(),
+        Call::Cas { expected, new } => {
+            format!(
+                "cas {} -> {}",
+                quote(expected.as_deref()),
+                quote(new.as_deref())
+            )
+        }
     };
     let result = match (&op.outcome, &op.call) {
         (Outcome::Unknown, _) => "unknown".to_owned(),
         (Outcome::Ok(r), Call::Get) => quote(r.as_deref()),
+        (Outcome::Ok(r), Call::Cas { expected, .. }) => format!(
+            "{} {}",
+            if r == expected {
+                "swapped, was"
+            } else {
+                "mismatch, is"
+            },
+            quote(r.as_deref())
+        ),
         (Outcome::Ok(r), _) => format!("old {}", quote(r.as_deref())),
     };
     format!("{call:<24} -> {result}")
@@ -882,6 +926,20 @@ mod tests {
 
         fn delete_unknown(self, at: (u64, u64)) -> Self {
             self.push("k", Call::Delete, Outcome::Unknown, at)
+        }
+
+        fn cas(
+            self,
+            expected: Option<&str>,
+            new: Option<&str>,
+            seen: Outcome,
+            at: (u64, u64),
+        ) -> Self {
+            let call = Call::Cas {
+                expected: expected.map(str::to_owned),
+                new: new.map(str::to_owned),
+            };
+            self.push("k", call, seen, at)
         }
 
         fn check(&self) -> Report {
@@ -1265,6 +1323,8 @@ mod tests {
                     Call::Get => state.clone(),
                     Call::Put(v) => Some(v.clone()),
                     Call::Delete => None,
+                    Call::Cas { expected, new } if *expected == state => new.clone(),
+                    Call::Cas { .. } => state.clone(),
                 };
                 done[i] = true;
                 let found = go(ops, done, next);
@@ -1346,5 +1406,81 @@ mod tests {
         let report = check(&ops, &CheckOptions::default());
         assert_eq!(report.verdict(), Verdict::Linearizable, "{report}");
         assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    }
+
+    #[test]
+    fn a_cas_swaps_only_on_its_expected_value() {
+        // put a; cas a->b swaps; cas a->c sees b and does not swap; get b.
+        let h = H::new()
+            .put("a", None, (0, 1))
+            .cas(Some("a"), Some("b"), ok(Some("a")), (2, 3))
+            .cas(Some("a"), Some("c"), ok(Some("b")), (4, 5))
+            .get(Some("b"), (6, 7));
+        assert_linearizable(&h);
+        // A CAS that claims a swap from a value the key never held then is refused.
+        let bad = H::new()
+            .put("a", None, (0, 1))
+            .cas(Some("x"), Some("b"), ok(Some("x")), (2, 3));
+        assert_eq!(bad.check().verdict(), Verdict::NotLinearizable);
+        // A mismatched CAS wrote nothing: reading its new value is a violation.
+        let bad = H::new()
+            .put("a", None, (0, 1))
+            .cas(Some("z"), Some("b"), ok(Some("a")), (2, 3))
+            .get(Some("b"), (4, 5));
+        assert_eq!(bad.check().verdict(), Verdict::NotLinearizable);
+        // Put-if-absent and delete-if-equal.
+        let h = H::new()
+            .cas(None, Some("a"), ok(None), (0, 1))
+            .cas(None, Some("b"), ok(Some("a")), (2, 3))
+            .cas(Some("a"), None, ok(Some("a")), (4, 5))
+            .get(None, (6, 7));
+        assert_linearizable(&h);
+    }
+
+    #[test]
+    fn an_unknown_cas_takes_effect_only_where_it_matches() {
+        // The unknown CAS 1->2 may have applied: a later read of 2 is fine.
+        let h = H::new()
+            .put("1", None, (0, 1))
+            .cas(Some("1"), Some("2"), Outcome::Unknown, (2, 3))
+            .get(Some("2"), (10, 11));
+        assert_linearizable(&h);
+        // ... or not: a read of 1 is fine too.
+        let h = H::new()
+            .put("1", None, (0, 1))
+            .cas(Some("1"), Some("2"), Outcome::Unknown, (2, 3))
+            .get(Some("1"), (10, 11));
+        assert_linearizable(&h);
+        // It cannot apply where the state is not its expected value: the key held 3 all
+        // along, so 2 can never be read.
+        let bad = H::new()
+            .put("3", None, (0, 1))
+            .cas(Some("1"), Some("2"), Outcome::Unknown, (2, 3))
+            .get(Some("2"), (10, 11));
+        assert_eq!(bad.check().verdict(), Verdict::NotLinearizable);
+        // An unknown delete-if-equal is not just any unknown delete.
+        let bad = H::new()
+            .put("3", None, (0, 1))
+            .cas(Some("1"), None, Outcome::Unknown, (2, 3))
+            .get(None, (10, 11));
+        assert_eq!(bad.check().verdict(), Verdict::NotLinearizable);
+    }
+
+    #[test]
+    fn a_counter_of_concurrent_cas_increments_checks() {
+        // Two clients race 0->1; one wins, the loser sees 1 and retries 1->2.
+        let h = H::new()
+            .put("0", None, (0, 1))
+            .cas(Some("0"), Some("1"), ok(Some("0")), (2, 6))
+            .cas(Some("0"), Some("1"), ok(Some("1")), (3, 7))
+            .cas(Some("1"), Some("2"), ok(Some("1")), (8, 9))
+            .get(Some("2"), (10, 11));
+        assert_linearizable(&h);
+        // Both claiming the win is a lost update.
+        let bad = H::new()
+            .put("0", None, (0, 1))
+            .cas(Some("0"), Some("1"), ok(Some("0")), (2, 6))
+            .cas(Some("0"), Some("1"), ok(Some("0")), (3, 7));
+        assert_eq!(bad.check().verdict(), Verdict::NotLinearizable);
     }
 }

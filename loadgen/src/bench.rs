@@ -55,9 +55,17 @@ pub struct RunArgs {
     /// Zipf workload: the exponent.
     #[arg(long, default_value_t = 0.99)]
     pub zipf: f64,
-    /// Fraction of operations that are gets: 0 is put-only, 1 get-only.
+    /// Fraction of operations that are gets: 0 is put-only, 1 get-only (of the operations
+    /// that are not scans).
     #[arg(long, default_value_t = 0.5)]
     pub read_ratio: f64,
+    /// Fraction of operations that are short scans from a chosen key (replikv only). YCSB
+    /// workload E: `--scan-ratio 0.95 --read-ratio 0` (the rest are puts).
+    #[arg(long, default_value_t = 0.0)]
+    pub scan_ratio: f64,
+    /// Most keys one scan lists; each scan asks for 1 to this many, uniformly.
+    #[arg(long, default_value_t = 100)]
+    pub scan_length: u32,
     /// Number of distinct keys.
     #[arg(long, default_value_t = 10_000)]
     pub keys: u64,
@@ -154,6 +162,8 @@ impl RunArgs {
             keys: self.keys,
             read_ratio: self.read_ratio,
             value_size: self.value_size,
+            scan_ratio: self.scan_ratio,
+            scan_length: self.scan_length,
             hot_keys: self.hot_keys,
             hot_ops: self.hot_ops,
             zipf: self.zipf,
@@ -312,6 +322,8 @@ async fn run_with(
             .unwrap_or_default(),
         workload: workload_name.to_string(),
         read_ratio: args.read_ratio,
+        scan_ratio: args.scan_ratio,
+        scan_length: args.scan_length,
         keys: args.keys,
         value_size: args.value_size,
         clients: args.clients,

@@ -50,6 +50,8 @@ pub struct RunParams {
     pub route: String,
     pub workload: String,
     pub read_ratio: f64,
+    pub scan_ratio: f64,
+    pub scan_length: u32,
     pub keys: u64,
     pub value_size: usize,
     pub clients: usize,
@@ -113,6 +115,8 @@ pub fn summary_columns(params: &RunParams, report: &RunReport) -> Vec<(&'static 
         ("route", params.route.clone()),
         ("workload", params.workload.clone()),
         ("read_ratio", params.read_ratio.to_string()),
+        ("scan_ratio", params.scan_ratio.to_string()),
+        ("scan_length", params.scan_length.to_string()),
         ("keys", params.keys.to_string()),
         ("value_size", params.value_size.to_string()),
         ("clients", params.clients.to_string()),
@@ -144,7 +148,13 @@ pub fn summary_columns(params: &RunParams, report: &RunReport) -> Vec<(&'static 
         ("retries", report.stats.retries.to_string()),
         ("get_not_found", report.get.not_found.to_string()),
     ];
-    for (prefix, stats) in [("get", &report.get), ("put", &report.put), ("all", &all)] {
+    let ops = [
+        ("get", &report.get),
+        ("put", &report.put),
+        ("scan", &report.scan),
+        ("all", &all),
+    ];
+    for (prefix, stats) in ops {
         columns.extend(op_columns(prefix, stats, report));
     }
     columns
@@ -175,6 +185,17 @@ fn op_columns(prefix: &str, stats: &OpStats, report: &RunReport) -> Vec<(&'stati
             "put_p99_us",
             "put_p999_us",
             "put_max_us",
+        ],
+        "scan" => [
+            "scan_ops",
+            "scan_ops_per_s",
+            "scan_errors",
+            "scan_mean_us",
+            "scan_p50_us",
+            "scan_p90_us",
+            "scan_p99_us",
+            "scan_p999_us",
+            "scan_max_us",
         ],
         _ => [
             "all_ops",
@@ -209,7 +230,7 @@ fn op_columns(prefix: &str, stats: &OpStats, report: &RunReport) -> Vec<(&'stati
 }
 
 /// Column names of the timeline CSV.
-pub const TIMELINE_COLUMNS: [&str; 12] = [
+pub const TIMELINE_COLUMNS: [&str; 13] = [
     "run_id",
     "second",
     "interval_s",
@@ -217,6 +238,7 @@ pub const TIMELINE_COLUMNS: [&str; 12] = [
     "ops_per_s",
     "get_ops",
     "put_ops",
+    "scan_ops",
     "errors",
     "p50_us",
     "p90_us",
@@ -234,7 +256,7 @@ pub fn write_timeline(path: &Path, run_id: &str, report: &RunReport) -> Result<(
     writer.write_record(TIMELINE_COLUMNS).map_err(csv_err)?;
     for row in &report.timeline {
         let interval = report.interval_of(row);
-        let ops = row.get_ok + row.put_ok;
+        let ops = row.get_ok + row.put_ok + row.scan_ok;
         writer
             .write_record([
                 run_id.to_string(),
@@ -244,6 +266,7 @@ pub fn write_timeline(path: &Path, run_id: &str, report: &RunReport) -> Result<(
                 rate(ops as f64 / interval),
                 row.get_ok.to_string(),
                 row.put_ok.to_string(),
+                row.scan_ok.to_string(),
                 row.errors.to_string(),
                 quantile(&row.latency, 0.5),
                 quantile(&row.latency, 0.9),
@@ -333,6 +356,8 @@ mod tests {
             route: "random".into(),
             workload: "uniform".into(),
             read_ratio: 0.5,
+            scan_ratio: 0.0,
+            scan_length: 100,
             keys: 100,
             value_size: 8,
             clients: 2,
@@ -360,6 +385,7 @@ mod tests {
             second: 0,
             get_ok: 4,
             put_ok: 0,
+            scan_ok: 0,
             errors: 1,
             latency: Histogram::new_with_bounds(1, 1_000_000, 2).unwrap(),
         };
@@ -367,6 +393,7 @@ mod tests {
         RunReport {
             get,
             put: OpStats::default(),
+            scan: OpStats::default(),
             elapsed: Duration::from_millis(500),
             preload_time: Duration::ZERO,
             preload_errors: 0,
@@ -452,6 +479,7 @@ mod tests {
         assert_eq!(&row[2], "0.500");
         assert_eq!(&row[3], "4");
         assert_eq!(&row[4], "8.0");
-        assert_eq!(&row[7], "1");
+        assert_eq!(&row[7], "0", "scans");
+        assert_eq!(&row[8], "1", "errors");
     }
 }

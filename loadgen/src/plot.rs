@@ -75,7 +75,7 @@ pub fn plot_throughput(path: &Path, title: &str, report: &RunReport) -> Result<(
         let x = row.second as f64 + interval / 2.0;
         series[0]
             .2
-            .push((x, (row.get_ok + row.put_ok) as f64 / interval));
+            .push((x, (row.get_ok + row.put_ok + row.scan_ok) as f64 / interval));
         series[1].2.push((x, row.get_ok as f64 / interval));
         series[2].2.push((x, row.put_ok as f64 / interval));
     }
@@ -344,6 +344,7 @@ mod tests {
                 second: s,
                 get_ok: 100 + s * 10,
                 put_ok: 50,
+                scan_ok: 0,
                 errors: 0,
                 latency: Histogram::new_with_bounds(1, 1_000_000, 2).unwrap(),
             };
@@ -357,6 +358,7 @@ mod tests {
         RunReport {
             get,
             put,
+            scan: OpStats::default(),
             elapsed: Duration::from_millis(4500),
             preload_time: Duration::ZERO,
             preload_errors: 0,
@@ -419,6 +421,7 @@ mod tests {
         let empty = RunReport {
             get: OpStats::default(),
             put: OpStats::default(),
+            scan: OpStats::default(),
             elapsed: Duration::ZERO,
             preload_time: Duration::ZERO,
             preload_errors: 0,

@@ -107,6 +107,9 @@ pub fn render(params: &RunParams, report: &RunReport) -> String {
     let all = report.all();
     row(&mut out, "get", &report.get, report);
     row(&mut out, "put", &report.put, report);
+    if report.scan.ok() + report.scan.errors > 0 {
+        row(&mut out, "scan", &report.scan, report);
+    }
     row(&mut out, "all", &all, report);
     let _ = writeln!(out);
     let _ = writeln!(

@@ -219,6 +219,7 @@ pub struct Second {
     pub second: u64,
     pub get_ok: u64,
     pub put_ok: u64,
+    pub scan_ok: u64,
     pub errors: u64,
     /// Latency of every successful operation that completed in this second.
     pub latency: Histogram<u64>,
@@ -230,6 +231,7 @@ impl Second {
             second,
             get_ok: 0,
             put_ok: 0,
+            scan_ok: 0,
             errors: 0,
             // Two significant digits are plenty for a per-second view and keep a long run's
             // timeline small.
@@ -243,6 +245,8 @@ impl Second {
 pub struct RunReport {
     pub get: OpStats,
     pub put: OpStats,
+    /// Short scans (`--scan-ratio`); a scan that found no key counts in `not_found`.
+    pub scan: OpStats,
     /// Measured time: from the end of warm-up until the last client stopped.
     pub elapsed: Duration,
     /// How long the preload took (zero without one).
@@ -257,10 +261,11 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    /// Gets and puts together.
+    /// Gets, puts and scans together.
     pub fn all(&self) -> OpStats {
         let mut all = self.get.clone();
         all.merge(&self.put);
+        all.merge(&self.scan);
         all
     }
 
@@ -323,6 +328,7 @@ impl Shared {
                 match kind {
                     OpKind::Get => row.get_ok += 1,
                     OpKind::Put => row.put_ok += 1,
+                    OpKind::Scan => row.scan_ok += 1,
                 }
             }
             None => row.errors += 1,
@@ -334,6 +340,7 @@ impl Shared {
 struct ClientResult {
     get: OpStats,
     put: OpStats,
+    scan: OpStats,
     stats: TargetStats,
     finished: Instant,
 }
@@ -390,6 +397,7 @@ pub async fn run(
     let mut report = RunReport {
         get: OpStats::default(),
         put: OpStats::default(),
+        scan: OpStats::default(),
         elapsed: Duration::ZERO,
         preload_time,
         preload_errors,
@@ -402,6 +410,7 @@ pub async fn run(
         let result = result?;
         report.get.merge(&result.get);
         report.put.merge(&result.put);
+        report.scan.merge(&result.scan);
         report.stats += result.stats;
         last_finish = last_finish.max(result.finished);
     }
@@ -485,6 +494,7 @@ async fn client_loop(
     let mut stop = shared.live.stop.subscribe();
     let mut get = OpStats::default();
     let mut put = OpStats::default();
+    let mut scan = OpStats::default();
     let mut measuring = false;
     let mut base_stats = target.stats();
     // Open loop: clients start spread over one interval, so they do not send in lockstep.
@@ -531,6 +541,10 @@ async fn client_loop(
 
         let kind = shared.config.workload.next_op(&mut rng);
         let key = shared.chooser.next_key(&mut rng);
+        let scan_length = match kind {
+            OpKind::Scan => shared.config.workload.next_scan_length(&mut rng),
+            _ => 0,
+        };
         seq += 1;
         let op = async {
             match kind {
@@ -539,6 +553,7 @@ async fn client_loop(
                     let value: Bytes = make_value(shared.config.workload.value_size, index, seq);
                     target.put(key, value).await.map(|_| true)
                 }
+                OpKind::Scan => target.scan(key, scan_length).await.map(|n| n > 0),
             }
         };
         let result: Result<bool, TargetError> = tokio::select! {
@@ -550,6 +565,7 @@ async fn client_loop(
         let stats = match kind {
             OpKind::Get => &mut get,
             OpKind::Put => &mut put,
+            OpKind::Scan => &mut scan,
         };
         match result {
             Ok(found) => {
@@ -580,6 +596,7 @@ async fn client_loop(
     ClientResult {
         get,
         put,
+        scan,
         stats: if measuring {
             target.stats().since(base_stats)
         } else {

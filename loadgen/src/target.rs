@@ -88,6 +88,8 @@ pub enum TargetError {
     Timeout(Duration),
     #[error("{0}")]
     Config(String),
+    #[error("{0} does not serve scans")]
+    NoScans(&'static str),
 }
 
 impl TargetError {
@@ -109,7 +111,7 @@ impl TargetError {
                     | Code::Internal
             ),
             TargetError::Redis(e) => e.is_timeout() || e.is_io_error() || e.is_connection_dropped(),
-            TargetError::Connect { .. } | TargetError::Config(_) => false,
+            TargetError::Connect { .. } | TargetError::Config(_) | TargetError::NoScans(_) => false,
         }
     }
 }
@@ -215,6 +217,18 @@ impl Target {
             Target::Replikv(client) => Ok(client.put(key, value).await?),
             Target::Etcd(etcd) => etcd.put(key, value).await,
             Target::Redis(redis) => redis.put(key, value).await,
+        }
+    }
+
+    /// Lists up to `limit` keys from `from` on (one linearizable page); returns how many.
+    pub async fn scan(&mut self, from: Bytes, limit: u32) -> Result<usize, TargetError> {
+        match self {
+            Target::Replikv(client) => {
+                let range = replikv_client::Range::Keys { from, to: None };
+                Ok(client.scan(&range, limit, None).await?.items.len())
+            }
+            Target::Etcd(_) => Err(TargetError::NoScans("the etcd target")),
+            Target::Redis(_) => Err(TargetError::NoScans("the Redis target")),
         }
     }
 

@@ -18,6 +18,8 @@ pub enum WorkloadError {
     NotAFraction { name: &'static str, value: f64 },
     #[error("--zipf exponent must be a finite number >= 0, got {0}")]
     BadZipfExponent(f64),
+    #[error("--scan-length must be between 1 and 10000, got {0}")]
+    BadScanLength(u32),
 }
 
 /// How keys are picked.
@@ -58,6 +60,11 @@ pub struct WorkloadSpec {
     pub hot_ops: f64,
     /// Zipf workload: the exponent s.
     pub zipf: f64,
+    /// Fraction of operations that are short scans (YCSB E: 0.95 with `read_ratio` 0).
+    pub scan_ratio: f64,
+    /// A scan lists up to this many keys from its start key: uniformly 1 to this many, as
+    /// YCSB's `maxscanlength` does.
+    pub scan_length: u32,
 }
 
 impl Default for WorkloadSpec {
@@ -70,6 +77,8 @@ impl Default for WorkloadSpec {
             hot_keys: 0.1,
             hot_ops: 0.9,
             zipf: 0.99,
+            scan_ratio: 0.0,
+            scan_length: 100,
         }
     }
 }
@@ -83,6 +92,10 @@ impl WorkloadSpec {
         fraction("--read-ratio", self.read_ratio)?;
         fraction("--hot-keys", self.hot_keys)?;
         fraction("--hot-ops", self.hot_ops)?;
+        fraction("--scan-ratio", self.scan_ratio)?;
+        if !(1..=10_000).contains(&self.scan_length) {
+            return Err(WorkloadError::BadScanLength(self.scan_length));
+        }
         if !self.zipf.is_finite() || self.zipf < 0.0 {
             return Err(WorkloadError::BadZipfExponent(self.zipf));
         }
@@ -101,14 +114,23 @@ impl WorkloadSpec {
         })
     }
 
-    /// Picks the next operation kind.
+    /// Picks the next operation kind: a scan with probability `scan_ratio`, else a get
+    /// with probability `read_ratio`, else a put.
     pub fn next_op<R: Rng + ?Sized>(&self, rng: &mut R) -> OpKind {
-        // `random::<f64>()` is in [0, 1): a ratio of 0 never reads and 1 always does.
-        if rng.random::<f64>() < self.read_ratio {
+        // `random::<f64>()` is in [0, 1): a ratio of 0 never reads and 1 always does. No
+        // draw without scans, so runs without them keep their seeded sequences.
+        if self.scan_ratio > 0.0 && rng.random::<f64>() < self.scan_ratio {
+            OpKind::Scan
+        } else if rng.random::<f64>() < self.read_ratio {
             OpKind::Get
         } else {
             OpKind::Put
         }
+    }
+
+    /// How many keys the next scan asks for.
+    pub fn next_scan_length<R: Rng + ?Sized>(&self, rng: &mut R) -> u32 {
+        rng.random_range(1..=self.scan_length.max(1))
     }
 }
 
@@ -120,11 +142,12 @@ fn fraction(name: &'static str, value: f64) -> Result<f64, WorkloadError> {
     }
 }
 
-/// The two operations every target supports.
+/// The operations of a workload (every target serves gets and puts; scans only replikv).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OpKind {
     Get,
     Put,
+    Scan,
 }
 
 impl OpKind {
@@ -132,6 +155,7 @@ impl OpKind {
         match self {
             OpKind::Get => "get",
             OpKind::Put => "put",
+            OpKind::Scan => "scan",
         }
     }
 }
@@ -341,6 +365,46 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+
+    #[test]
+    fn a_scan_workload_draws_scans_at_its_ratio_and_lengths_in_range() {
+        let spec = WorkloadSpec {
+            scan_ratio: 0.95,
+            read_ratio: 0.0,
+            scan_length: 100,
+            ..WorkloadSpec::default()
+        };
+        spec.validate().unwrap();
+        let mut rng = StdRng::seed_from_u64(5);
+        let n = 100_000;
+        let kinds: Vec<OpKind> = (0..n).map(|_| spec.next_op(&mut rng)).collect();
+        let scans = kinds.iter().filter(|k| **k == OpKind::Scan).count();
+        assert!(
+            (scans as f64 / n as f64 - 0.95).abs() < 0.01,
+            "{scans} scans"
+        );
+        assert!(
+            !kinds.contains(&OpKind::Get),
+            "read ratio 0: the rest are puts"
+        );
+        let lengths: Vec<u32> = (0..10_000)
+            .map(|_| spec.next_scan_length(&mut rng))
+            .collect();
+        assert!(lengths.iter().all(|l| (1..=100).contains(l)));
+        assert!(lengths.contains(&1) && lengths.contains(&100));
+        for bad in [0, 10_001] {
+            let spec = WorkloadSpec {
+                scan_length: bad,
+                ..WorkloadSpec::default()
+            };
+            assert_eq!(spec.validate(), Err(WorkloadError::BadScanLength(bad)));
+        }
+        let spec = WorkloadSpec {
+            scan_ratio: 1.5,
+            ..WorkloadSpec::default()
+        };
+        assert!(spec.validate().is_err());
+    }
 
     #[test]
     fn hot_key_share_matches_setting() {

@@ -28,6 +28,8 @@ const SUMMARY_COLUMNS: &[&str] = &[
     "route",
     "workload",
     "read_ratio",
+    "scan_ratio",
+    "scan_length",
     "keys",
     "value_size",
     "clients",
@@ -73,6 +75,15 @@ const SUMMARY_COLUMNS: &[&str] = &[
     "put_p99_us",
     "put_p999_us",
     "put_max_us",
+    "scan_ops",
+    "scan_ops_per_s",
+    "scan_errors",
+    "scan_mean_us",
+    "scan_p50_us",
+    "scan_p90_us",
+    "scan_p99_us",
+    "scan_p999_us",
+    "scan_max_us",
     "all_ops",
     "all_ops_per_s",
     "all_errors",
@@ -92,6 +103,7 @@ const TIMELINE_COLUMNS: &[&str] = &[
     "ops_per_s",
     "get_ops",
     "put_ops",
+    "scan_ops",
     "errors",
     "p50_us",
     "p90_us",
@@ -287,6 +299,57 @@ fn spawned_run_writes_the_documented_csvs_with_real_counts() {
         let png = std::fs::read(find_file(out.path(), suffix)).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     }
+}
+
+#[test]
+fn a_short_scan_workload_counts_its_scans_in_the_csvs() {
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().to_str().unwrap();
+    // YCSB workload E: 95 % short scans, the rest puts.
+    let run = Loadgen::start(&[
+        "--spawn",
+        "3",
+        "--duration",
+        "2s",
+        "--warmup",
+        "500ms",
+        "--clients",
+        "4",
+        "--keys",
+        "500",
+        "--value-size",
+        "64",
+        "--scan-ratio",
+        "0.95",
+        "--read-ratio",
+        "0",
+        "--scan-length",
+        "20",
+        "--out",
+        out_dir,
+        "--quiet",
+    ]);
+    let (status, stdout, stderr) = run.finish(RUN_TIMEOUT);
+    assert!(
+        status.success(),
+        "exit {status}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let (header, rows) = read_csv(&out.path().join("summary.csv"));
+    assert_eq!(header, SUMMARY_COLUMNS);
+    let row = &rows[0];
+    assert_eq!(row["scan_ratio"], "0.95");
+    assert_eq!(row["scan_length"], "20");
+    assert_eq!(number(row, "get_ops"), 0.0);
+    assert_eq!(number(row, "errors"), 0.0, "{row:?}");
+    let (scans, puts) = (number(row, "scan_ops"), number(row, "put_ops"));
+    assert!(scans > 0.0 && puts > 0.0, "{row:?}");
+    assert!(scans > 5.0 * puts, "{scans} scans, {puts} puts");
+    assert_eq!(number(row, "ops"), scans + puts);
+    assert!(number(row, "scan_p50_us") > 0.0);
+    let (header, seconds) = read_csv(&find_file(out.path(), ".timeline.csv"));
+    assert_eq!(header, TIMELINE_COLUMNS);
+    let timeline_scans: f64 = seconds.iter().map(|s| number(s, "scan_ops")).sum();
+    assert_eq!(timeline_scans, scans, "timeline adds up to the summary");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

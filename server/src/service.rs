@@ -18,11 +18,13 @@ use tracing::{info, instrument};
 
 use crate::config::Limits;
 use crate::convert as pb;
+use crate::engine::sequencer::{Expect, MAX_RANGE_DELETE_KEYS};
 use crate::error::{PrimaryHint, ServeError};
 use crate::fault::{Action, CrashPoint};
 use crate::identity::CLUSTER_HEADER;
 use crate::network::FROM_HEADER;
-use crate::replica::{Node, WriteReq};
+use crate::replica::{CasReq, Node, RangeDeleteReq, WriteReq};
+use crate::types::ItemRange;
 
 /// How long a request "lost" by fault injection keeps its caller waiting.
 const LOST_REQUEST_WAIT: Duration = Duration::from_secs(2);
@@ -63,6 +65,64 @@ fn check_value(value: &[u8], limits: &Limits) -> Result<(), ServeError> {
         )));
     }
     Ok(())
+}
+
+/// Most keys one scan page holds, and the page size when the request names none.
+pub const MAX_SCAN_LIMIT: u32 = 10_000;
+pub const DEFAULT_SCAN_LIMIT: u32 = 1_000;
+
+fn invalid(message: impl Into<String>) -> Status {
+    ServeError::InvalidArgument(message.into()).into_status()
+}
+
+/// Checks a key of a range (it may be empty: the range then starts at the first key).
+fn check_range_key(what: &str, key: &[u8], limits: &Limits) -> Result<(), Status> {
+    if key.len() > limits.max_key_bytes {
+        return Err(invalid(format!(
+            "{what} is {} bytes; the limit for a key is {} bytes",
+            key.len(),
+            limits.max_key_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// The items of a request's range; `whole_ok` says whether naming no bound at all (every
+/// key) is allowed.
+fn item_range(r: Option<KeyRange>, whole_ok: bool, limits: &Limits) -> Result<ItemRange, Status> {
+    let r = r.unwrap_or_default();
+    check_range_key("`from`", &r.from, limits)?;
+    check_range_key("`to`", &r.to, limits)?;
+    check_range_key("`prefix`", &r.prefix, limits)?;
+    if !r.prefix.is_empty() {
+        if !r.from.is_empty() || !r.to.is_empty() {
+            return Err(invalid(
+                "name either a prefix or a range `from`..`to`, not both",
+            ));
+        }
+        return Ok(ItemRange::prefix(&r.prefix));
+    }
+    if !r.to.is_empty() && r.from > r.to {
+        return Err(invalid("inverted range: `from` is above `to`"));
+    }
+    if r.from.is_empty() && r.to.is_empty() && !whole_ok {
+        return Err(invalid(
+            "this would take every key: name a prefix or a range `from`..`to`",
+        ));
+    }
+    Ok(ItemRange::keys(
+        &r.from,
+        (!r.to.is_empty()).then_some(&r.to[..]),
+    ))
+}
+
+/// A request's limit: `0` means `default`; above `max` is refused.
+fn check_limit(limit: u32, default: u32, max: u32) -> Result<usize, Status> {
+    match limit {
+        0 => Ok(default as usize),
+        n if n > max => Err(invalid(format!("limit {n} is above the maximum of {max}"))),
+        n => Ok(n as usize),
+    }
 }
 
 impl KvService {
@@ -151,11 +211,109 @@ impl Kv for KvService {
         &self,
         req: Request<Streaming<PipelineRequest>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
-        Ok(Response::new(replikv_proto::pipeline::serve(
+        Ok(Response::new(replikv_proto::pipeline::serve_with(
+            self.clone(),
             self.clone(),
             req.into_inner(),
             self.node.stopped(),
         )))
+    }
+}
+
+/// Scans, compare-and-swaps and range deletes: pipelined operations (docs/protocol.md).
+#[tonic::async_trait]
+impl replikv_proto::pipeline::Extra for KvService {
+    #[instrument(level = "debug", skip_all)]
+    async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let r = req.into_inner();
+        let mut range = item_range(r.range, true, &self.limits)?;
+        let limit = check_limit(r.limit, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT)?;
+        if !r.continuation.is_empty() {
+            check_range_key("the continuation", &r.continuation, &self.limits)?;
+            if !range.contains_key(&r.continuation) {
+                return Err(invalid("the continuation is not a key of the range"));
+            }
+            range = range.after(&r.continuation);
+        }
+        let (items, more) = self
+            .node
+            .scan(&range, limit)
+            .await
+            .map_err(ServeError::into_status)?;
+        let continuation = match items.last() {
+            Some((k, _)) if more => k.clone(),
+            _ if more => r.continuation,
+            _ => Bytes::new(),
+        };
+        Ok(Response::new(ScanResponse {
+            items: items
+                .into_iter()
+                .map(|(key, value)| KeyValue { key, value })
+                .collect(),
+            continuation,
+            more,
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn cas(&self, req: Request<CasRequest>) -> Result<Response<CasResponse>, Status> {
+        let r = req.into_inner();
+        check_key(&r.key, &self.limits).map_err(ServeError::into_status)?;
+        check_value(&r.expected, &self.limits).map_err(ServeError::into_status)?;
+        check_value(&r.value, &self.limits).map_err(ServeError::into_status)?;
+        if r.expect_absent && !r.expected.is_empty() {
+            return Err(invalid(
+                "an expected value and `expect_absent` exclude each other",
+            ));
+        }
+        if r.delete && !r.value.is_empty() {
+            return Err(invalid("a new value and `delete` exclude each other"));
+        }
+        if r.delete && r.expect_absent {
+            return Err(invalid(
+                "deleting a key expected to be absent changes nothing",
+            ));
+        }
+        let (swapped, current) = self
+            .node
+            .cas(CasReq {
+                key: r.key,
+                expect: if r.expect_absent {
+                    Expect::Absent
+                } else {
+                    Expect::Value(r.expected)
+                },
+                value: (!r.delete).then_some(r.value),
+                id: r.id.as_ref().map(Into::into),
+            })
+            .await
+            .map_err(ServeError::into_status)?;
+        Ok(Response::new(CasResponse {
+            swapped,
+            had_current: current.is_some(),
+            current: current.unwrap_or_default(),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn delete_range(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let r = req.into_inner();
+        let range = item_range(r.range, false, &self.limits)?;
+        let max = MAX_RANGE_DELETE_KEYS as u32;
+        let limit = check_limit(r.limit, max, max)?;
+        let (removed, more) = self
+            .node
+            .delete_range(RangeDeleteReq {
+                range,
+                limit,
+                id: r.id.as_ref().map(Into::into),
+            })
+            .await
+            .map_err(ServeError::into_status)?;
+        Ok(Response::new(DeleteRangeResponse { removed, more }))
     }
 }
 

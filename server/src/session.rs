@@ -51,6 +51,32 @@ pub struct WriteResult {
     pub old: Option<Bytes>,
 }
 
+/// The result of any sequenced operation, as a session records it for retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpResult {
+    /// A put or delete.
+    Write(WriteResult),
+    /// A compare-and-swap: whether it wrote, and the value before it (on a mismatch, the
+    /// value that did not match).
+    Cas {
+        swapped: bool,
+        current: Option<Bytes>,
+    },
+    /// A range delete: the keys it removed, and whether keys of the range remain.
+    DeleteRange { removed: u64, more: bool },
+}
+
+impl OpResult {
+    fn value_len(&self) -> usize {
+        match self {
+            OpResult::Write(WriteResult { old }) | OpResult::Cas { current: old, .. } => {
+                1 + old.as_ref().map_or(0, Bytes::len)
+            }
+            OpResult::DeleteRange { .. } => 9,
+        }
+    }
+}
+
 /// Most results one session keeps. When a new result finds every slot held by an
 /// unfinished one (the client has more than `MAX_RESULTS` writes unfinished), the oldest
 /// result is forgotten, its slot reused, and it is remembered as
@@ -206,21 +232,32 @@ const HEADER_VERSION: u8 = 2;
 pub struct StoredResult {
     pub seq: u64,
     pub lsn: u64,
-    pub result: WriteResult,
+    pub result: OpResult,
 }
 
 impl StoredResult {
     pub fn encode(&self) -> Bytes {
-        let old = self.result.old.as_ref();
-        let mut b = BytesMut::with_capacity(17 + old.map_or(0, |v| v.len()));
+        let mut b = BytesMut::with_capacity(17 + self.result.value_len());
         b.put_u64(self.seq);
         b.put_u64(self.lsn);
-        match old {
-            Some(v) => {
+        match &self.result {
+            OpResult::Write(WriteResult { old: Some(v) }) => {
                 b.put_u8(1);
                 b.put_slice(v);
             }
-            None => b.put_u8(0),
+            OpResult::Write(WriteResult { old: None }) => b.put_u8(0),
+            OpResult::Cas { swapped, current } => {
+                b.put_u8(2);
+                b.put_u8(u8::from(*swapped) | (u8::from(current.is_some()) << 1));
+                if let Some(v) = current {
+                    b.put_slice(v);
+                }
+            }
+            OpResult::DeleteRange { removed, more } => {
+                b.put_u8(3);
+                b.put_u64(*removed);
+                b.put_u8(u8::from(*more));
+            }
         }
         b.freeze()
     }
@@ -232,16 +269,33 @@ impl StoredResult {
         }
         let seq = b.get_u64();
         let lsn = b.get_u64();
-        let old = match b.get_u8() {
-            0 if b.is_empty() => None,
-            1 => Some(b),
+        let result = match b.get_u8() {
+            0 if b.is_empty() => OpResult::Write(WriteResult { old: None }),
+            1 => OpResult::Write(WriteResult { old: Some(b) }),
+            2 if b.remaining() >= 1 => {
+                let flags = b.get_u8();
+                let current = match flags >> 1 {
+                    0 if b.is_empty() => None,
+                    1 => Some(b),
+                    _ => return None,
+                };
+                OpResult::Cas {
+                    swapped: flags & 1 == 1,
+                    current,
+                }
+            }
+            3 if b.remaining() == 9 => {
+                let removed = b.get_u64();
+                let more = match b.get_u8() {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                OpResult::DeleteRange { removed, more }
+            }
             _ => return None,
         };
-        Some(StoredResult {
-            seq,
-            lsn,
-            result: WriteResult { old },
-        })
+        Some(StoredResult { seq, lsn, result })
     }
 }
 
@@ -427,7 +481,36 @@ mod tests {
             let r = StoredResult {
                 seq: 4,
                 lsn: 9,
-                result: WriteResult { old },
+                result: OpResult::Write(WriteResult { old }),
+            };
+            assert_eq!(StoredResult::decode(r.encode()), Some(r));
+        }
+        for result in [
+            OpResult::Cas {
+                swapped: true,
+                current: Some(Bytes::from_static(b"was")),
+            },
+            OpResult::Cas {
+                swapped: false,
+                current: None,
+            },
+            OpResult::Cas {
+                swapped: false,
+                current: Some(Bytes::new()),
+            },
+            OpResult::DeleteRange {
+                removed: 10_000,
+                more: true,
+            },
+            OpResult::DeleteRange {
+                removed: 0,
+                more: false,
+            },
+        ] {
+            let r = StoredResult {
+                seq: 7,
+                lsn: 3,
+                result,
             };
             assert_eq!(StoredResult::decode(r.encode()), Some(r));
         }

@@ -2,6 +2,7 @@
 //! the quorum rule, records, entries, and the choice of the most advanced state. No I/O here.
 
 use std::collections::BTreeSet;
+use std::ops::Bound;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -131,6 +132,64 @@ pub fn user_item(key: &[u8]) -> Bytes {
     v.into()
 }
 
+/// The items of a range of user keys (DESIGN.md §6 "Scans"), both bounds as given. Only
+/// user items lie within it: session and other reserved items have other prefixes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemRange {
+    pub start: Bound<Bytes>,
+    pub end: Bound<Bytes>,
+}
+
+impl ItemRange {
+    /// User keys from `from` to `to`, both inclusive; `to: None` runs to the last user key.
+    pub fn keys(from: &[u8], to: Option<&[u8]>) -> ItemRange {
+        ItemRange {
+            start: Bound::Included(user_item(from)),
+            end: match to {
+                Some(to) => Bound::Included(user_item(to)),
+                None => Bound::Excluded(Bytes::from_static(USER_ITEMS_END)),
+            },
+        }
+    }
+
+    /// Every user key that starts with `prefix`.
+    pub fn prefix(prefix: &[u8]) -> ItemRange {
+        let start = user_item(prefix);
+        // The first item after every one starting with `start`: drop trailing 0xff bytes and
+        // increment the last. `start` begins with `u`, so one is always left.
+        let mut end = start.to_vec();
+        while end.last() == Some(&0xff) {
+            end.pop();
+        }
+        *end.last_mut().expect("a user item starts with `u`") += 1;
+        ItemRange {
+            start: Bound::Included(start),
+            end: Bound::Excluded(end.into()),
+        }
+    }
+
+    /// The same range, starting after user key `key`.
+    pub fn after(self, key: &[u8]) -> ItemRange {
+        ItemRange {
+            start: Bound::Excluded(user_item(key)),
+            ..self
+        }
+    }
+
+    /// Whether user key `key` lies within the range.
+    pub fn contains_key(&self, key: &[u8]) -> bool {
+        crate::storage::within(&user_item(key), &self.start, &self.end)
+    }
+}
+
+/// The first item after every user item.
+const USER_ITEMS_END: &[u8] = b"v";
+
+/// The user key of a user item; `None` for any other item.
+pub fn key_of_user_item(item: &[u8]) -> Option<&[u8]> {
+    item.strip_prefix(b"u")
+}
+
 /// Prefix of every session header item (DESIGN.md §3, §6): `s` `h` `<hi be64>` `<lo be64>`.
 pub const SESSION_HEADER_PREFIX: &[u8] = b"sh";
 
@@ -251,6 +310,23 @@ mod tests {
         ];
         assert_eq!(most_advanced(&tie, 2).unwrap().rank, 2);
         assert_eq!(most_advanced(&tie, 7).unwrap().rank, 1);
+    }
+
+    #[test]
+    fn key_ranges_hold_only_user_items() {
+        let r = ItemRange::keys(b"b", Some(b"d"));
+        assert!(r.contains_key(b"b") && r.contains_key(b"c\xff") && r.contains_key(b"d"));
+        assert!(!r.contains_key(b"a") && !r.contains_key(b"d\0"));
+        let all = ItemRange::keys(b"", None);
+        assert!(all.contains_key(&[0xff; 8]));
+        let s = session_header_item(1, 2);
+        assert!(!crate::storage::within(&s, &all.start, &all.end));
+        let p = ItemRange::prefix(b"ab\xff");
+        assert!(p.contains_key(b"ab\xff") && p.contains_key(b"ab\xff\xff\x01"));
+        assert!(!p.contains_key(b"ac") && !p.contains_key(b"ab\xfe"));
+        let after = ItemRange::keys(b"a", Some(b"c")).after(b"b");
+        assert!(!after.contains_key(b"b") && after.contains_key(b"b\0"));
+        assert_eq!(key_of_user_item(&user_item(b"k")), Some(&b"k"[..]));
     }
 
     #[test]

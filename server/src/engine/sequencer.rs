@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::State;
 use crate::session::{self, Decision, Header};
 use crate::types::Rank;
@@ -84,6 +86,53 @@ pub fn still_idle(header: Option<&Header>, now_ms: u64, ttl_ms: u64) -> bool {
 /// and 5 minutes, so a session is collected within TTL plus one period of its last write.
 pub fn collector_period(ttl: Duration) -> Duration {
     (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(300))
+}
+
+/// What a compare-and-swap expects of its key's current value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The key does not exist.
+    Absent,
+    /// The key holds exactly this value.
+    Value(Bytes),
+}
+
+/// Whether a compare-and-swap applies, decided by the sequencer on the key's value as of
+/// every write sequenced before it (DESIGN.md §6 "Compare-and-swap"): the decision and
+/// the write are one step, so no write can come between them.
+pub fn cas_holds(expect: &Expect, current: Option<&Bytes>) -> bool {
+    match (expect, current) {
+        (Expect::Absent, None) => true,
+        (Expect::Value(want), Some(have)) => want == have,
+        _ => false,
+    }
+}
+
+/// Most keys one range delete removes (docs/protocol.md "Range deletes").
+pub const MAX_RANGE_DELETE_KEYS: usize = 10_000;
+/// Most key bytes one range delete's record carries: with 1 KiB keys, 10 000 keys would
+/// make a 10 MiB record, which every member must take in one append.
+pub const MAX_RANGE_DELETE_BYTES: usize = 4 << 20;
+
+/// The keys a range delete removes: the first of `live` (the range's keys that hold a value,
+/// in key order) up to `limit` keys and [`MAX_RANGE_DELETE_BYTES`], and whether keys of the
+/// range remain after them (`more_after` says whether `live` stops short of the range's end).
+pub fn range_delete_victims(
+    live: impl IntoIterator<Item = Bytes>,
+    limit: usize,
+    more_after: bool,
+) -> (Vec<Bytes>, bool) {
+    let limit = limit.min(MAX_RANGE_DELETE_KEYS);
+    let mut victims = Vec::new();
+    let mut bytes = 0usize;
+    for item in live {
+        if victims.len() == limit || bytes + item.len() > MAX_RANGE_DELETE_BYTES {
+            return (victims, true);
+        }
+        bytes += item.len();
+        victims.push(item);
+    }
+    (victims, more_after)
 }
 
 #[cfg(test)]
@@ -185,5 +234,41 @@ mod tests {
             collector_period(Duration::from_millis(10)),
             Duration::from_millis(100)
         );
+    }
+
+    #[test]
+    fn a_cas_applies_only_on_the_value_it_expects() {
+        let v = |s: &'static str| Bytes::from_static(s.as_bytes());
+        assert!(cas_holds(&Expect::Absent, None));
+        assert!(!cas_holds(&Expect::Absent, Some(&v("x"))));
+        assert!(cas_holds(&Expect::Value(v("x")), Some(&v("x"))));
+        assert!(!cas_holds(&Expect::Value(v("x")), Some(&v("y"))));
+        assert!(!cas_holds(&Expect::Value(v("x")), None));
+        assert!(
+            !cas_holds(&Expect::Value(v("")), None),
+            "an empty value is not an absent key"
+        );
+        assert!(cas_holds(&Expect::Value(v("")), Some(&v(""))));
+    }
+
+    #[test]
+    fn a_range_delete_stops_at_its_limit_and_says_more_remain() {
+        let keys = |n: usize| (0..n).map(|i| Bytes::from(format!("k{i:05}")));
+        let (v, more) = range_delete_victims(keys(3), 10, false);
+        assert_eq!((v.len(), more), (3, false));
+        let (v, more) = range_delete_victims(keys(3), 10, true);
+        assert_eq!(
+            (v.len(), more),
+            (3, true),
+            "the scan stopped short of the end"
+        );
+        let (v, more) = range_delete_victims(keys(11), 10, false);
+        assert_eq!((v.len(), more), (10, true));
+        assert_eq!(v[9], Bytes::from("k00009"), "the first keys, in order");
+        let (v, more) = range_delete_victims(keys(20_000), usize::MAX, false);
+        assert_eq!((v.len(), more), (MAX_RANGE_DELETE_KEYS, true));
+        let big = (0..10).map(|i| Bytes::from(vec![i as u8; MAX_RANGE_DELETE_BYTES / 4]));
+        let (v, more) = range_delete_victims(big, 100, false);
+        assert_eq!((v.len(), more), (4, true), "the record's size is bounded");
     }
 }

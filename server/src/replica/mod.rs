@@ -27,7 +27,7 @@ mod viewchange;
 mod write;
 
 use write::WriteOp;
-pub use write::WriteReq;
+pub use write::{CasReq, RangeDeleteReq, WriteReq};
 
 pub use viewchange::Reason;
 

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::engine::commit;
 use crate::error::ServeError;
-use crate::types::user_item;
+use crate::types::{key_of_user_item, user_item, ItemRange};
 
 use super::Node;
 
@@ -50,6 +50,57 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// A linearizable scan (DESIGN.md §6 "Scans"): the first `limit` keys of `range` that
+    /// hold a value, with their values, and whether more may follow. Served like a read:
+    /// only with a valid lease before and after, and only once every entry the page covers
+    /// (tombstones included) is committed, waiting for that as a read of a pending key does.
+    ///
+    /// The store answers as of one applied batch `A`: the page is the state of the keys it
+    /// covers after the log prefix up to `A`, and the newest entry among them, `n <= A`, is
+    /// committed before the answer. No write between `n` and `A` touches those keys, so the
+    /// page is what a read of each would see once `n` is committed; writes sequenced after
+    /// the scan began are concurrent with it and may be ordered after it. The page is not
+    /// scanned again after the wait, so writes that keep coming cannot starve a scan.
+    pub async fn scan(
+        self: &Arc<Self>,
+        range: &ItemRange,
+        limit: usize,
+    ) -> Result<(Vec<(Bytes, Bytes)>, bool), ServeError> {
+        self.check_read()?;
+        let page = self
+            .store
+            .scan(range.start.clone(), range.end.clone(), limit)?;
+        let newest = page.entries.iter().map(|(_, e)| e.lsn).max().unwrap_or(0);
+        if commit::read_is_pending(&self.st(), newest) {
+            let mut commits = self.commit_tx.subscribe();
+            let waited = tokio::time::timeout(
+                PENDING_READ_WAIT,
+                commits.wait_for(|c| c.committed >= newest),
+            )
+            .await;
+            if !matches!(waited, Ok(Ok(_))) {
+                let hint = self.hint(&self.st());
+                return Err(ServeError::unavailable(
+                    "the range has a write that is not committed yet",
+                    hint,
+                ));
+            }
+        }
+        // The lease must still hold after the scan, or the page may be stale.
+        self.check_read()?;
+        let more = !page.exhausted;
+        let mut items: Vec<(Bytes, Bytes)> = page
+            .live()
+            .filter_map(|(item, v)| {
+                let key = key_of_user_item(item)?;
+                Some((item.slice_ref(key), v.clone()))
+            })
+            .collect();
+        let more = more || items.len() > limit;
+        items.truncate(limit);
+        Ok((items, more))
     }
 
     fn check_read(&self) -> Result<(), ServeError> {

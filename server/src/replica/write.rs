@@ -3,7 +3,7 @@
 //! applies the batch and hands it to the member streams; the flusher makes it durable; the
 //! write waits until the commit point covers it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,14 +11,15 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info};
 
-use crate::engine::sequencer::{self as sequencing, Admission, Route};
+use crate::engine::sequencer::{self as sequencing, Admission, Expect, Route};
 use crate::error::{PrimaryHint, ServeError, SessionRefusal, StorageError};
 use crate::message::{Forward, RequestId};
 use crate::network::{NetError, StatusKind};
-use crate::session::{self, Decision, Header, SessionId, StoredResult, WriteResult};
-use crate::storage::Position;
+use crate::session::{self, Decision, Header, OpResult, SessionId, StoredResult, WriteResult};
+use crate::storage::{within, Position};
 use crate::types::{
-    session_header_item, session_of_header_item, session_result_item, user_item, Item, Record,
+    session_header_item, session_of_header_item, session_result_item, user_item, Item, ItemRange,
+    Record,
 };
 
 use super::{Node, OrFailStop};
@@ -45,9 +46,53 @@ pub struct WriteReq {
     pub id: Option<RequestId>,
 }
 
+/// A compare-and-swap (DESIGN.md §6): writes `value` (`None` deletes) only if the key's
+/// current value is what `expect` says.
+#[derive(Clone, Debug)]
+pub struct CasReq {
+    pub key: Bytes,
+    pub expect: Expect,
+    pub value: Option<Bytes>,
+    pub id: Option<RequestId>,
+}
+
+/// A range delete (DESIGN.md §6): removes up to `limit` keys of `range` in one record.
+#[derive(Clone, Debug)]
+pub struct RangeDeleteReq {
+    pub range: ItemRange,
+    pub limit: usize,
+    pub id: Option<RequestId>,
+}
+
+/// Anything the sequencer orders.
+#[derive(Clone, Debug)]
+pub(super) enum SeqOp {
+    Write(WriteReq),
+    Cas(CasReq),
+    DeleteRange(RangeDeleteReq),
+}
+
+impl SeqOp {
+    fn id(&self) -> Option<RequestId> {
+        match self {
+            SeqOp::Write(r) => r.id,
+            SeqOp::Cas(r) => r.id,
+            SeqOp::DeleteRange(r) => r.id,
+        }
+    }
+}
+
 pub(super) struct WriteOp {
-    req: WriteReq,
-    reply: oneshot::Sender<Result<(u64, WriteResult, u64), ServeError>>,
+    op: SeqOp,
+    reply: oneshot::Sender<Result<(u64, OpResult, u64), ServeError>>,
+}
+
+/// A request id reused for an operation of another kind gets this, never another kind's
+/// result.
+fn kind_mismatch() -> ServeError {
+    ServeError::InvalidArgument(
+        "this request id was used before for another kind of operation".into(),
+    )
 }
 
 impl Node {
@@ -108,13 +153,67 @@ impl Node {
 
     /// A write on the primary: sequence it, then wait for its commit.
     pub async fn write_local(self: &Arc<Self>, req: WriteReq) -> Result<WriteResult, ServeError> {
+        match self.sequence(SeqOp::Write(req)).await? {
+            OpResult::Write(r) => Ok(r),
+            _ => Err(kind_mismatch()),
+        }
+    }
+
+    /// A compare-and-swap: `(swapped, value before it)`. Only the primary decides one (its
+    /// sequencer holds the order of writes); elsewhere the answer names the primary, and
+    /// nothing was applied.
+    pub async fn cas(self: &Arc<Self>, req: CasReq) -> Result<(bool, Option<Bytes>), ServeError> {
+        self.only_on_primary("a compare-and-swap")?;
+        match self.sequence(SeqOp::Cas(req)).await? {
+            OpResult::Cas { swapped, current } => Ok((swapped, current)),
+            _ => Err(kind_mismatch()),
+        }
+    }
+
+    /// A range delete: `(keys removed, whether keys of the range remain)`. Primary only,
+    /// as [`Node::cas`].
+    pub async fn delete_range(
+        self: &Arc<Self>,
+        req: RangeDeleteReq,
+    ) -> Result<(u64, bool), ServeError> {
+        self.only_on_primary("a range delete")?;
+        match self.sequence(SeqOp::DeleteRange(req)).await? {
+            OpResult::DeleteRange { removed, more } => Ok((removed, more)),
+            _ => Err(kind_mismatch()),
+        }
+    }
+
+    /// Refuses, with no outcome and the primary's name, an operation that only the primary
+    /// takes (the peer `Forward` carries plain writes only).
+    fn only_on_primary(&self, what: &str) -> Result<(), ServeError> {
+        let st = self.st();
+        let in_cluster = self.identity.get().is_some();
+        match sequencing::route(&st, self.me, in_cluster) {
+            Route::Sequence => Ok(()),
+            Route::Forward(primary) => Err(ServeError::unavailable(
+                format!("{what} goes to the primary, rank {primary}"),
+                self.hint(&st),
+            )),
+            Route::Recovering => Err(ServeError::unavailable(
+                "primary is recovering",
+                self.hint(&st),
+            )),
+            Route::NoCluster => Err(ServeError::unavailable(
+                "this server has not joined its cluster yet",
+                None,
+            )),
+        }
+    }
+
+    /// Sequences one operation on the primary, then waits for its commit.
+    async fn sequence(self: &Arc<Self>, op: SeqOp) -> Result<OpResult, ServeError> {
         let hint = || self.hint(&self.st());
         let Ok(_permit) = self.write_permits.clone().try_acquire_owned() else {
             return Err(ServeError::Overloaded("too many writes in flight".into()));
         };
         let (tx, rx) = oneshot::channel();
         self.write_tx
-            .try_send(WriteOp { req, reply: tx })
+            .try_send(WriteOp { op, reply: tx })
             .map_err(|_| ServeError::Overloaded("write queue full".into()))?;
         let (lsn, result, term) = match rx.await {
             Ok(r) => r?,
@@ -209,15 +308,14 @@ impl Node {
             let mut overlay: HashMap<Bytes, Option<Bytes>> = HashMap::new();
             let mut records = Vec::with_capacity(ops.len() + expire.len());
             let mut replies = Vec::with_capacity(ops.len());
-            for op in ops {
-                let item = user_item(&op.req.key);
-                let session = op.req.id.and_then(|id| {
+            for WriteOp { op, reply } in ops {
+                let session = op.id().and_then(|id| {
                     SessionId::new(id.client_id_hi, id.client_id).map(|sid| (sid, id))
                 });
                 if let Some((sid, id)) = session {
                     if id.seq != 0 {
                         if let Err(e) = self.load_session(&mut sessions, sid) {
-                            replies.push((op.reply, Err(e)));
+                            replies.push((reply, Err(e)));
                             continue;
                         }
                     }
@@ -225,7 +323,7 @@ impl Node {
                     match sequencing::admit(header, id.seq, id.first_unfinished) {
                         Err(e) => {
                             let e = ServeError::InvalidArgument(e.to_string());
-                            replies.push((op.reply, Err(e)));
+                            replies.push((reply, Err(e)));
                             continue;
                         }
                         Ok(Admission::Apply) => {}
@@ -233,31 +331,70 @@ impl Node {
                             let r = self
                                 .recorded_result(&overlay, sid, id.seq, slot)
                                 .map(|r| (r.lsn, r.result, term));
-                            replies.push((op.reply, r));
+                            replies.push((reply, r));
                             continue;
                         }
                         Ok(Admission::Refuse(refused)) => {
                             let e = session_refusal(refused, sid, &id, header);
-                            replies.push((op.reply, Err(e)));
+                            replies.push((reply, Err(e)));
                             continue;
                         }
                     }
                 }
-                let old = match overlay.get(&item) {
-                    Some(v) => v.clone(),
-                    None => self
-                        .store
-                        .get(&item)
-                        .or_fail_stop(&self)
-                        .and_then(|e| e.value),
+                // The user items this operation writes, and its result.
+                let (mut items, result) = match op {
+                    SeqOp::Write(req) => {
+                        let item = user_item(&req.key);
+                        let old = self.current(&overlay, &item);
+                        (
+                            vec![Item {
+                                key: item,
+                                value: req.value,
+                            }],
+                            OpResult::Write(WriteResult { old }),
+                        )
+                    }
+                    SeqOp::Cas(req) => {
+                        let item = user_item(&req.key);
+                        let current = self.current(&overlay, &item);
+                        let swapped = sequencing::cas_holds(&req.expect, current.as_ref());
+                        let items = if swapped {
+                            vec![Item {
+                                key: item,
+                                value: req.value,
+                            }]
+                        } else {
+                            Vec::new()
+                        };
+                        (items, OpResult::Cas { swapped, current })
+                    }
+                    SeqOp::DeleteRange(req) => match self.range_victims(&overlay, &req) {
+                        Ok((victims, more)) => {
+                            let removed = victims.len() as u64;
+                            let items = victims
+                                .into_iter()
+                                .map(|key| Item { key, value: None })
+                                .collect();
+                            (items, OpResult::DeleteRange { removed, more })
+                        }
+                        Err(e) => {
+                            replies.push((reply, Err(e)));
+                            continue;
+                        }
+                    },
                 };
+                if items.is_empty() && session.is_none() {
+                    // Nothing to write and nothing to record (a CAS that did not match, a
+                    // range delete of an empty range): the answer rests on what is applied
+                    // so far, so it waits for that to commit, like a read of a pending key.
+                    replies.push((reply, Ok((applied, result, term))));
+                    continue;
+                }
+                for item in &items {
+                    overlay.insert(item.key.clone(), item.value.clone());
+                }
                 applied += 1;
                 let lsn = applied;
-                let result = WriteResult { old };
-                let mut items = vec![Item {
-                    key: item.clone(),
-                    value: op.req.value.clone(),
-                }];
                 if let Some((sid, id)) = session {
                     // The record carries this write's result and the session's small
                     // header. Results the client declared finished leave the header; their
@@ -271,22 +408,17 @@ impl Node {
                         lsn,
                         result: result.clone(),
                     };
-                    let mut set = |key: Bytes, value: Option<Bytes>| {
-                        overlay.insert(key.clone(), value.clone());
-                        items.push(Item { key, value });
-                    };
-                    set(
-                        session_result_item(sid.hi, sid.lo, slot),
-                        Some(stored.encode()),
-                    );
+                    let key = session_result_item(sid.hi, sid.lo, slot);
+                    let value = Some(stored.encode());
+                    overlay.insert(key.clone(), value.clone());
+                    items.push(Item { key, value });
                     items.push(Item {
                         key: session_header_item(sid.hi, sid.lo),
                         value: Some(header.encode()),
                     });
                 }
-                overlay.insert(item, op.req.value);
                 records.push(Record { lsn, epoch, items });
-                replies.push((op.reply, Ok((lsn, result, term))));
+                replies.push((reply, Ok((lsn, result, term))));
             }
             for sid in expire {
                 // Checked again here: the session may have been used since it was found idle.
@@ -342,6 +474,53 @@ impl Node {
             // The flusher makes it durable; the next batch need not wait for that.
             self.dirty_tx.send_replace((epoch, applied));
         }
+    }
+
+    /// An item's value as of every write sequenced so far: this batch's, else the store's.
+    fn current(&self, overlay: &HashMap<Bytes, Option<Bytes>>, item: &Bytes) -> Option<Bytes> {
+        match overlay.get(item) {
+            Some(v) => v.clone(),
+            None => self
+                .store
+                .get(item)
+                .or_fail_stop(self)
+                .and_then(|e| e.value),
+        }
+    }
+
+    /// The items a range delete removes, as of every write sequenced so far, and whether
+    /// keys of the range remain after them.
+    fn range_victims(
+        &self,
+        overlay: &HashMap<Bytes, Option<Bytes>>,
+        req: &RangeDeleteReq,
+    ) -> Result<(Vec<Bytes>, bool), ServeError> {
+        let limit = req.limit.min(sequencing::MAX_RANGE_DELETE_KEYS);
+        let page = self
+            .store
+            .scan(req.range.start.clone(), req.range.end.clone(), limit)
+            .or_fail_stop(self);
+        let mut live: BTreeMap<Bytes, bool> = page
+            .entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.value.is_some()))
+            .collect();
+        // The page covers the range up to its last entry, or all of it.
+        let covered_to = (!page.exhausted)
+            .then(|| page.entries.last().map(|(k, _)| k.clone()))
+            .flatten();
+        for (item, value) in overlay {
+            let covered = covered_to.as_ref().is_none_or(|c| item <= c);
+            if covered && within(item, &req.range.start, &req.range.end) {
+                live.insert(item.clone(), value.is_some());
+            }
+        }
+        let live = live.into_iter().filter_map(|(k, v)| v.then_some(k));
+        Ok(sequencing::range_delete_victims(
+            live,
+            limit,
+            !page.exhausted,
+        ))
     }
 
     /// Puts the stored header of `sid` into the sequencer's cache, if the session has one.

@@ -22,12 +22,14 @@
 //! - [`gc`]: tombstone collection, its horizon and the transfers that pin it.
 //! - [`compact`]: rewriting sled into a fresh directory once it is mostly garbage, and
 //!   finishing or undoing a rewrite a crash interrupted.
+//! - [`scan`]: ordered reads of a range of items across memory, the log and sled.
 
 mod compact;
 mod durable;
 mod gc;
 mod index;
 mod keys;
+mod scan;
 #[cfg(test)]
 mod testutil;
 pub mod wal;
@@ -52,6 +54,7 @@ use keys::{
     data_key, decode_entry, encode_entry, json, unjson, ACCEPTED, CLUSTER, DATA, GC_HORIZON,
     POSITION, PROMISE, VIEW,
 };
+pub use scan::{within, ScanPage};
 use wal::{Op, Wal};
 
 /// The highest ballot this acceptor promised, and to whom.
