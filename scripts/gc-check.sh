@@ -17,6 +17,9 @@
 #   BASE_KEYS    keys written before the baseline and kept (default 0)
 #   TOLERANCE    allowed growth over the baseline (default 0.2)
 #   RELEASE      1: run a release build of the server
+#   MIMALLOC_*   mimalloc's options, passed on to the servers: MIMALLOC_ALLOW_THP=0 keeps the
+#                allocator off transparent huge pages, which otherwise make up most of an idle
+#                server's resident memory (results/README.md, "Collection")
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
