@@ -64,6 +64,9 @@ pub fn continues(
     prev_epoch: u64,
     records: &[Record],
 ) -> bool {
+    if !super::rule_on!(HistoryCheck) {
+        return true;
+    }
     applied == prev_lsn
         && last_epoch == prev_epoch
         && records
@@ -124,7 +127,8 @@ pub fn accepted(st: &mut State, msg: &AppendHeader, lease: Duration, now: Now) -
 /// answered on the same stream (consecutive `msg_seq`, same epoch).
 pub fn lease_grant(mark: Option<StreamMark>, msg: &AppendHeader, lease: Duration) -> Option<Time> {
     let mark = mark?;
-    let consecutive = mark.epoch == msg.epoch && Some(msg.msg_seq) == mark.msg_seq.checked_add(1);
+    let consecutive = (mark.epoch == msg.epoch && Some(msg.msg_seq) == mark.msg_seq.checked_add(1))
+        || !super::rule_on!(ConsecutiveLease);
     (consecutive && msg.lease_ms > 0)
         .then(|| mark.answered_at + Duration::from_millis(msg.lease_ms).min(lease))
 }
