@@ -1486,8 +1486,8 @@ impl Node {
             cx.now.steady,
             self.timing.lease_guard(),
         );
-        if self.st.view.epoch != view.epoch {
-            return self.primary_install_done(cx, job.reply, Err("superseded".into()), &view);
+        if let Err(e) = installing::still_installing(&self.st, self.me, &view) {
+            return self.primary_install_done(cx, job.reply, Err(e.into()), &view);
         }
         let synced = view.backups().filter(|m| !job.failed.contains(m)).collect();
         self.become_primary(cx, &view, serve_after, commit_after, &synced);
