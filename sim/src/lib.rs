@@ -38,6 +38,9 @@ pub struct Config {
     pub duration: Duration,
     /// Keep a readable trace of events (for a failing seed).
     pub trace: bool,
+    /// Stop adding to the trace after this simulated time (the culprit of a
+    /// linearizability violation found at the end), so the trace shows what led to it.
+    pub trace_until: Option<Duration>,
 }
 
 impl Config {
@@ -48,6 +51,7 @@ impl Config {
             clients: 8,
             duration: Duration::from_secs(60),
             trace: false,
+            trace_until: None,
         }
     }
 }
@@ -72,6 +76,8 @@ pub struct Report {
     pub unsettled: bool,
     /// The last events before the first violation (with `trace`).
     pub trace: Vec<String>,
+    /// When the culprit of a linearizability violation completed.
+    pub culprit_at: Option<Duration>,
 }
 
 enum Ev {
@@ -144,6 +150,8 @@ pub struct Sim {
     report: Report,
     trace: VecDeque<String>,
     faults_until: u64,
+    /// How many trace lines are kept (`REPLIKV_SIM_TRACE_LINES`, default 150).
+    trace_lines: usize,
 }
 
 fn ns(d: Duration) -> u64 {
@@ -202,6 +210,10 @@ impl Sim {
             },
             trace: VecDeque::new(),
             faults_until,
+            trace_lines: std::env::var("REPLIKV_SIM_TRACE_LINES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(150),
             cfg,
         }
     }
@@ -216,10 +228,11 @@ impl Sim {
     }
 
     fn note(&mut self, f: impl FnOnce() -> String) {
-        if self.cfg.trace {
+        let frozen = self.cfg.trace_until.is_some_and(|u| self.now > ns(u));
+        if self.cfg.trace && !frozen {
             let line = format!("{:>10.4}s {}", self.now as f64 / 1e9, f());
             self.trace.push_back(line);
-            if self.trace.len() > 80 {
+            if self.trace.len() > self.trace_lines {
                 self.trace.pop_front();
             }
         }
@@ -786,6 +799,9 @@ impl Sim {
                 let mut s = format!("key {} is not linearizable", k.key);
                 if let Some(v) = &k.violation {
                     let _ = write!(s, ": culprit {:?}", v.culprit.op);
+                    let at = Duration::from_nanos(v.culprit.op.complete);
+                    let first = self.report.culprit_at.get_or_insert(at);
+                    *first = (*first).min(at);
                     if let Some(note) = &v.note {
                         let _ = write!(s, " ({note})");
                     }

@@ -68,8 +68,10 @@ fn repro(opt: &Opt, seed: u64) -> String {
 /// Prints a failing seed: what broke, how to replay it, and the events before it.
 fn explain(opt: &Opt, seed: u64) {
     switches(opt);
+    let first = run(config(opt, seed));
     let traced = run(Config {
         trace: true,
+        trace_until: first.culprit_at,
         ..config(opt, seed)
     });
     println!("seed {seed} FAILED:");
