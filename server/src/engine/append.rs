@@ -64,6 +64,9 @@ pub fn continues(
     prev_epoch: u64,
     records: &[Record],
 ) -> bool {
+    if !super::rule_on!(HistoryCheck) {
+        return true;
+    }
     applied == prev_lsn
         && last_epoch == prev_epoch
         && records
@@ -111,11 +114,20 @@ pub fn accepted(st: &mut State, msg: &AppendHeader, lease: Duration, now: Now) -
     if let Some(until) = lease_grant(st.stream, msg, lease) {
         st.lease_until = Some(until);
     }
-    st.stream = Some(StreamMark {
-        epoch: msg.epoch,
-        msg_seq: msg.msg_seq,
-        answered_at: now.boot,
-    });
+    // Only a message newer than the last one answered moves the mark. A stray copy of an
+    // older message must not: the primary sent the next message after the answer to the
+    // original, so measuring the next grant from the copy's (later) answer would stretch
+    // the lease past the primary's own (found by the simulator, seed 592).
+    let newer = st
+        .stream
+        .is_none_or(|m| (msg.epoch, msg.msg_seq) > (m.epoch, m.msg_seq));
+    if newer {
+        st.stream = Some(StreamMark {
+            epoch: msg.epoch,
+            msg_seq: msg.msg_seq,
+            answered_at: now.boot,
+        });
+    }
     st.last_heard = now.steady;
     msg.gc_horizon.min(committed)
 }
@@ -124,7 +136,8 @@ pub fn accepted(st: &mut State, msg: &AppendHeader, lease: Duration, now: Now) -
 /// answered on the same stream (consecutive `msg_seq`, same epoch).
 pub fn lease_grant(mark: Option<StreamMark>, msg: &AppendHeader, lease: Duration) -> Option<Time> {
     let mark = mark?;
-    let consecutive = mark.epoch == msg.epoch && Some(msg.msg_seq) == mark.msg_seq.checked_add(1);
+    let consecutive = (mark.epoch == msg.epoch && Some(msg.msg_seq) == mark.msg_seq.checked_add(1))
+        || !super::rule_on!(ConsecutiveLease);
     (consecutive && msg.lease_ms > 0)
         .then(|| mark.answered_at + Duration::from_millis(msg.lease_ms).min(lease))
 }
@@ -334,6 +347,25 @@ mod tests {
             answered_at: ms(0),
         };
         assert_eq!(lease_grant(Some(wrapped), &msg(3, 0, 400), L), None);
+    }
+
+    #[test]
+    fn a_stray_copy_of_an_old_message_neither_grants_nor_moves_the_mark() {
+        let mut st = member(View::new(3, 0, [0, 1]), 0);
+        accepted(&mut st, &msg(3, 1, 400), L, Now::at(ms(100)));
+        accepted(&mut st, &msg(3, 2, 400), L, Now::at(ms(150)));
+        assert_eq!(st.lease_until, Some(ms(500)));
+        // A late copy of message 1, then message 3, which the primary sent after the answer
+        // to the original message 2 (at 150).
+        accepted(&mut st, &msg(3, 1, 400), L, Now::at(ms(900)));
+        assert_eq!(st.stream.unwrap().answered_at, ms(150), "the mark stays");
+        assert_eq!(st.lease_until, Some(ms(500)), "nothing granted");
+        accepted(&mut st, &msg(3, 3, 400), L, Now::at(ms(950)));
+        assert_eq!(
+            st.lease_until,
+            Some(ms(550)),
+            "measured from the answer to message 2, not from the copy's"
+        );
     }
 
     #[test]

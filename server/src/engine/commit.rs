@@ -35,8 +35,13 @@ pub fn advance_commit(st: &mut State, now_steady: Time) -> Advance {
         }
         return out;
     }
+    let every_member = super::rule_on!(CommitAllMembers);
     let c = st.view.backups().fold(p.durable, |c, m| {
-        c.min(p.peers.get(&m).map_or(0, |x| x.acked))
+        if every_member {
+            c.min(p.peers.get(&m).map_or(0, |x| x.acked))
+        } else {
+            c
+        }
     });
     if c > committed {
         st.pos.committed = c;
@@ -106,7 +111,7 @@ pub fn read_refusal(st: &State, lease: Duration, now: Now) -> Option<&'static st
 /// Whether a read of a key last written at `lsn` must wait for its commit notice (§4): a
 /// pending key could otherwise be read new at one server and old at another.
 pub fn read_is_pending(st: &State, lsn: u64) -> bool {
-    lsn > st.pos.committed
+    lsn > st.pos.committed && super::rule_on!(PendingRead)
 }
 
 /// The tombstone-collection horizon of the primary (DESIGN.md §3): the lowest commit point a

@@ -101,6 +101,9 @@ pub fn install_waits(
     lease_guard: Duration,
 ) -> (Time, Time) {
     let _ = view;
+    if !super::rule_on!(InstallWait) {
+        return (now_steady, now_steady);
+    }
     let serve_after = if install.was_primary {
         now_steady
     } else {
@@ -111,6 +114,23 @@ pub fn install_waits(
         .removed_last_send
         .map_or(old, |t| old.max(t + lease_guard));
     (serve_after, commit_after)
+}
+
+/// Whether the decided primary may still take the role for `view` when its install ends
+/// (§5 step 4): not if a newer view came meanwhile, and not if meanwhile it promised another
+/// proposer a ballot above `view`'s epoch. Not yet primary, it could promise, and that
+/// proposer may since have decided the next view with its vote: a primary of `view` would
+/// then serve beside the next one, and once the next view's primary lost its disk, its vote
+/// alone (half of a two-member view, with the primary) could re-run the decided instance
+/// over a history that had moved on (found by the simulator, seed 1533).
+pub fn still_installing(st: &State, me: Rank, view: &View) -> Result<(), &'static str> {
+    if st.view.epoch != view.epoch {
+        return Err("superseded during install");
+    }
+    if st.promise.ballot > view.epoch && st.promise.to != me {
+        return Err("promised a newer ballot to another proposer during install");
+    }
+    Ok(())
 }
 
 /// Whether an install on a member comes from the right place: the view's primary, to one of
@@ -313,6 +333,27 @@ mod tests {
         assert!(begin_install_as_primary(&mut st, 0, &v, &v).is_err());
         assert!(begin_install_as_primary(&mut st, 0, &View::new(3, 0, [0]), &v).is_err());
         assert!(st.primary.is_some(), "nothing changed");
+    }
+
+    #[test]
+    fn an_install_ends_without_the_role_after_a_promise_to_another_proposer() {
+        let v = View::new(57, 0, [0, 3]);
+        let mut st = member(v.clone(), 5);
+        st.promise = crate::storage::Promise { ballot: 57, to: 0 };
+        assert_eq!(still_installing(&st, 0, &v), Ok(()));
+        st.promise = crate::storage::Promise { ballot: 58, to: 0 };
+        assert_eq!(
+            still_installing(&st, 0, &v),
+            Ok(()),
+            "its own next proposal"
+        );
+        st.promise = crate::storage::Promise { ballot: 58, to: 3 };
+        assert!(still_installing(&st, 0, &v).is_err());
+        let _ = st.adopt_view(View::new(58, 3, [0, 3]));
+        assert_eq!(
+            still_installing(&st, 0, &v),
+            Err("superseded during install")
+        );
     }
 
     #[test]

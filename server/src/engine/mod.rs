@@ -16,12 +16,29 @@
 //! - [`install`]: install and reconcile rules, state-transfer sources, joins.
 //! - [`monitor`]: take-over timing, rejoin and the retry of stuck drops.
 //! - [`sequencer`]: the primary sequencer's session rules (DESIGN.md §6, §10).
+//! - `rules` (feature `rule-switches`, tests only): switches that turn one safety rule off,
+//!   so the simulator's tests can show each rule is needed.
+
+/// Whether the safety rule `$r` ([`rules::Rule`]) is on: always, unless the crate is built
+/// with the `rule-switches` feature and a test switched it off.
+macro_rules! rule_on {
+    ($r:ident) => {{
+        #[cfg(feature = "rule-switches")]
+        let on = $crate::engine::rules::on($crate::engine::rules::Rule::$r);
+        #[cfg(not(feature = "rule-switches"))]
+        let on = true;
+        on
+    }};
+}
+pub(crate) use rule_on;
 
 pub mod append;
 pub mod commit;
 pub mod install;
 pub mod monitor;
 pub mod paxos;
+#[cfg(feature = "rule-switches")]
+pub mod rules;
 pub mod sequencer;
 pub mod state;
 

@@ -67,6 +67,9 @@ pub fn admit(
     if seq == 0 {
         return Err(SeqZero);
     }
+    if !super::rule_on!(SessionDedup) {
+        return Ok(Admission::Apply);
+    }
     Ok(match session::decide(header, seq, first_unfinished) {
         Decision::New => Admission::Apply,
         Decision::Duplicate => Admission::Duplicate {

@@ -214,7 +214,7 @@ impl State {
 
     /// Whether this server lost its state and has not rejoined yet.
     pub fn amnesiac(&self) -> bool {
-        self.amnesiac_until.is_some()
+        self.amnesiac_until.is_some() && super::rule_on!(Amnesia)
     }
 
     /// The role shown by `Status`.

@@ -422,9 +422,7 @@ impl Node {
             self.clock.steady_now(),
             self.cfg.timing.lease_guard(),
         );
-        if self.st().view.epoch != view.epoch {
-            return Err("superseded during install".into());
-        }
+        installing::still_installing(&self.st(), self.me, &view)?;
         // A member whose install failed holds nothing of this view: it must not count as
         // having acknowledged anything (§10), or a write could commit without it.
         let synced = view.backups().filter(|m| !failed.contains(m)).collect();
