@@ -20,7 +20,7 @@ use replikv_server::message::{
     Accept, AcceptReply, Append, AppendReply, Install, InstallReply, Join, JoinReply, Prepare,
     PrepareRefused, PrepareReply, Refused, RequestId, SyncError, SyncRequest,
 };
-use replikv_server::session::{Header, SessionId, StoredResult, WriteResult};
+use replikv_server::session::{Header, OpResult, SessionId, StoredResult, WriteResult};
 use replikv_server::storage::Position;
 use replikv_server::types::{
     session_header_item, session_result_item, user_item, Item, LogState, Rank, Record, SyncEntry,
@@ -666,7 +666,12 @@ impl Node {
                     .and_then(|e| e.value.clone())
                     .and_then(StoredResult::decode);
                 match stored {
-                    Some(r) if r.seq == id.seq => self.wait_commit(cx, r.lsn, term, to, r.result),
+                    // The simulated clients only put and delete.
+                    Some(StoredResult {
+                        seq,
+                        lsn,
+                        result: OpResult::Write(w),
+                    }) if seq == id.seq => self.wait_commit(cx, lsn, term, to, w),
                     _ => cx.answer(to, Answer::SessionUnknown),
                 }
                 return Ok(());
@@ -686,7 +691,7 @@ impl Node {
         let stored = StoredResult {
             seq: id.seq,
             lsn,
-            result: result.clone(),
+            result: OpResult::Write(result.clone()),
         };
         let rec = Record {
             lsn,
