@@ -59,6 +59,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long a shutdown waits for open calls to finish.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Concurrent HTTP/2 streams (calls) per client connection; `Pipeline` multiplexes many
+/// requests over one.
+pub const MAX_CLIENT_STREAMS: u32 = 256;
+
 /// Exit status of a server that stopped itself (fail-stop): a storage failure or a panic.
 pub const FAIL_STOP_EXIT: i32 = 70;
 
@@ -172,6 +176,8 @@ pub async fn run(
     };
     let client_server = client_builder
         .tcp_nodelay(true)
+        // An abusive client opens at most this many calls at once on one connection.
+        .max_concurrent_streams(Some(MAX_CLIENT_STREAMS))
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .add_service(kv)

@@ -271,6 +271,39 @@ impl LocalCluster {
         self.certs_dir().map(|d| replikv_client::certs::ca_path(&d))
     }
 
+    /// A connection to rank `rank`'s peer plane presenting the certificate `name` of the
+    /// cluster's certificate directory (e.g. `node-1` or `client-testkit`); plaintext on a
+    /// cluster that is not secure.
+    pub async fn peer_channel(
+        &self,
+        rank: usize,
+        name: &str,
+    ) -> Result<tonic::transport::Channel, String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        let addr = self.peer_addr(rank);
+        let endpoint = match self.certs_dir() {
+            None => Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?,
+            Some(dir) => {
+                let read = |f: String| std::fs::read(dir.join(&f)).map_err(|e| format!("{f}: {e}"));
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read("ca.pem".into())?))
+                    .identity(Identity::from_pem(
+                        read(format!("{name}.pem"))?,
+                        read(format!("{name}-key.pem"))?,
+                    ));
+                Endpoint::from_shared(format!("https://{addr}"))
+                    .map_err(|e| e.to_string())?
+                    .tls_config(tls)
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        endpoint
+            .connect_timeout(STATUS_DEADLINE * 4)
+            .connect()
+            .await
+            .map_err(|e| format!("{addr}: {e}"))
+    }
+
     /// The flags every server gets besides its rank and data directory: `--peers` and,
     /// on a secure cluster, its TLS settings.
     pub fn common_args(&self) -> Vec<String> {
