@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -81,7 +81,10 @@ pub fn serve_with<S: Kv + Clone, E: Extra + Clone>(
     mut requests: Streaming<PipelineRequest>,
     until: impl Future<Output = ()> + Send + 'static,
 ) -> Answers {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // Bounded: a client that sends and never reads fills this queue, then the permits, then
+    // stops being read from (HTTP/2 flow control holds it back); it cannot make the server
+    // buffer answers without limit.
+    let (tx, rx) = tokio::sync::mpsc::channel(MAX_IN_FLIGHT);
     tokio::spawn(async move {
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         while let Ok(Some(r)) = requests.message().await {
@@ -90,12 +93,13 @@ pub fn serve_with<S: Kv + Clone, E: Extra + Clone>(
             };
             let (svc, extra, tx) = (svc.clone(), extra.clone(), tx.clone());
             tokio::spawn(async move {
-                let _ = tx.send(Ok(serve_one(&svc, &extra, r).await));
+                // The permit is held until the answer is queued.
+                let _ = tx.send(Ok(serve_one(&svc, &extra, r).await)).await;
                 drop(permit);
             });
         }
     });
-    Box::pin(UnboundedReceiverStream::new(rx).take_until(until))
+    Box::pin(ReceiverStream::new(rx).take_until(until))
 }
 
 async fn serve_one<S: Kv, E: Extra>(svc: &S, extra: &E, req: PipelineRequest) -> PipelineResponse {

@@ -5,6 +5,7 @@ set -euo pipefail
 
 STATE_DIR="${REPLIKV_CLUSTER_DIR:-/tmp/replikv-cluster}"
 BASE_PORT="${REPLIKV_BASE_PORT:-7000}"
+PEER_BASE_PORT="${REPLIKV_PEER_BASE_PORT:-$((BASE_PORT + 100))}"
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() {
@@ -12,8 +13,11 @@ usage() {
 usage: $(basename "$0") COMMAND
 
 Commands:
-  start N      build if needed, then start N servers (ranks 0..N-1) on ports
-               BASE_PORT..BASE_PORT+N-1 and show their status
+  start N      build if needed, make certificates (once), then start N secure
+               servers (ranks 0..N-1): client ports BASE_PORT..BASE_PORT+N-1
+               (TLS), peer ports PEER_BASE_PORT.. (mutual TLS); show their status
+  env          print the shell exports for the replikv CLI:
+               eval "\$($(basename "$0") env)" && replikv put k v
   stop         stop every server (SIGTERM, then SIGKILL after 5 s); data and
                logs are kept, so 'start' with the same N resumes the cluster
   kill R       crash server R (SIGKILL)
@@ -24,7 +28,9 @@ Commands:
 
 Environment:
   REPLIKV_CLUSTER_DIR  state, data and logs (default /tmp/replikv-cluster; now $STATE_DIR)
-  REPLIKV_BASE_PORT    port of rank 0 (default 7000; now $BASE_PORT)
+  REPLIKV_BASE_PORT    client port of rank 0 (default 7000; now $BASE_PORT)
+  REPLIKV_PEER_BASE_PORT peer port of rank 0 (default BASE_PORT+100; now $PEER_BASE_PORT)
+  REPLIKV_CLUSTER_INSECURE=1  no certificates, no TLS (loopback only)
   REPLIKV_BIN_DIR      use the binaries in this directory instead of building
   REPLIKV_SERVER_ARGS  extra server flags, e.g. "--sync none --lease-ms 300"
   RUST_LOG             server log filter (default info)
@@ -63,12 +69,40 @@ size() {
     cat "$STATE_DIR/size"
 }
 
+# The servers' --peers value: host:client_port/peer_port by rank.
 peers() {
+    local n="$1" list="" r
+    for ((r = 0; r < n; r++)); do
+        list+="${list:+,}127.0.0.1:$((BASE_PORT + r))/$((PEER_BASE_PORT + r))"
+    done
+    echo "$list"
+}
+
+# The client addresses, as clients take them.
+clients() {
     local n="$1" list="" r
     for ((r = 0; r < n; r++)); do
         list+="${list:+,}127.0.0.1:$((BASE_PORT + r))"
     done
     echo "$list"
+}
+
+# Makes the CA, a certificate per rank and the admin client certificate into
+# STATE_DIR/certs, once.
+make_certs() {
+    local n="$1" bin="$2" r dir="$STATE_DIR/certs"
+    [[ -f "$dir/ca.pem" ]] || "$bin/replikv" cert ca --dir "$dir" --cluster local >/dev/null
+    for ((r = 0; r < n; r++)); do
+        [[ -f "$dir/node-$r.pem" ]] ||
+            "$bin/replikv" cert node --dir "$dir" --rank "$r" --hosts 127.0.0.1,localhost >/dev/null
+    done
+    [[ -f "$dir/client-admin.pem" ]] ||
+        "$bin/replikv" cert client --dir "$dir" --name admin >/dev/null
+}
+
+tls_args() {
+    [[ -f "$STATE_DIR/certs/ca.pem" ]] && echo "--tls-dir $STATE_DIR/certs"
+    return 0
 }
 
 check_rank() {
@@ -101,10 +135,10 @@ launch() {
     # shellcheck disable=SC2086 # REPLIKV_SERVER_ARGS is a list of flags
     RUST_LOG="${RUST_LOG:-info}" nohup "$bin" \
         --rank "$r" --peers "$(cat "$STATE_DIR/peers")" \
-        --data-dir "$STATE_DIR/data-$r" --bootstrap ${REPLIKV_SERVER_ARGS:-} \
+        --data-dir "$STATE_DIR/data-$r" --bootstrap $(tls_args) ${REPLIKV_SERVER_ARGS:-} \
         >>"$STATE_DIR/server-$r.log" 2>&1 </dev/null &
     echo $! >"$STATE_DIR/pid-$r"
-    echo "rank $r: pid $!, 127.0.0.1:$((BASE_PORT + r)), log $STATE_DIR/server-$r.log"
+    echo "rank $r: pid $!, 127.0.0.1:$((BASE_PORT + r)) (peers: $((PEER_BASE_PORT + r))), log $STATE_DIR/server-$r.log"
 }
 
 # Signals server R; with SIGTERM, waits up to 5 s before resorting to SIGKILL.
@@ -144,6 +178,9 @@ cmd_start() {
     echo "$n" >"$STATE_DIR/size"
     peers "$n" >"$STATE_DIR/peers"
     echo "$bin" >"$STATE_DIR/bin-dir"
+    if [[ "${REPLIKV_CLUSTER_INSECURE:-}" != 1 ]]; then
+        make_certs "$n" "$bin"
+    fi
     for ((r = 0; r < n; r++)); do
         launch "$r"
     done
@@ -184,7 +221,20 @@ cmd_status() {
             echo "rank $r: not running (log: $STATE_DIR/server-$r.log)"
         fi
     done
-    "$(cat "$STATE_DIR/bin-dir")/replikv" --servers "$(cat "$STATE_DIR/peers")" status
+    (eval "$(cmd_env)" && "$(cat "$STATE_DIR/bin-dir")/replikv" status)
+}
+
+cmd_env() {
+    local n dir="$STATE_DIR/certs"
+    n="$(size)"
+    echo "export REPLIKV_SERVERS=$(clients "$n")"
+    if [[ -f "$dir/ca.pem" ]]; then
+        echo "export REPLIKV_CA=$dir/ca.pem"
+        echo "export REPLIKV_CERT=$dir/client-admin.pem"
+        echo "export REPLIKV_KEY=$dir/client-admin-key.pem"
+    else
+        echo "unset REPLIKV_CA REPLIKV_CERT REPLIKV_KEY"
+    fi
 }
 
 cmd_logs() {
@@ -214,6 +264,7 @@ main() {
         kill) cmd_kill "$@" ;;
         restart) cmd_restart "$@" ;;
         status) cmd_status ;;
+        env) cmd_env ;;
         logs) cmd_logs "$@" ;;
         clean) cmd_clean ;;
         -h | --help | help) usage ;;

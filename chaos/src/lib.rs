@@ -235,6 +235,7 @@ pub(crate) fn start_cluster(args: &ChaosArgs, base: &Path) -> Result<LocalCluste
         extra_args,
         command: Some(command),
         base_dir: Some(base.to_path_buf()),
+        ..ClusterOptions::default()
     })?;
     Ok(cluster)
 }

@@ -120,7 +120,7 @@ pub async fn run(args: &ChaosArgs, m: &MeasureArgs) -> Result<bool, BoxError> {
     let (base, made_base) = base_dir(args, "measure")?;
     let mut cluster = start_cluster(args, &base)?;
     cluster.wait_ready(CONVERGE).await?;
-    let admin = FaultClient::new(&cluster.addrs())?;
+    let admin = FaultClient::new(&cluster)?;
     for &scenario in &m.scenarios {
         let name = scenario_name(scenario);
         if scenario == Scenario::CatchUp {

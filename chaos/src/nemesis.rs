@@ -268,7 +268,7 @@ impl<'a> Nemesis<'a> {
         clock: Clock,
         timing: Timing,
     ) -> Result<Self, String> {
-        let admin = FaultClient::new(&cluster.addrs())?;
+        let admin = FaultClient::new(cluster)?;
         Ok(Self {
             cluster,
             admin,

@@ -25,9 +25,18 @@ pub const EXIT_UNAVAILABLE: u8 = 3;
 #[derive(Debug, Parser)]
 #[command(name = "replikv", version, about)]
 pub struct Opt {
-    /// Server addresses, comma-separated (host:port).
-    #[arg(long, env = "REPLIKV_SERVERS", value_delimiter = ',', required = true)]
+    /// Server addresses, comma-separated (host:port); needed by every command but `cert`.
+    #[arg(long, env = "REPLIKV_SERVERS", value_delimiter = ',')]
     pub servers: Vec<String>,
+    /// The cluster CA certificate (PEM): speak TLS to the servers and trust this CA.
+    #[arg(long, env = "REPLIKV_CA")]
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) to present, with --key.
+    #[arg(long, env = "REPLIKV_CERT", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "REPLIKV_KEY", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
     /// Budget for the whole request, retries included (e.g. 500ms, 10s).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -99,6 +108,59 @@ pub enum Command {
     /// STOP),
     /// and answer each on one line, in order.
     Shell,
+    /// Make certificates for a secure cluster into a directory (docs/security.md).
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+/// `replikv cert`: a CA, node and client certificates.
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Create the cluster CA (once per cluster): DIR/ca.pem, DIR/ca-key.pem.
+    Ca {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The cluster's name, written into every certificate this CA signs.
+        #[arg(long, default_value = "replikv")]
+        cluster: String,
+    },
+    /// Create rank RANK's certificate (DIR/node-RANK.pem) for the hosts it is reached by.
+    Node {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        rank: u32,
+        /// Host names and IP addresses of the server, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+    },
+    /// Create a client certificate (DIR/client-NAME.pem).
+    Client {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// Runs `replikv cert`; prints the files made.
+fn cert(cmd: &CertCommand, out: &mut impl Write) -> Result<u8, Error> {
+    use crate::certs;
+    let made = match cmd {
+        CertCommand::Ca { dir, cluster } => vec![certs::create_ca(dir, cluster)],
+        CertCommand::Node { dir, rank, hosts } => {
+            let r = certs::create_node(dir, *rank, hosts);
+            vec![r.map(|(c, _)| c)]
+        }
+        CertCommand::Client { dir, name } => {
+            vec![certs::create_client(dir, name).map(|(c, _)| c)]
+        }
+    };
+    for path in made {
+        let path = path.map_err(Error::Config)?;
+        write_out(out, format!("{}\n", path.display()).as_bytes())?;
+    }
+    Ok(0)
 }
 
 /// Parses the command line, runs the command and returns its exit code.
@@ -152,7 +214,18 @@ pub fn exit_code(err: &Error) -> u8 {
 }
 
 async fn execute(opt: Opt, out: &mut impl Write) -> Result<u8, Error> {
+    if let Command::Cert(c) = &opt.command {
+        return cert(c, out);
+    }
+    let tls = opt.ca.as_ref().map(|ca| {
+        let tls = crate::config::TlsSettings::new(ca);
+        match (&opt.cert, &opt.key) {
+            (Some(cert), Some(key)) => tls.with_identity(cert, key),
+            _ => tls,
+        }
+    });
     let config = ClientConfig::new(opt.servers)
+        .with_tls(tls)
         .with_request_timeout(opt.timeout)
         .with_attempt_timeout(opt.attempt_timeout)
         .with_route(opt.route);
@@ -284,6 +357,7 @@ async fn execute(opt: Opt, out: &mut impl Write) -> Result<u8, Error> {
                 Ok(EXIT_UNAVAILABLE)
             }
         }
+        Command::Cert(c) => cert(&c, out),
     }
 }
 

@@ -194,13 +194,20 @@ impl Client {
     /// The client for `config`, with no network I/O.
     fn build(config: ClientConfig) -> Result<Client, Error> {
         let servers = config.validate()?;
+        let tls = config.tls.as_ref().map(|t| t.load()).transpose()?;
         let stubs = servers
             .iter()
             .map(|addr| {
-                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
                     .map_err(|e| Error::Config(format!("bad server address {addr:?}: {e}")))?
                     .connect_timeout(config.connect_timeout)
                     .tcp_nodelay(true);
+                if let Some(tls) = &tls {
+                    endpoint = endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|e| Error::Config(format!("TLS settings: {e}")))?;
+                }
                 Ok(KvClient::new(endpoint.connect_lazy())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES))

@@ -1,5 +1,6 @@
 //! Client configuration and server-address parsing.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::Error;
@@ -44,6 +45,66 @@ pub struct ClientConfig {
     /// configuration only; [`crate::Client::new_session`] and a
     /// [`crate::BlockingClient`] rebuilt after `fork` draw fresh ones.
     pub client_id: Option<u128>,
+    /// TLS to the servers' client port; `None` speaks in the clear. [`ClientConfig::new`]
+    /// takes it from the environment ([`TlsSettings::from_env`]).
+    pub tls: Option<TlsSettings>,
+}
+
+/// Environment variable naming the cluster CA certificate (PEM) a client trusts.
+pub const CA_ENV: &str = "REPLIKV_CA";
+/// Environment variable naming a client certificate (PEM) to present.
+pub const CERT_ENV: &str = "REPLIKV_CERT";
+/// Environment variable naming that certificate's private key (PEM).
+pub const KEY_ENV: &str = "REPLIKV_KEY";
+
+/// TLS to the servers (docs/security.md): the CA the servers' certificates must chain to,
+/// and optionally a client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub ca: PathBuf,
+    /// Client certificate and key.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsSettings {
+    /// Trusts the CA certificate at `ca`.
+    pub fn new(ca: impl Into<PathBuf>) -> Self {
+        TlsSettings {
+            ca: ca.into(),
+            identity: None,
+        }
+    }
+
+    /// Presents the client certificate `cert` with its key `key`.
+    pub fn with_identity(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.identity = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// `REPLIKV_CA`, with `REPLIKV_CERT` and `REPLIKV_KEY` if set; `None` without
+    /// `REPLIKV_CA` (or with it empty).
+    pub fn from_env() -> Option<TlsSettings> {
+        let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+        let ca = var(CA_ENV)?;
+        let mut tls = TlsSettings::new(ca);
+        if let (Some(cert), Some(key)) = (var(CERT_ENV), var(KEY_ENV)) {
+            tls = tls.with_identity(cert, key);
+        }
+        Some(tls)
+    }
+
+    /// The tonic settings: reads the files.
+    pub(crate) fn load(&self) -> Result<tonic::transport::ClientTlsConfig, Error> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|e| Error::Config(format!("cannot read {}: {e}", p.display())))
+        };
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&self.ca)?));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(tls)
+    }
 }
 
 /// Default [`ClientConfig::request_timeout`].
@@ -63,7 +124,14 @@ impl ClientConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             route: Route::default(),
             client_id: None,
+            tls: TlsSettings::from_env(),
         }
+    }
+
+    /// Sets [`ClientConfig::tls`].
+    pub fn with_tls(mut self, tls: Option<TlsSettings>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Sets [`ClientConfig::route`].
@@ -156,12 +224,10 @@ where
 pub fn parse_server_addr(input: &str) -> Result<String, Error> {
     let bad = |why: &str| Error::Config(format!("bad server address {input:?}: {why}"));
     let s = input.trim();
-    if s.starts_with("https://") {
-        return Err(bad(
-            "TLS is not supported; use host:port or http://host:port",
-        ));
-    }
-    let s = s.strip_prefix("http://").unwrap_or(s);
+    let s = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .unwrap_or(s);
     let s = s.strip_suffix('/').unwrap_or(s);
     let (host, port) = s
         .rsplit_once(':')
@@ -212,7 +278,6 @@ mod tests {
             "host:70000",
             "host:port",
             "::1:7000",
-            "https://host:7000",
             "http://user@host:7000",
             "host/path:7000",
         ] {

@@ -13,6 +13,7 @@
 //!   retry loop (DESIGN.md §6).
 //! - [`blocking`]: [`BlockingClient`], the same API behind a private runtime;
 //!   usable after `fork` (a child's first call builds a client of its own).
+//! - [`certs`]: `replikv cert`: a cluster CA, node and client certificates (PEM).
 //! - [`cli`]: the `replikv` command (`get`, `put`, `delete`, `status`, `shell`).
 //! - [`shell`]: `replikv shell`, a line protocol on stdin for people and programs.
 //!
@@ -29,6 +30,7 @@
 
 mod backoff;
 pub mod blocking;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -263,6 +263,7 @@ async fn run_with(
                 extra_args: Vec::new(),
                 command: Some(server),
                 base_dir: None,
+                ..ClusterOptions::default()
             })
             .map_err(BenchError::Spawn)?;
             let (primary, _) = tokio::select! {

@@ -32,7 +32,7 @@ enum Command {
     /// Run one replikv server in this process (how `--spawn` starts its cluster, so that no
     /// separate server binary has to be built).
     #[command(hide = true)]
-    Server(replikv_server::Opt),
+    Server(Box<replikv_server::Opt>),
 }
 
 #[tokio::main]
@@ -41,7 +41,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Some(Command::Server(opt)) => {
             replikv_server::init_tracing();
-            match replikv_server::serve(opt).await {
+            match replikv_server::serve(*opt).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("replikv-server: {e}");

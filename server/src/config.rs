@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::error::ConfigError;
+use crate::tls::TlsFiles;
 
 /// How a member makes an applied batch durable before it acknowledges it (DESIGN.md §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, ValueEnum, Deserialize)]
@@ -40,15 +41,44 @@ pub struct Opt {
     /// This server's index in --peers.
     #[arg(long, env = "REPLIKV_RANK")]
     pub rank: Option<u32>,
-    /// The static, ranked peer list, identical on every server: host:port,host:port,...
+    /// The static, ranked server list, identical on every server. Each entry is
+    /// `host:client_port/peer_port`: clients reach the server at host:client_port (the Kv
+    /// API and nothing else), the other servers at host:peer_port (the peer protocol, never
+    /// served on the client port). An entry `host:port` means `host:port/port+1`.
     #[arg(long, env = "REPLIKV_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
     /// Directory of the sled database.
     #[arg(long, env = "REPLIKV_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address to listen on (default: this server's entry in --peers).
+    /// Address the client API listens on (default: this server's client address in --peers).
     #[arg(long, env = "REPLIKV_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Address the peer protocol listens on (default: this server's peer address in --peers).
+    #[arg(long, env = "REPLIKV_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Directory made by `replikv cert`: ca.pem, node-<rank>.pem and node-<rank>-key.pem.
+    /// Both ports then speak TLS, and the peer port requires a node certificate of the same
+    /// CA naming the sender's rank (docs/security.md).
+    #[arg(long, env = "REPLIKV_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The cluster CA certificate (PEM), instead of --tls-dir's ca.pem.
+    #[arg(long, env = "REPLIKV_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This server's certificate (PEM), instead of --tls-dir's node-<rank>.pem.
+    #[arg(long, env = "REPLIKV_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This server's private key (PEM), instead of --tls-dir's node-<rank>-key.pem.
+    #[arg(long, env = "REPLIKV_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+    /// Serve without TLS on a non-loopback address: anyone who can reach the ports can read
+    /// and write every key and speak the peer protocol. Without TLS a server listens on
+    /// loopback addresses only.
+    #[arg(long, env = "REPLIKV_INSECURE")]
+    pub insecure: bool,
+    /// With TLS, still serve the client port in the clear (the peer port keeps mutual TLS).
+    /// Only on a loopback client address, unless --insecure.
+    #[arg(long)]
+    pub no_client_tls: bool,
     /// always: flush each applied batch before acking; none: rely on replication.
     #[arg(long, value_enum)]
     pub sync: Option<SyncMode>,
@@ -90,6 +120,13 @@ struct FileConfig {
     peers: Option<Vec<String>>,
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    peer_listen: Option<SocketAddr>,
+    tls_dir: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    insecure: Option<bool>,
+    no_client_tls: Option<bool>,
     sync: Option<SyncMode>,
     lease_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
@@ -108,9 +145,21 @@ pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
 #[derive(Clone, Debug)]
 pub struct Config {
     pub rank: u32,
+    /// Every server's client address (`host:port`), by rank: what Status reports and
+    /// clients dial.
     pub peers: Vec<String>,
+    /// Every server's peer-plane address (`host:port`), by rank: what servers dial.
+    pub peer_addrs: Vec<String>,
     pub data_dir: PathBuf,
+    /// Where the client API listens.
     pub listen: SocketAddr,
+    /// Where the peer protocol listens.
+    pub peer_listen: SocketAddr,
+    /// TLS material; `None` only for a server that listens on loopback or was started
+    /// with `--insecure`.
+    pub tls: Option<TlsFiles>,
+    /// Whether the client port speaks TLS (with `tls`; see [`Opt::no_client_tls`]).
+    pub client_tls: bool,
     pub sync: SyncMode,
     pub timing: Timing,
     pub limits: Limits,
@@ -194,9 +243,13 @@ impl Opt {
                 "--peers is required (host:port,host:port,...)".into(),
             ));
         }
-        for (i, p) in peers.iter().enumerate() {
-            validate_peer(p).map_err(|e| ConfigError(format!("peer {i} ({p:?}): {e}")))?;
-        }
+        let (peers, peer_addrs): (Vec<String>, Vec<String>) = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| split_peer(p).map_err(|e| ConfigError(format!("peer {i} ({p:?}): {e}"))))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         let rank = self
             .rank
             .or(file.rank)
@@ -222,6 +275,52 @@ impl Opt {
                 ))
             })?,
         };
+        let peer_listen = match self.peer_listen.or(file.peer_listen) {
+            Some(a) => a,
+            None => resolve_addr(&peer_addrs[rank as usize]).map_err(|e| {
+                ConfigError(format!(
+                    "cannot listen on peer {rank}'s peer address ({}): {e}",
+                    peer_addrs[rank as usize]
+                ))
+            })?,
+        };
+        if peer_listen == listen {
+            return Err(ConfigError(format!(
+                "the client and peer ports must differ ({listen}): peer calls are never served \
+                 on the client port"
+            )));
+        }
+        let tls = match (
+            self.tls_dir.clone().or(file.tls_dir),
+            self.tls_ca.clone().or(file.tls_ca),
+            self.tls_cert.clone().or(file.tls_cert),
+            self.tls_key.clone().or(file.tls_key),
+        ) {
+            (_, Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
+            (_, Some(_), _, _) | (_, _, Some(_), _) | (_, _, _, Some(_)) => {
+                return Err(ConfigError(
+                    "--tls-ca, --tls-cert and --tls-key go together".into(),
+                ))
+            }
+            (Some(dir), None, None, None) => Some(TlsFiles::in_dir(&dir, rank)),
+            (None, None, None, None) => None,
+        };
+        let insecure = self.insecure || file.insecure.unwrap_or(false);
+        let client_tls =
+            tls.is_some() && !(self.no_client_tls || file.no_client_tls.unwrap_or(false));
+        if !insecure {
+            let clear = [(listen, !client_tls), (peer_listen, tls.is_none())];
+            for (addr, _) in clear.into_iter().filter(|(_, clear)| *clear) {
+                if !addr.ip().is_loopback() {
+                    return Err(ConfigError(format!(
+                        "refusing to listen on {addr} without TLS: anyone who reaches it could \
+                         read and write every key and take over the cluster. Give --tls-dir \
+                         (certificates from `replikv cert`), or --insecure to serve in the \
+                         clear on a trusted network"
+                    )));
+                }
+            }
+        }
         let lease_ms = self.lease_ms.or(file.lease_ms).unwrap_or(500);
         if !(10..=60_000).contains(&lease_ms) {
             return Err(ConfigError(format!(
@@ -274,8 +373,12 @@ impl Opt {
             session_ttl,
             rank,
             peers,
+            peer_addrs,
             data_dir,
             listen,
+            peer_listen,
+            tls,
+            client_tls,
             sync: self.sync.or(file.sync).unwrap_or_default(),
             timing: Timing {
                 lease: std::time::Duration::from_millis(lease_ms),
@@ -290,14 +393,34 @@ impl Opt {
     }
 }
 
-fn validate_peer(p: &str) -> Result<(), String> {
-    let (host, port) = p.rsplit_once(':').ok_or("expected host:port")?;
+/// Splits a `--peers` entry, `host:client_port/peer_port` or `host:port` (peer port
+/// `port + 1`), into its client and peer addresses.
+fn split_peer(p: &str) -> Result<(String, String), String> {
+    let (addr, peer_port) = match p.split_once('/') {
+        Some((addr, peer)) => (addr, Some(peer)),
+        None => (p, None),
+    };
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or("expected host:port or host:client_port/peer_port")?;
     if host.is_empty() {
         return Err("empty host".into());
     }
-    port.parse::<u16>()
+    let port = port
+        .parse::<u16>()
         .map_err(|_| format!("port {port:?} is not a number in 0..=65535"))?;
-    Ok(())
+    let peer_port = match peer_port {
+        Some(pp) => pp
+            .parse::<u16>()
+            .map_err(|_| format!("peer port {pp:?} is not a number in 0..=65535"))?,
+        None => port
+            .checked_add(1)
+            .ok_or("port 65535 leaves no room for the peer port (port + 1)")?,
+    };
+    if peer_port == port {
+        return Err("the client and peer ports must differ".into());
+    }
+    Ok((format!("{host}:{port}"), format!("{host}:{peer_port}")))
 }
 
 fn resolve_addr(p: &str) -> Result<SocketAddr, String> {
@@ -334,6 +457,55 @@ mod tests {
         assert_eq!(c.timing.heartbeat.as_millis(), 100);
         assert_eq!(c.sync, SyncMode::Always);
         assert_eq!(c.session_ttl, DEFAULT_SESSION_TTL);
+        assert_eq!(c.peer_listen.port(), 3);
+        assert_eq!(c.peers, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(c.peer_addrs, ["127.0.0.1:2", "127.0.0.1:3"]);
+        assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn peer_entries_name_both_ports() {
+        let c = opt(&[
+            "--rank",
+            "1",
+            "--peers",
+            "127.0.0.1:7000/7100,127.0.0.1:7001/7101",
+            "--data-dir",
+            "/tmp/x",
+            "--tls-dir",
+            "/certs",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.listen.port(), 7001);
+        assert_eq!(c.peer_listen.port(), 7101);
+        assert_eq!(c.peers, ["127.0.0.1:7000", "127.0.0.1:7001"]);
+        assert_eq!(c.peer_addrs, ["127.0.0.1:7100", "127.0.0.1:7101"]);
+        assert_eq!(
+            c.tls.unwrap().cert,
+            std::path::Path::new("/certs/node-1.pem")
+        );
+        for bad in ["127.0.0.1:7000/7000", "127.0.0.1:7000/x"] {
+            assert!(opt(&["--rank", "0", "--peers", bad, "--data-dir", "/x"])
+                .resolve()
+                .is_err());
+        }
+    }
+
+    #[test]
+    fn no_tls_on_a_public_address_needs_insecure() {
+        let args = ["--rank", "0", "--peers", "0.0.0.0:7000", "--data-dir", "/x"];
+        let e = opt(&args).resolve().unwrap_err();
+        assert!(
+            e.0.contains("without TLS") && e.0.contains("--insecure"),
+            "{e}"
+        );
+        let mut insecure = args.to_vec();
+        insecure.push("--insecure");
+        assert!(opt(&insecure).resolve().is_ok());
+        let mut tls = args.to_vec();
+        tls.extend(["--tls-dir", "/certs"]);
+        assert!(opt(&tls).resolve().is_ok());
     }
 
     #[test]

@@ -20,7 +20,12 @@
 //! - [`replica`]: the async replica, one file per protocol step (write path, read path, the
 //!   append stream, view change, state transfer, monitor), executing the engine's decisions;
 //!   one owner of its background tasks.
-//! - [`service`]: the gRPC services (Kv, Peer, Admin).
+//! - [`tls`]: TLS settings for both listeners and the rank a verified peer certificate names.
+//! - [`service`]: the gRPC services: Kv (client listener), Peer and Admin (peer listener).
+//!
+//! [`run`] serves two listeners (DESIGN.md §10 "Peer plane"): the client listener serves
+//! the Kv API only, the peer listener the peer protocol and the Admin service only, with
+//! mutual TLS when the server has certificates.
 
 pub mod clock;
 pub mod config;
@@ -35,6 +40,7 @@ pub mod replica;
 pub mod service;
 pub mod session;
 pub mod storage;
+pub mod tls;
 pub mod types;
 
 use std::future::Future;
@@ -53,77 +59,153 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long a shutdown waits for open calls to finish.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Concurrent HTTP/2 streams (calls) per client connection; `Pipeline` multiplexes many
+/// requests over one.
+pub const MAX_CLIENT_STREAMS: u32 = 256;
+
 /// Exit status of a server that stopped itself (fail-stop): a storage failure or a panic.
 pub const FAIL_STOP_EXIT: i32 = 70;
+
+/// The server's two sockets: the client API and the peer protocol never share one.
+pub struct Listeners {
+    pub client: TcpListener,
+    pub peer: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `config.listen` and `config.peer_listen`.
+    pub async fn bind(config: &Config) -> Result<Listeners, BoxError> {
+        let bind = |addr: std::net::SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))
+        };
+        Ok(Listeners {
+            client: bind(config.listen).await?,
+            peer: bind(config.peer_listen).await?,
+        })
+    }
+}
 
 /// Runs a server with the given options until SIGTERM / Ctrl-C.
 pub async fn serve(opt: Opt) -> Result<(), BoxError> {
     fail_stop_on_panic();
     let config = opt.resolve()?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    run(config, listener, shutdown_signal()).await
+    let listeners = Listeners::bind(&config).await?;
+    run(config, listeners, shutdown_signal()).await
 }
 
-/// Serves on `listener` until `shutdown` completes. Tests and tools call this directly.
-pub async fn run(
-    config: Config,
+/// Accepted sockets of `listener`, with Nagle disabled: accepted sockets bypass the
+/// builder's TCP settings, and with Nagle a small response waits for the peer's delayed ACK
+/// (~40 ms) before it is sent.
+fn incoming(
     listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), BoxError> {
-    let store = storage::Store::open(&config.data_dir, config.sync)
-        .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
-    let faults = Arc::new(fault::Faults::default());
-    let identity = Arc::new(identity::Identity::default());
-    let net = Arc::new(network::GrpcNetwork::new(
-        config.rank,
-        &config.peers,
-        faults.clone(),
-        identity.clone(),
-    )?);
-    let node = replica::Node::open(config.clone(), store, net, faults, identity)
-        .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
-    let limits = config.limits;
-    let addr = listener.local_addr()?;
-    info!(rank = config.rank, %addr, peers = ?config.peers, sync = config.sync.as_str(), "replikv server starting");
-
-    let max = replikv_proto::MAX_MESSAGE_BYTES;
-    let kv = KvServer::new(service::KvService::new(node.clone(), limits))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
-    let peer = PeerServer::new(service::PeerService::new(node.clone(), limits))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
-    let admin = config
-        .fault_injection
-        .then(|| AdminServer::new(service::AdminService::new(node.clone())));
-    // Accepted sockets bypass the builder's TCP settings, so disable Nagle here: with it, a
-    // small response waits for the peer's delayed ACK (~40 ms) before it is sent.
-    let incoming = tokio_stream::StreamExt::map(
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::StreamExt::map(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
         |s| {
             s.inspect(|s| {
                 let _ = s.set_nodelay(true);
             })
         },
+    )
+}
+
+/// Serves until `shutdown` completes. Tests and tools call this directly.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(tls::NodeTls::load(files, config.rank)?)),
+        None => None,
+    };
+    let store = storage::Store::open(&config.data_dir, config.sync)
+        .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
+    let faults = Arc::new(fault::Faults::default());
+    let identity = Arc::new(identity::Identity::default());
+    let net = Arc::new(network::GrpcNetwork::new(
+        config.rank,
+        &config.peer_addrs,
+        tls.as_deref(),
+        faults.clone(),
+        identity.clone(),
+    )?);
+    let node = replica::Node::open(config.clone(), store, net, faults, identity)
+        .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
+    let limits = config.limits;
+    let addr = listeners.client.local_addr()?;
+    let peer_addr = listeners.peer.local_addr()?;
+    info!(
+        rank = config.rank,
+        %addr,
+        %peer_addr,
+        peers = ?config.peers,
+        peer_addrs = ?config.peer_addrs,
+        tls = tls.is_some(),
+        sync = config.sync.as_str(),
+        "replikv server starting"
     );
-    let server = tonic::transport::Server::builder()
+
+    let max = replikv_proto::MAX_MESSAGE_BYTES;
+    let kv = KvServer::new(service::KvService::new(node.clone(), limits))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let peer = PeerServer::new(service::PeerService::new(node.clone(), limits, tls.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let admin = config
+        .fault_injection
+        .then(|| AdminServer::new(service::AdminService::new(node.clone())));
+    let mut client_builder = tonic::transport::Server::builder();
+    let mut peer_builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        if config.client_tls {
+            client_builder = client_builder.tls_config(tls.client_server())?;
+        }
+        peer_builder = peer_builder.tls_config(tls.peer_server())?;
+    }
+    // One shutdown signal for both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopping = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let client_server = client_builder
         .tcp_nodelay(true)
+        // An abusive client opens at most this many calls at once on one connection.
+        .max_concurrent_streams(Some(MAX_CLIENT_STREAMS))
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .add_service(kv)
+        .serve_with_incoming_shutdown(incoming(listeners.client), stopping());
+    let peer_server = peer_builder
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
         .add_service(peer)
         .add_optional_service(admin)
-        .serve_with_incoming_shutdown(incoming, {
-            let node = node.clone();
-            async move {
+        .serve_with_incoming_shutdown(incoming(listeners.peer), stopping());
+    let server = {
+        let node = node.clone();
+        async move {
+            let trigger = async move {
                 shutdown.await;
                 // A graceful shutdown waits for every open call to end, and the pipeline
                 // and append streams would not end by themselves.
                 node.stop_streams();
+                let _ = stop_tx.send(true);
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                r = async { tokio::try_join!(client_server, peer_server) } => r.map(|_| ()),
+                _ = trigger => Ok(()),
             }
-        });
+        }
+    };
     node.start();
     // A client that keeps its side of a stream open could hold the graceful shutdown up
     // for ever: past the grace period, the remaining connections are simply dropped.

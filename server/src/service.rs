@@ -24,6 +24,7 @@ use crate::fault::{Action, CrashPoint};
 use crate::identity::CLUSTER_HEADER;
 use crate::network::FROM_HEADER;
 use crate::replica::{CasReq, Node, RangeDeleteReq, WriteReq};
+use crate::tls::{self, NodeTls};
 use crate::types::ItemRange;
 
 /// How long a request "lost" by fault injection keeps its caller waiting.
@@ -320,11 +321,33 @@ impl replikv_proto::pipeline::Extra for KvService {
 pub struct PeerService {
     node: Arc<Node>,
     limits: Limits,
+    /// `None` on a server without TLS (loopback only, or `--insecure`).
+    tls: Option<Arc<NodeTls>>,
 }
 
 impl PeerService {
-    pub fn new(node: Arc<Node>, limits: Limits) -> Self {
-        PeerService { node, limits }
+    pub fn new(node: Arc<Node>, limits: Limits, tls: Option<Arc<NodeTls>>) -> Self {
+        PeerService { node, limits, tls }
+    }
+
+    /// The sender's rank (DESIGN.md §10 "Peer plane"): with TLS, the rank its verified
+    /// certificate names, which the rank named in its metadata and the rank the request
+    /// claims to come from (`claimed`: value and field name) must equal; without TLS, the
+    /// rank its metadata names.
+    fn authenticate<T>(
+        &self,
+        req: &Request<T>,
+        claimed: Option<(u32, &str)>,
+    ) -> Result<Option<u32>, Status> {
+        let verified = tls::peer_rank(req, self.tls.as_deref())?;
+        let header = sender(req);
+        if let Some(from) = header {
+            tls::check_claim(verified, from, "sender")?;
+        }
+        if let Some((rank, field)) = claimed {
+            tls::check_claim(verified, rank, field)?;
+        }
+        Ok(verified.or(header))
     }
 
     /// Refuses a request that does not name this server's cluster (DESIGN.md §10): servers of
@@ -352,16 +375,21 @@ impl PeerService {
         }))
     }
 
-    /// Checks the request's cluster, then applies the incoming fault rules for a request
-    /// from the peer named in its metadata. Returns the action still to apply after handling
-    /// (a lost response).
-    async fn incoming<T>(&self, req: &Request<T>) -> Result<Option<Action>, Status> {
+    /// Authenticates the sender and checks the request's cluster, then applies the incoming
+    /// fault rules for a request from that sender. Returns the action still to apply after
+    /// handling (a lost response).
+    async fn incoming<T>(
+        &self,
+        req: &Request<T>,
+        claimed: Option<(u32, &str)>,
+    ) -> Result<Option<Action>, Status> {
+        let from = self.authenticate(req, claimed)?;
         self.check_cluster(req, false)?;
-        self.faults_in(req).await
+        self.faults_in(from).await
     }
 
-    async fn faults_in<T>(&self, req: &Request<T>) -> Result<Option<Action>, Status> {
-        match sender(req).and_then(|from| self.node.faults.incoming(from)) {
+    async fn faults_in(&self, from: Option<u32>) -> Result<Option<Action>, Status> {
+        match from.and_then(|from| self.node.faults.incoming(from)) {
             Some(Action::Drop) => {
                 tokio::time::sleep(LOST_REQUEST_WAIT).await;
                 Err(Status::unavailable("request lost (fault injection)"))
@@ -397,7 +425,7 @@ type AppendStream = Pin<Box<dyn Stream<Item = Result<AppendResponse, Status>> + 
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn forward(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
-        let after = self.incoming(&req).await?;
+        let after = self.incoming(&req, None).await?;
         let r = req.into_inner();
         // The same limits as a client's Put: a forward is no way around them.
         check_key(&r.key, &self.limits).map_err(ServeError::into_status)?;
@@ -435,14 +463,20 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<AppendRequest>>,
     ) -> Result<Response<AppendStream>, Status> {
+        let from = self.authenticate(&req, None)?;
         self.check_cluster(&req, false)?;
-        let from = sender(&req);
-        let state = (self.node.clone(), req.into_inner());
-        let responses = futures::stream::unfold(state, move |(node, mut requests)| async move {
+        let verified = tls::peer_rank(&req, self.tls.as_deref())?;
+        let state = (self.node.clone(), Some(req.into_inner()));
+        let responses = futures::stream::unfold(state, move |(node, requests)| async move {
+            let mut requests = requests?;
             loop {
                 // The primary closed the stream (its term ended or it gave up on this
                 // member) or the connection broke: nothing is left to answer.
                 let req = requests.message().await.ok()??;
+                // Every message names its primary: only that server's certificate may.
+                if let Err(s) = tls::check_claim(verified, req.primary, "primary") {
+                    return Some((Err(s), (node, None)));
+                }
                 let action = from.and_then(|from| node.faults.incoming(from));
                 match action {
                     Some(Action::Drop) => continue,
@@ -451,7 +485,7 @@ impl Peer for PeerService {
                 }
                 let r = node.on_append(pb::append_from_pb(req)).await;
                 if action != Some(Action::DropResponse) {
-                    return Some((Ok(pb::append_reply_to_pb(&r)), (node, requests)));
+                    return Some((Ok(pb::append_reply_to_pb(&r)), (node, Some(requests))));
                 }
             }
         });
@@ -464,7 +498,8 @@ impl Peer for PeerService {
         &self,
         req: Request<PrepareRequest>,
     ) -> Result<Response<PrepareResponse>, Status> {
-        let after = self.incoming(&req).await?;
+        let claim = (req.get_ref().proposer, "proposer");
+        let after = self.incoming(&req, Some(claim)).await?;
         let r = pb::prepare_from_pb(req.into_inner(), self.node.n);
         let r = self.node.on_prepare(r).await;
         self.finish(after, pb::prepare_reply_to_pb(&r)).await
@@ -474,7 +509,8 @@ impl Peer for PeerService {
         &self,
         req: Request<AcceptRequest>,
     ) -> Result<Response<AcceptResponse>, Status> {
-        let after = self.incoming(&req).await?;
+        let claim = (req.get_ref().proposer, "proposer");
+        let after = self.incoming(&req, Some(claim)).await?;
         let r = pb::accept_from_pb(req.into_inner(), self.node.n);
         let r = self.node.on_accept(r).await;
         self.finish(after, pb::accept_reply_to_pb(&r)).await
@@ -484,7 +520,8 @@ impl Peer for PeerService {
         &self,
         req: Request<InstallRequest>,
     ) -> Result<Response<InstallResponse>, Status> {
-        let after = self.incoming(&req).await?;
+        let claim = (req.get_ref().from, "from");
+        let after = self.incoming(&req, Some(claim)).await?;
         let r = pb::install_from_pb(req.into_inner(), self.node.n);
         let r = self.node.on_install(r).await;
         self.finish(after, pb::install_reply_to_pb(&r)).await
@@ -493,7 +530,8 @@ impl Peer for PeerService {
     type SyncStream = SyncStream;
 
     async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncStream>, Status> {
-        let after = self.incoming(&req).await?;
+        let claim = (req.get_ref().from, "from");
+        let after = self.incoming(&req, Some(claim)).await?;
         if after.is_some() {
             return self
                 .finish(after, Box::pin(futures::stream::empty()) as SyncStream)
@@ -511,7 +549,8 @@ impl Peer for PeerService {
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let after = self.incoming(&req).await?;
+        let claim = (req.get_ref().rank, "rank");
+        let after = self.incoming(&req, Some(claim)).await?;
         let r = self.node.on_join(pb::join_from_pb(req.into_inner())).await;
         self.finish(after, pb::join_reply_to_pb(&r)).await
     }
@@ -520,8 +559,9 @@ impl Peer for PeerService {
         &self,
         req: Request<DiscoverRequest>,
     ) -> Result<Response<DiscoverResponse>, Status> {
+        let from = self.authenticate(&req, Some((req.get_ref().from, "from")))?;
         self.check_cluster(&req, true)?;
-        let after = self.faults_in(&req).await?;
+        let after = self.faults_in(from).await?;
         let r = self.node.on_discover();
         self.finish(after, pb::discover_reply_to_pb(&r)).await
     }

@@ -171,10 +171,15 @@ fn a_disk_wiped_while_writes_run_loses_no_acknowledged_write() {
     });
 }
 
+/// A peer connection to `rank` as server 1 (with rank 1's certificate on a secure
+/// cluster), which is what the requests below claim to come from.
 async fn peer(cluster: &LocalCluster, rank: usize) -> PeerClient<tonic::transport::Channel> {
-    PeerClient::connect(format!("http://{}", cluster.addr(rank)))
-        .await
-        .expect("peer port reachable")
+    PeerClient::new(
+        cluster
+            .peer_channel(rank, "node-1")
+            .await
+            .expect("peer port reachable"),
+    )
 }
 
 fn with_cluster<T>(msg: T, id: Option<&str>) -> tonic::Request<T> {

@@ -141,9 +141,13 @@ fn a_panicking_task_stops_the_server() {
 fn a_forward_checks_the_value_like_a_put() {
     run(async {
         let (cluster, primary) = start_healthy(3, &["--max-value-bytes", "100"]).await;
-        let mut peer = PeerClient::connect(format!("http://{}", cluster.addr(primary)))
-            .await
-            .expect("peer port");
+        // As server 1, with its certificate: the limits hold for a real peer too.
+        let mut peer = PeerClient::new(
+            cluster
+                .peer_channel(primary, "node-1")
+                .await
+                .expect("peer port"),
+        );
         let id = peer
             .discover(DiscoverRequest { from: 1 })
             .await

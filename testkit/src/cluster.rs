@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use replikv_proto::kv::StatusResponse;
 
 use crate::process::{profile_dir, ChildGuard};
-use crate::status::{epoch, probe};
+use crate::status::{epoch, probe_tls};
 
 /// Deadline of one `Status` probe, connection included.
 const STATUS_DEADLINE: Duration = Duration::from_millis(500);
@@ -128,6 +128,13 @@ pub struct ClusterOptions {
     /// Where data directories and logs go; `None` uses a temporary directory
     /// that is removed when the cluster is dropped.
     pub base_dir: Option<PathBuf>,
+    /// Mutual TLS on the peer plane (default): a CA, node certificates and a client
+    /// certificate made into `<base>/certs` (docs/security.md). Off: `--insecure`-free
+    /// plaintext on loopback.
+    pub secure: bool,
+    /// TLS on the client port too (needs `secure`); clients then need
+    /// [`LocalCluster::ca_path`].
+    pub client_tls: bool,
 }
 
 impl Default for ClusterOptions {
@@ -139,6 +146,8 @@ impl Default for ClusterOptions {
             extra_args: Vec::new(),
             command: None,
             base_dir: None,
+            secure: true,
+            client_tls: false,
         }
     }
 }
@@ -155,7 +164,10 @@ struct Slot {
 pub struct LocalCluster {
     opts: ClusterOptions,
     command: ServerCommand,
+    /// Client ports by rank.
     ports: Vec<u16>,
+    /// Peer ports by rank.
+    peer_ports: Vec<u16>,
     base: PathBuf,
     /// Owns `base` when it is temporary; taken (kept on disk) during a panic.
     temp: Option<tempfile::TempDir>,
@@ -190,8 +202,14 @@ impl LocalCluster {
                 (temp.path().to_path_buf(), Some(temp))
             }
         };
-        let ports = free_ports(opts.servers)?;
+        let mut all = free_ports(2 * opts.servers)?;
+        let peer_ports = all.split_off(opts.servers);
+        let ports = all;
+        if opts.secure {
+            make_certs(&base.join("certs"), opts.servers)?;
+        }
         let mut cluster = LocalCluster {
+            peer_ports,
             slots: (0..opts.servers).map(|_| Slot::default()).collect(),
             opts,
             command,
@@ -223,6 +241,81 @@ impl LocalCluster {
     /// Panics if `rank` is out of range, like indexing.
     pub fn addr(&self, rank: usize) -> String {
         format!("127.0.0.1:{}", self.ports[rank])
+    }
+
+    /// Rank `rank`'s peer-plane address (panics if out of range).
+    pub fn peer_addr(&self, rank: usize) -> String {
+        format!("127.0.0.1:{}", self.peer_ports[rank])
+    }
+
+    /// Every server's peer-plane address, by rank.
+    pub fn peer_addrs(&self) -> Vec<String> {
+        (0..self.len()).map(|rank| self.peer_addr(rank)).collect()
+    }
+
+    /// The servers' `--peers` value: `127.0.0.1:<client port>/<peer port>` by rank.
+    pub fn peers_arg(&self) -> String {
+        (0..self.len())
+            .map(|r| format!("{}/{}", self.addr(r), self.peer_ports[r]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The certificate directory of a secure cluster (`replikv cert` layout).
+    pub fn certs_dir(&self) -> Option<PathBuf> {
+        self.opts.secure.then(|| self.base.join("certs"))
+    }
+
+    /// The cluster CA certificate of a secure cluster.
+    pub fn ca_path(&self) -> Option<PathBuf> {
+        self.certs_dir().map(|d| replikv_client::certs::ca_path(&d))
+    }
+
+    /// A connection to rank `rank`'s peer plane presenting the certificate `name` of the
+    /// cluster's certificate directory (e.g. `node-1` or `client-testkit`); plaintext on a
+    /// cluster that is not secure.
+    pub async fn peer_channel(
+        &self,
+        rank: usize,
+        name: &str,
+    ) -> Result<tonic::transport::Channel, String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        let addr = self.peer_addr(rank);
+        let endpoint = match self.certs_dir() {
+            None => Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?,
+            Some(dir) => {
+                let read = |f: String| std::fs::read(dir.join(&f)).map_err(|e| format!("{f}: {e}"));
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read("ca.pem".into())?))
+                    .identity(Identity::from_pem(
+                        read(format!("{name}.pem"))?,
+                        read(format!("{name}-key.pem"))?,
+                    ));
+                Endpoint::from_shared(format!("https://{addr}"))
+                    .map_err(|e| e.to_string())?
+                    .tls_config(tls)
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        endpoint
+            .connect_timeout(STATUS_DEADLINE * 4)
+            .connect()
+            .await
+            .map_err(|e| format!("{addr}: {e}"))
+    }
+
+    /// The flags every server gets besides its rank and data directory: `--peers` and,
+    /// on a secure cluster, its TLS settings.
+    pub fn common_args(&self) -> Vec<String> {
+        let mut args = vec!["--peers".to_string(), self.peers_arg()];
+        if let Some(dir) = self.certs_dir() {
+            args.push("--tls-dir".into());
+            args.push(dir.display().to_string());
+            if !self.opts.client_tls {
+                args.push("--no-client-tls".into());
+            }
+        }
+        args
     }
 
     /// The directory that holds every data directory and log.
@@ -351,7 +444,8 @@ impl LocalCluster {
         if rank >= self.len() {
             return None;
         }
-        probe(&self.addr(rank), STATUS_DEADLINE).await
+        let ca = self.opts.client_tls.then(|| self.ca_path()).flatten();
+        probe_tls(&self.addr(rank), ca.as_deref(), STATUS_DEADLINE).await
     }
 
     /// Polls `Status` on every running server until one reports role
@@ -466,8 +560,7 @@ impl LocalCluster {
         cmd.args(&self.command.args)
             .arg("--rank")
             .arg(rank.to_string())
-            .arg("--peers")
-            .arg(self.addrs().join(","))
+            .args(self.common_args())
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--sync")
@@ -554,6 +647,19 @@ fn running_child(slot: &mut Slot, rank: usize) -> io::Result<&mut Child> {
             format!("server {rank} is not running"),
         )
     })
+}
+
+/// A CA, a node certificate per rank (for 127.0.0.1 and localhost) and the client
+/// certificate `testkit` into `dir`.
+fn make_certs(dir: &Path, servers: usize) -> io::Result<()> {
+    use replikv_client::certs;
+    let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+    certs::create_ca(dir, "local").map_err(io::Error::other)?;
+    for rank in 0..servers as u32 {
+        certs::create_node(dir, rank, &hosts).map_err(io::Error::other)?;
+    }
+    certs::create_client(dir, "testkit").map_err(io::Error::other)?;
+    Ok(())
 }
 
 /// Distinct free ports on 127.0.0.1. All listeners stay bound until every

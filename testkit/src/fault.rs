@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use replikv_proto::peer::admin_client::AdminClient;
 use replikv_proto::peer::{FaultDirection, FaultKind, FaultRequest, FaultRule};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::LocalCluster;
 
 /// Deadline of one Admin RPC, connection included, unless a client says otherwise.
 pub const ADMIN_DEADLINE: Duration = Duration::from_secs(1);
@@ -29,21 +31,45 @@ pub struct FaultClient {
 }
 
 impl FaultClient {
-    /// Prepares one lazily connected channel per server; no I/O yet.
-    pub fn new(addrs: &[String]) -> Result<Self, String> {
-        Self::with_deadline(addrs, ADMIN_DEADLINE)
+    /// Prepares one lazily connected channel per server of `cluster` (the Admin service is
+    /// served on the peer plane); no I/O yet.
+    pub fn new(cluster: &LocalCluster) -> Result<Self, String> {
+        Self::with_deadline(cluster, ADMIN_DEADLINE)
     }
 
-    /// [`FaultClient::new`] with another deadline per RPC.
-    pub fn with_deadline(addrs: &[String], deadline: Duration) -> Result<Self, String> {
-        let clients = addrs
+    /// [`FaultClient::new`] with another deadline per RPC. On a secure cluster it presents
+    /// the cluster's `testkit` client certificate.
+    pub fn with_deadline(cluster: &LocalCluster, deadline: Duration) -> Result<Self, String> {
+        let tls = match cluster.certs_dir() {
+            None => None,
+            Some(dir) => {
+                let read = |p: std::path::PathBuf| {
+                    std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))
+                };
+                let (cert, key) = replikv_client::certs::client_paths(&dir, "testkit");
+                Some(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(read(
+                            replikv_client::certs::ca_path(&dir),
+                        )?))
+                        .identity(Identity::from_pem(read(cert)?, read(key)?)),
+                )
+            }
+        };
+        let clients = cluster
+            .peer_addrs()
             .iter()
             .map(|addr| {
-                Endpoint::from_shared(format!("http://{addr}"))
-                    .map(|e| AdminClient::new(e.connect_timeout(deadline).connect_lazy()))
-                    .map_err(|e| format!("bad server address {addr:?}: {e}"))
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let e = Endpoint::from_shared(format!("{scheme}://{addr}"))
+                    .map_err(|e| format!("bad server address {addr:?}: {e}"))?;
+                let e = match &tls {
+                    Some(t) => e.tls_config(t.clone()).map_err(|e| e.to_string())?,
+                    None => e,
+                };
+                Ok(AdminClient::new(e.connect_timeout(deadline).connect_lazy()))
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, String>>()?;
         Ok(Self { clients, deadline })
     }
 

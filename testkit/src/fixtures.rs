@@ -112,7 +112,7 @@ pub async fn start_with_faults(extra_args: &[&str]) -> (LocalCluster, usize, Sta
 
 /// Sends one fault-injection request to `rank`, which must accept it.
 pub async fn admin(cluster: &LocalCluster, rank: usize, req: FaultRequest) {
-    FaultClient::with_deadline(&cluster.addrs(), REQUEST_TIMEOUT)
+    FaultClient::with_deadline(cluster, REQUEST_TIMEOUT)
         .expect("server addresses are valid")
         .send(rank, req)
         .await

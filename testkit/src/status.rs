@@ -11,10 +11,30 @@ use tonic::transport::{Channel, Endpoint};
 /// One `Status` RPC to `addr` on a fresh connection; `None` unless it answered within
 /// `deadline`, connection included.
 pub async fn probe(addr: &str, deadline: Duration) -> Option<StatusResponse> {
-    let uri = format!("http://{addr}");
+    probe_tls(addr, None, deadline).await
+}
+
+/// [`probe`] over TLS, trusting the CA certificate `ca`, when `ca` is given.
+pub async fn probe_tls(
+    addr: &str,
+    ca: Option<&std::path::Path>,
+    deadline: Duration,
+) -> Option<StatusResponse> {
     let call = async {
-        let channel = Endpoint::from_shared(uri)
-            .ok()?
+        let endpoint = match ca {
+            None => Endpoint::from_shared(format!("http://{addr}")).ok()?,
+            Some(ca) => {
+                let pem = std::fs::read(ca).ok()?;
+                Endpoint::from_shared(format!("https://{addr}"))
+                    .ok()?
+                    .tls_config(
+                        tonic::transport::ClientTlsConfig::new()
+                            .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                    )
+                    .ok()?
+            }
+        };
+        let channel = endpoint
             .connect_timeout(deadline)
             .timeout(deadline)
             .connect()

@@ -25,6 +25,7 @@ use crate::message::{
     InstallReply, Join, JoinReply, Prepare, PrepareReply, SyncChunk, SyncRequest,
 };
 use crate::session::WriteResult;
+use crate::tls::NodeTls;
 use crate::types::Rank;
 
 /// Metadata header naming the calling server's rank on every peer request.
@@ -43,23 +44,40 @@ impl GrpcNetwork {
     pub fn new(
         me: Rank,
         peers: &[String],
+        tls: Option<&NodeTls>,
         faults: Arc<Faults>,
         identity: Arc<Identity>,
     ) -> Result<GrpcNetwork, String> {
         let channels = peers
             .iter()
             .map(|p| {
-                Endpoint::from_shared(format!("http://{p}"))
-                    .map(|e| {
-                        e.connect_timeout(Duration::from_millis(300))
-                            .tcp_nodelay(true)
-                            .initial_stream_window_size(Some(8 << 20))
-                            .initial_connection_window_size(Some(16 << 20))
-                            .http2_keep_alive_interval(Duration::from_secs(5))
-                            .keep_alive_timeout(Duration::from_secs(5))
-                            .connect_lazy()
-                    })
-                    .map_err(|e| format!("peer {p}: {e}"))
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let endpoint = Endpoint::from_shared(format!("{scheme}://{p}"))
+                    .map_err(|e| format!("peer {p}: {e}"))?;
+                // Mutual TLS (DESIGN.md §10 "Peer plane"): the peer proves it holds a
+                // certificate of the cluster CA for its address, and this server presents
+                // the certificate naming its own rank.
+                let endpoint = match tls {
+                    Some(tls) => {
+                        let host = p.rsplit_once(':').map_or(p.as_str(), |(h, _)| h);
+                        endpoint
+                            .tls_config(tls.peer_client(host))
+                            .map_err(|e| format!("peer {p}: {e}"))?
+                    }
+                    None => endpoint,
+                };
+                Ok::<_, String>(endpoint)
+            })
+            .map(|e| {
+                e.map(|e| {
+                    e.connect_timeout(Duration::from_millis(300))
+                        .tcp_nodelay(true)
+                        .initial_stream_window_size(Some(8 << 20))
+                        .initial_connection_window_size(Some(16 << 20))
+                        .http2_keep_alive_interval(Duration::from_secs(5))
+                        .keep_alive_timeout(Duration::from_secs(5))
+                        .connect_lazy()
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(GrpcNetwork {
