@@ -43,7 +43,7 @@ pub const OUTCOME_HEADER: &str = "replikv-outcome";
 pub const OUTCOME_UNKNOWN: &str = "unknown";
 /// See [`OUTCOME_HEADER`].
 pub const OUTCOME_NONE: &str = "none";
-/// Metadata header of a `FAILED_PRECONDITION` with which a session refuses a write (DESIGN.md
+/// Metadata header of a `FAILED_PRECONDITION` with which a session refuses a write (docs/design.md
 /// §10 "Sessions"): [`SESSION_EXPIRED`] or [`SESSION_RESULT_UNKNOWN`]. The refused request
 /// applied nothing; every server answers it the same way, so it is not retried elsewhere.
 pub const SESSION_HEADER: &str = "replikv-session";

@@ -2,7 +2,7 @@
 # The long nemesis soak: five servers, every fault kind in healed rounds (lost
 # disks, whole-cluster restarts with a wiped disk, two faults together, crashes
 # armed at the steps of a view change or transfer), ten recording clients, then
-# the checks of `replikv-chaos` (DESIGN.md §8, §10): convergence, no
+# the checks of `replikv-chaos` (docs/design.md §8, §10): convergence, no
 # acknowledged write lost, growing epochs, wiped servers serving only after they
 # rejoined, no panics, a linearizable history.
 #

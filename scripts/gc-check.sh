@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bounded growth check (DESIGN.md §3): a 3-server cluster, then 1 000 000 keys written and
+# Bounded growth check (docs/design.md §3): a 3-server cluster, then 1 000 000 keys written and
 # deleted; prints each server's resident memory and data-directory size before the writes,
 # after them, and after the deletes once the tombstones are collected, and fails if any
 # ends more than 20 % above where it started. Takes minutes.

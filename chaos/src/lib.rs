@@ -1,4 +1,4 @@
-//! replikv-chaos: the nemesis (DESIGN.md §8): faults injected while clients
+//! replikv-chaos: the nemesis (docs/design.md §8): faults injected while clients
 //! run, histories checked afterwards by `replikv-lincheck`.
 //!
 //! - [`history`]: the run clock, recorded operations and nemesis events, CSV.

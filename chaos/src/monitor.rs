@@ -1,4 +1,4 @@
-//! Watches every server's `Status` during the run for invariants of DESIGN.md
+//! Watches every server's `Status` during the run for invariants of docs/design.md
 //! §2, §8 and §10 that a client history cannot show: a server's view epoch
 //! never decreases (across restarts too, since views are persisted), no two
 //! servers are primary of the same epoch, and a server whose data was wiped

@@ -1,4 +1,4 @@
-//! The nemesis: the faults of DESIGN.md §8 and §10, injected in rounds, each
+//! The nemesis: the faults of docs/design.md §8 and §10, injected in rounds, each
 //! healed (and the cluster whole again) before the next.
 //!
 //! Process faults (kill, pause, restart, a lost disk) go through
@@ -225,7 +225,7 @@ pub struct Timing {
     /// Quiet time after each heal.
     pub settle: Duration,
     /// Long enough for a failover: the survivors notice that the primary is
-    /// silent (L(1+eps) and a stagger, DESIGN.md §5), run the view change and
+    /// silent (L(1+eps) and a stagger, docs/design.md §5), run the view change and
     /// wait out the old leases.
     pub view_change: Duration,
 }
@@ -454,7 +454,7 @@ impl<'a> Nemesis<'a> {
 
     /// The server most likely to reach `step` once `primary` dies. The
     /// survivors stagger their take-over by rank distance after the old
-    /// primary (DESIGN.md §5), so the next rank proposes, becomes primary and
+    /// primary (docs/design.md §5), so the next rank proposes, becomes primary and
     /// sources the reconcile's transfers; the other survivors promise,
     /// accept and install.
     fn reaches(&mut self, step: &str, primary: usize) -> usize {
@@ -748,7 +748,7 @@ impl<'a> Nemesis<'a> {
                     steps.push(format!("+{} ms {how} {rank}", gap.as_millis()));
                 }
                 // Never the last one standing: it may have acknowledged
-                // writes alone (a view shrinks down to its primary, DESIGN.md
+                // writes alone (a view shrinks down to its primary, docs/design.md
                 // §5), and its disk would hold their only copy. Nor, unless
                 // asked, the one stopped before it: it may be the primary of
                 // the last view, with the last one as its only backup, and

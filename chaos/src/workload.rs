@@ -120,7 +120,7 @@ pub fn is_acknowledged_witness(entry: &Entry) -> bool {
 }
 
 /// A failed get tells nothing. A failed write is unknown unless the client
-/// is sure it did not apply (DESIGN.md §6: never a definite failure for an
+/// is sure it did not apply (docs/design.md §6: never a definite failure for an
 /// outcome that may have taken effect).
 fn fate_of_error(call: &Call, e: &Error) -> Fate {
     if *call != Call::Get && e.is_outcome_unknown() {

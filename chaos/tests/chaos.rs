@@ -1,4 +1,4 @@
-//! Every fault kind of DESIGN.md §8 and §10, briefly, against real servers:
+//! Every fault kind of docs/design.md §8 and §10, briefly, against real servers:
 //! `replikv-chaos` must pass all of its checks (no acknowledged write
 //! lost, linearizable history, converged replicas, growing epochs, a wiped
 //! server serving only after it rejoined, no panics).

@@ -7,7 +7,7 @@ use std::time::Duration;
 /// waiting.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(5);
 /// Largest backoff delay: a view change takes a few hundred milliseconds
-/// (DESIGN.md §5), and a client should notice the new view soon after.
+/// (docs/design.md §5), and a client should notice the new view soon after.
 pub const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Delays doubling from [`INITIAL_BACKOFF`] to [`MAX_BACKOFF`], each drawn

@@ -540,7 +540,7 @@ fn status_row(addr: &str, s: &StatusResponse, max_applied: u64) -> [String; 12] 
     [
         s.rank.to_string(),
         addr.to_owned(),
-        // Answering Status is not the same as answering reads (DESIGN.md §4).
+        // Answering Status is not the same as answering reads (docs/design.md §4).
         if s.serving { "up" } else { "not-serving" }.to_owned(),
         if s.role.is_empty() { "-" } else { &s.role }.to_owned(),
         epoch,

@@ -360,7 +360,7 @@ impl Client {
         Ok(reply.had_old.then_some(reply.old_value))
     }
 
-    /// One page of a scan (linearizable, DESIGN.md §6 "Scans"): the first `limit` keys of
+    /// One page of a scan (linearizable, docs/design.md §6 "Scans"): the first `limit` keys of
     /// `range` (at most 10 000; `0` asks for the server's default of 1 000) after
     /// `continuation`, in key order, with their values. Retried on other servers like a get.
     pub async fn scan(
@@ -493,7 +493,7 @@ impl Client {
     }
 
     /// Runs a write under this client's session: one request id for every attempt
-    /// (exactly once, DESIGN.md §6). If the servers no longer hold the session (it was idle
+    /// (exactly once, docs/design.md §6). If the servers no longer hold the session (it was idle
     /// past their session TTL, §10), the write was not applied: the session is replaced by
     /// a new one and the write runs once more under it.
     async fn session_write<'s, T, A, Fut>(
@@ -623,7 +623,7 @@ impl Client {
 
     /// Runs one request: attempts on one server after another, with backoff,
     /// until one succeeds, one says the input is bad, or the request deadline
-    /// passes (DESIGN.md §6).
+    /// passes (docs/design.md §6).
     async fn request<'s, T, F, Fut>(&'s self, spec: RequestSpec, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut(&'s Pipe) -> Fut,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::error::Error;
 
-/// Which server a request goes to first (DESIGN.md §6). Whatever the route, a
+/// Which server a request goes to first (docs/design.md §6). Whatever the route, a
 /// request that fails there moves on to the other servers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Route {

@@ -53,7 +53,7 @@ pub(crate) enum Next {
     GiveUpInvalid,
     /// The server does not serve the replikv API.
     GiveUpConfig,
-    /// The write's session refused it (DESIGN.md §10); every server would.
+    /// The write's session refused it (docs/design.md §10); every server would.
     /// `expired`: the servers hold no state of the session; otherwise the
     /// write's recorded result is no longer known.
     GiveUpSession { expired: bool },
@@ -69,7 +69,7 @@ pub(crate) struct AttemptFailure {
     /// failure, so it says something about the servers' load.
     pub answered: bool,
     /// A write attempt that may have been applied. Only a server's explicit
-    /// "no outcome" or a connection that never opened clears it (DESIGN.md §6:
+    /// "no outcome" or a connection that never opened clears it (docs/design.md §6:
     /// an outcome that may have taken effect is never reported as a definite
     /// failure).
     pub may_have_applied: bool,

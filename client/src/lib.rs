@@ -10,7 +10,7 @@
 //! - `routing`: which server an attempt goes to (random order, known
 //!   primary, latency averages).
 //! - [`client`]: the async [`Client`]: one lazy channel per server and the
-//!   retry loop (DESIGN.md §6).
+//!   retry loop (docs/design.md §6).
 //! - [`blocking`]: [`BlockingClient`], the same API behind a private runtime;
 //!   usable after `fork` (a child's first call builds a client of its own).
 //! - [`certs`]: `replikv cert`: a cluster CA, node and client certificates (PEM).

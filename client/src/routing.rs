@@ -1,5 +1,5 @@
 //! Which server a request tries next: the route's first choice, primary
-//! redirects, and random order for the rest (DESIGN.md §6).
+//! redirects, and random order for the rest (docs/design.md §6).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

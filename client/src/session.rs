@@ -1,4 +1,4 @@
-//! Session ids and request ids for exactly-once writes (DESIGN.md §6, §10).
+//! Session ids and request ids for exactly-once writes (docs/design.md §6, §10).
 //!
 //! Every write gets `(client_id, seq)` once, before its first attempt, and
 //! every retry reuses it, so a server that already applied it answers with the
@@ -97,7 +97,7 @@ impl Session {
     }
 
     /// Starts over under the session id `fresh`, after the servers answered that they
-    /// hold no state of the current one (it expired, DESIGN.md §10). Writes still in flight
+    /// hold no state of the current one (it expired, docs/design.md §10). Writes still in flight
     /// keep their ids; their tickets no longer touch the new session's seqs.
     pub fn renew(&self, fresh: u128) {
         let mut state = self.lock();

@@ -118,7 +118,7 @@ async fn a_write_after_the_primary_dies_succeeds_once_a_new_primary_takes_over()
     let (old_primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
     cluster.kill(old_primary).unwrap();
 
-    // The request's own retries ride out the view change (DESIGN.md §5):
+    // The request's own retries ride out the view change (docs/design.md §5):
     // no waiting on the caller's side.
     assert_eq!(
         bounded(client.put("owner", "second")).await.unwrap(),

@@ -415,7 +415,7 @@ async fn a_range_delete_across_a_primary_kill_is_applied_once() {
     cluster.kill(primary).unwrap();
     cluster.resume(backup).unwrap();
     // If the pause got the backup dropped, the other backup alone is no quorum of the
-    // two-member view left (DESIGN.md §5): the killed primary comes back, as after a crash.
+    // two-member view left (docs/design.md §5): the killed primary comes back, as after a crash.
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.restart(primary).unwrap();
     let d = bounded(deleting)

@@ -1,4 +1,4 @@
-//! Linearizability checker for histories of a key-value register (DESIGN.md §8).
+//! Linearizability checker for histories of a key-value register (docs/design.md §8).
 //!
 //! The model, per key: `Get -> value | absent`, `Put(v) -> old value | absent`,
 //! `Delete -> old value | absent` (a put of "absent"), and `Cas(expected, new) -> value

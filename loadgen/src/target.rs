@@ -94,7 +94,7 @@ pub enum TargetError {
 
 impl TargetError {
     /// True when a failed write may still have taken effect. replikv says so itself
-    /// (DESIGN.md §6); for the peers a timeout or a write that reached the Redis primary
+    /// (docs/design.md §6); for the peers a timeout or a write that reached the Redis primary
     /// but not enough replicas is the same situation.
     pub fn may_have_applied(&self) -> bool {
         use tonic::Code;

@@ -1,4 +1,4 @@
-//! The clock leases are measured on (DESIGN.md §4, §10): `CLOCK_BOOTTIME` on Linux, which
+//! The clock leases are measured on (docs/design.md §4, §10): `CLOCK_BOOTTIME` on Linux, which
 //! keeps running while the machine is suspended. `CLOCK_MONOTONIC` (what `Instant` reads)
 //! stops during a suspend, so a server that slept through one would wake believing its lease
 //! still had the time it had when it went to sleep, and answer reads the rest of the cluster

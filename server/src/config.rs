@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::error::ConfigError;
 use crate::tls::TlsFiles;
 
-/// How a member makes an applied batch durable before it acknowledges it (DESIGN.md §3).
+/// How a member makes an applied batch durable before it acknowledges it (docs/design.md §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
@@ -82,7 +82,7 @@ pub struct Opt {
     /// always: flush each applied batch before acking; none: rely on replication.
     #[arg(long, value_enum)]
     pub sync: Option<SyncMode>,
-    /// Lease length L in milliseconds (DESIGN.md §2).
+    /// Lease length L in milliseconds (docs/design.md §2).
     #[arg(long)]
     pub lease_ms: Option<u64>,
     /// Heartbeat interval H in milliseconds (default L/5).
@@ -91,7 +91,7 @@ pub struct Opt {
     /// A member that has not acknowledged an append for this long is dropped.
     #[arg(long)]
     pub ack_timeout_ms: Option<u64>,
-    /// Form a new cluster (DESIGN.md §10): on rank 0 with an empty data directory, once every
+    /// Form a new cluster (docs/design.md §10): on rank 0 with an empty data directory, once every
     /// server of --peers answers that it holds no state either. Safe to leave on: a server
     /// whose data directory was lost never forms a new cluster while any peer holds the
     /// cluster's state; it rejoins that cluster instead. Ignored on other ranks.
@@ -107,7 +107,7 @@ pub struct Opt {
     #[arg(long)]
     pub enable_fault_injection: bool,
     /// A client session idle this long expires and is collected (e.g. "1h", "90s"; at least
-    /// 1s; default 1h). Keep it well above any client's request deadline (DESIGN.md §6).
+    /// 1s; default 1h). Keep it well above any client's request deadline (docs/design.md §6).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub session_ttl: Option<Duration>,
 }
@@ -166,11 +166,11 @@ pub struct Config {
     pub fault_injection: bool,
     /// May form a new cluster (see [`Opt::bootstrap`]).
     pub bootstrap: bool,
-    /// How long an idle client session lives (DESIGN.md §10 "Sessions").
+    /// How long an idle client session lives (docs/design.md §10 "Sessions").
     pub session_ttl: Duration,
 }
 
-/// The protocol's clocks (DESIGN.md §2, §4, §5).
+/// The protocol's clocks (docs/design.md §2, §4, §5).
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
     /// L: lease length.

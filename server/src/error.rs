@@ -1,4 +1,4 @@
-//! Error types of the server, and the one place they become gRPC statuses (DESIGN.md §6).
+//! Error types of the server, and the one place they become gRPC statuses (docs/design.md §6).
 
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
@@ -73,7 +73,7 @@ pub enum ServeError {
     Overloaded(String),
     #[error("storage failure: {0}")]
     Storage(#[from] StorageError),
-    /// The write's session cannot answer it (DESIGN.md §10 "Sessions"): its recorded result
+    /// The write's session cannot answer it (docs/design.md §10 "Sessions"): its recorded result
     /// is no longer known, or the session expired. This request applied nothing; an earlier
     /// attempt of the same request may have. Never retried elsewhere: every server answers
     /// the same.

@@ -1,4 +1,4 @@
-//! Fault injection on the peer network (DESIGN.md §8), enabled only by
+//! Fault injection on the peer network (docs/design.md §8), enabled only by
 //! `--enable-fault-injection`: per-peer rules that drop, delay, or lose the responses of
 //! server-to-server traffic. Client traffic is never affected.
 

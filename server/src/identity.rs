@@ -1,4 +1,4 @@
-//! Cluster identity (DESIGN.md §10): the id a cluster gets once, at its explicit bootstrap,
+//! Cluster identity (docs/design.md §10): the id a cluster gets once, at its explicit bootstrap,
 //! and that every data directory of the cluster stores and every peer message carries.
 //!
 //! A server that holds no state has no id. It learns its cluster's id from a peer that has

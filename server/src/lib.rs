@@ -1,4 +1,4 @@
-//! replikv replica: a fully replicated primary-backup key-value server (see DESIGN.md).
+//! replikv replica: a fully replicated primary-backup key-value server (see docs/design.md).
 //!
 //! - [`config`]: flags / TOML config, validated into [`config::Config`].
 //! - [`identity`]: the cluster id, and what a data directory stores about its cluster.
@@ -23,7 +23,7 @@
 //! - [`tls`]: TLS settings for both listeners and the rank a verified peer certificate names.
 //! - [`service`]: the gRPC services: Kv (client listener), Peer and Admin (peer listener).
 //!
-//! [`run`] serves two listeners (DESIGN.md §10 "Peer plane"): the client listener serves
+//! [`run`] serves two listeners (docs/design.md §10 "Peer plane"): the client listener serves
 //! the Kv API only, the peer listener the peer protocol and the Admin service only, with
 //! mutual TLS when the server has certificates.
 
@@ -222,7 +222,7 @@ pub async fn run(
     Ok(())
 }
 
-/// A panic anywhere in the server stops the process (DESIGN.md §10, fail-stop): tokio would
+/// A panic anywhere in the server stops the process (docs/design.md §10, fail-stop): tokio would
 /// otherwise end only the task that panicked, and the server would go on serving without its
 /// sequencer, replicator, monitor or flusher. The default hook prints the panic first.
 pub fn fail_stop_on_panic() {

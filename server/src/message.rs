@@ -1,4 +1,4 @@
-//! The peer protocol's messages as domain types (DESIGN.md §4, §5, §7): what the replica
+//! The peer protocol's messages as domain types (docs/design.md §4, §5, §7): what the replica
 //! sends to and receives from other servers through [`crate::network::PeerNetwork`].
 //! Views in them are already validated (`None`: absent or malformed); rejections are typed.
 //! `convert` maps them to and from the generated protobuf types, the only place that knows
@@ -13,7 +13,7 @@ use crate::identity::ClusterId;
 use crate::storage::Position;
 use crate::types::{LogState, Rank, Record, SyncEntry, View};
 
-/// A write's exactly-once identity (DESIGN.md §6): its session `(client_id_hi, client_id)`,
+/// A write's exactly-once identity (docs/design.md §6): its session `(client_id_hi, client_id)`,
 /// its seq, and the client's lowest unfinished seq.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RequestId {
@@ -180,7 +180,7 @@ pub struct DiscoverReply {
     pub promised: u64,
     pub applied: u64,
     pub recovering: bool,
-    /// The peer's cluster, once it has one (DESIGN.md §10).
+    /// The peer's cluster, once it has one (docs/design.md §10).
     pub cluster_id: Option<ClusterId>,
     pub amnesiac: bool,
 }

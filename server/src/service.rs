@@ -330,7 +330,7 @@ impl PeerService {
         PeerService { node, limits, tls }
     }
 
-    /// The sender's rank (DESIGN.md §10 "Peer plane"): with TLS, the rank its verified
+    /// The sender's rank (docs/design.md §10 "Peer plane"): with TLS, the rank its verified
     /// certificate names, which the rank named in its metadata and the rank the request
     /// claims to come from (`claimed`: value and field name) must equal; without TLS, the
     /// rank its metadata names.
@@ -350,7 +350,7 @@ impl PeerService {
         Ok(verified.or(header))
     }
 
-    /// Refuses a request that does not name this server's cluster (DESIGN.md §10): servers of
+    /// Refuses a request that does not name this server's cluster (docs/design.md §10): servers of
     /// different clusters never exchange data or votes, and a server without state takes
     /// part in nothing until it has found its cluster. Discover is the exception: it is how
     /// a server without state finds its cluster, and it reveals no data.

@@ -1,5 +1,5 @@
-//! Exactly-once sessions (DESIGN.md §6, §10 "Sessions"): each write carries a 128-bit session
-//! id, its `seq` and the client's lowest unfinished seq; the primary records each write's
+//! Exactly-once sessions (docs/design.md §6, §10 "Sessions"): each write carries a 128-bit
+//! session id, its `seq` and the client's lowest unfinished seq; the primary records each write's
 //! result, so a retried write is answered with its original result instead of being applied
 //! again, and a retry whose result is no longer known is refused, never applied again.
 //!

@@ -1,4 +1,4 @@
-//! TLS for both planes (docs/security.md, DESIGN.md §10 "Peer plane"): this server's
+//! TLS for both planes (docs/security.md, docs/design.md §10 "Peer plane"): this server's
 //! certificate and the cluster CA, the tonic TLS settings built from them, and the identity
 //! a verified peer certificate names.
 //!
@@ -151,7 +151,7 @@ impl NodeTls {
     }
 }
 
-/// The rank of the peer that sent `req`, from its verified certificate (DESIGN.md §10
+/// The rank of the peer that sent `req`, from its verified certificate (docs/design.md §10
 /// "Peer plane"). `Ok(None)` on a server without TLS (`--insecure`), which trusts its
 /// network; otherwise a certificate that names no server of `cluster` is refused.
 pub fn peer_rank<T>(req: &Request<T>, tls: Option<&NodeTls>) -> Result<Option<Rank>, Status> {

@@ -1,5 +1,5 @@
-//! Domain types of the replica and the pure rules over them (DESIGN.md §2, §4, §5): views and
-//! the quorum rule, records, entries, and the choice of the most advanced state. No I/O here.
+//! Domain types of the replica and the pure rules over them (docs/design.md §2, §4, §5):
+//! views and the quorum rule, records, entries, and the choice of the most advanced state. No I/O here.
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// A server's index in the static peer list.
 pub type Rank = u32;
 
-/// Highest epoch or ballot a server accepts (DESIGN.md §10). A ballot grows by one per view
+/// Highest epoch or ballot a server accepts (docs/design.md §10). A ballot grows by one per view
 /// change attempt, so no real cluster comes near it; a forged one near `u64::MAX` is refused,
 /// and arithmetic on epochs never overflows.
 pub const MAX_EPOCH: u64 = 1 << 56;
@@ -36,7 +36,7 @@ impl View {
         }
     }
 
-    /// The view a new cluster is formed with (DESIGN.md §10): epoch 1, rank 0 its only
+    /// The view a new cluster is formed with (docs/design.md §10): epoch 1, rank 0 its only
     /// member. Every other server joins through a state transfer, like any server without
     /// state, so a cluster never depends on a half-distributed bootstrap.
     pub fn bootstrap() -> View {
@@ -110,7 +110,7 @@ pub struct LogState {
 
 impl LogState {
     /// Ordering by (last record epoch, applied): a later epoch's history wins over a longer
-    /// history from a deposed primary (DESIGN.md §5 step 4).
+    /// history from a deposed primary (docs/design.md §5 step 4).
     fn key(&self) -> (u64, u64) {
         (self.last_epoch, self.applied)
     }
@@ -135,7 +135,7 @@ pub fn user_item(key: &[u8]) -> Bytes {
     v.into()
 }
 
-/// The items of a range of user keys (DESIGN.md §6 "Scans"), both bounds as given. Only
+/// The items of a range of user keys (docs/design.md §6 "Scans"), both bounds as given. Only
 /// user items lie within it: session and other reserved items have other prefixes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ItemRange {
@@ -193,7 +193,7 @@ pub fn key_of_user_item(item: &[u8]) -> Option<&[u8]> {
     item.strip_prefix(b"u")
 }
 
-/// Prefix of every session header item (DESIGN.md §3, §6): `s` `h` `<hi be64>` `<lo be64>`.
+/// Prefix of every session header item (docs/design.md §3, §6): `s` `h` `<hi be64>` `<lo be64>`.
 pub const SESSION_HEADER_PREFIX: &[u8] = b"sh";
 
 /// Storage key of a session's header item.

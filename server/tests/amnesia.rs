@@ -1,4 +1,4 @@
-//! Lost disks and cluster identity (DESIGN.md §10): a server whose data directory is lost
+//! Lost disks and cluster identity (docs/design.md §10): a server whose data directory is lost
 //! never forms a second cluster, never votes or serves before it has rejoined through a state
 //! transfer, and never makes the others forget acknowledged writes, whatever the restart
 //! order; peers of another cluster are refused.

@@ -9,7 +9,7 @@ use common::{bytes, pinned, Expected};
 fn put_through_one_server_reads_back_from_every_server() {
     common::run(async {
         let (cluster, primary) = common::start_healthy(3, &[]).await;
-        // Write through a backup: it must forward to the primary (DESIGN.md §4).
+        // Write through a backup: it must forward to the primary (docs/design.md §4).
         let via = (primary + 1) % cluster.len();
         let writer = pinned(&cluster, via).await;
 

@@ -1,4 +1,4 @@
-//! Crashes at every step of a view change and of a state transfer (DESIGN.md §5, §7, §10),
+//! Crashes at every step of a view change and of a state transfer (docs/design.md §5, §7, §10),
 //! under writes, and the fail-stop rules: whatever step a server dies at, the cluster comes
 //! back once the dead are restarted, every server converges, and no acknowledged write is
 //! lost or applied twice.

@@ -1,4 +1,4 @@
-//! Exactly-once writes (DESIGN.md §6): a request retried with the same
+//! Exactly-once writes (docs/design.md §6): a request retried with the same
 //! `(client_id, seq)` answers with the original result and is not applied
 //! again, whichever server the retry goes to. These tests speak raw gRPC so
 //! that they control the request ids.
@@ -193,7 +193,7 @@ fn retry_after_primary_crash_is_applied_once() {
         let second = put_req("x", "2", id(me, 2, 2));
         assert_eq!(put(&mut via_old, second.clone()).await, some("1"));
 
-        // The session table is replicated state (DESIGN.md §3), so the new
+        // The session table is replicated state (docs/design.md §3), so the new
         // primary knows the request as well as the old one did.
         cluster.kill(primary).unwrap();
         let (new_primary, _) = cluster

@@ -13,7 +13,7 @@ use common::Writer;
 /// primary commits without the dead member (L * 1.1 = 550 ms), with room to spare.
 const MAX_WRITE_STALL: Duration = Duration::from_millis(1500);
 /// A backup takes over a silent primary after L * 1.1 plus a 150 ms stagger,
-/// then waits L * 1.1 before serving (DESIGN.md §5): about 1.3 s.
+/// then waits L * 1.1 before serving (docs/design.md §5): about 1.3 s.
 const FAILOVER_WITHIN: Duration = Duration::from_secs(2);
 
 #[test]

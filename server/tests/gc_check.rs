@@ -1,4 +1,4 @@
-//! Bounded growth (DESIGN.md §3): writing and then deleting many keys must leave every
+//! Bounded growth (docs/design.md §3): writing and then deleting many keys must leave every
 //! server's memory and data directory close to where they were before. Takes minutes, so it
 //! is ignored by default; `scripts/gc-check.sh` runs it and prints the figures.
 //!

@@ -203,7 +203,7 @@ async fn a_replica_that_lost_its_disk_rejoins_the_cluster_it_belonged_to() {
     .await;
     nodes[0].write(put("k", "kept")).await.unwrap();
 
-    // Rank 2 stops, and comes back with an empty data directory (DESIGN.md §10).
+    // Rank 2 stops, and comes back with an empty data directory (docs/design.md §10).
     nodes[2].stop().await;
     router.isolate(2, N);
     wait_for("the primary to drop rank 2", || {

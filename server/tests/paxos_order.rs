@@ -1,4 +1,4 @@
-//! Paxos state is persisted before any reply that depends on it (DESIGN.md §10): an acceptor
+//! Paxos state is persisted before any reply that depends on it (docs/design.md §10): an acceptor
 //! killed right after promising, before its reply left, still holds that promise when it
 //! comes back. The order in which promises, accepted proposals and views survive every
 //! storage step is checked by the storage unit tests

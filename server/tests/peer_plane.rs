@@ -1,4 +1,4 @@
-//! The peer plane (DESIGN.md §10 "Peer plane", docs/security.md): peer calls forged from a
+//! The peer plane (docs/design.md §10 "Peer plane", docs/security.md): peer calls forged from a
 //! client connection, from a connection without a node certificate, with a client
 //! certificate, with a certificate of another CA, or with a node certificate naming
 //! another rank than the one it claims, are all refused; the cluster keeps one primary and

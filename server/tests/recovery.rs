@@ -1,6 +1,6 @@
 //! Restarts: servers that crashed come back, in any order, and end with every
 //! write the cluster acknowledged, including after a crash of all of them
-//! (DESIGN.md §7).
+//! (docs/design.md §7).
 
 mod common;
 
@@ -10,7 +10,7 @@ use common::{bytes, Expected};
 use rand::seq::SliceRandom;
 
 /// A cluster shrinks one crash at a time down to its primary alone
-/// (DESIGN.md §5: a quorum of a view may be exactly half of it when that half
+/// (docs/design.md §5: a quorum of a view may be exactly half of it when that half
 /// holds the primary), writing all along; then the crashed servers come back
 /// in a random order and catch up.
 #[test]

@@ -1,4 +1,4 @@
-//! The session table's limits (DESIGN.md §6, §10 "Sessions"): a retried write is applied at
+//! The session table's limits (docs/design.md §6, §10 "Sessions"): a retried write is applied at
 //! most once however many writes came after it and across primary changes; a result the
 //! servers no longer know is answered with FAILED_PRECONDITION, never with a second apply or a
 //! made-up success; a write record carries one result, not the whole session; idle sessions

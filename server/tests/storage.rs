@@ -1,4 +1,4 @@
-//! Storage integrity and bounded growth (DESIGN.md §3, §7): a damaged write-ahead log stops
+//! Storage integrity and bounded growth (docs/design.md §3, §7): a damaged write-ahead log stops
 //! the server at start naming the damage and changing nothing; deleted keys are collected
 //! everywhere, and a member that missed the deletes learns of them through a full transfer.
 

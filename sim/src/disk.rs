@@ -1,6 +1,6 @@
 //! A simulated server's disk: an in-memory model of the store (items with their lsns, the
 //! position, the Paxos state, the membership), split like the write-ahead log into what is
-//! synced and what is not (DESIGN.md §3). A crash keeps the synced image plus a prefix of the
+//! synced and what is not (docs/design.md §3). A crash keeps the synced image plus a prefix of the
 //! unsynced writes (the last of which may be torn, and is then dropped at recovery); a wiped
 //! disk keeps nothing; a failed sync stops the server (fail-stop).
 

@@ -1,7 +1,8 @@
 //! replikv-sim: N replicas running the server's own protocol engine inside a deterministic
 //! simulation of the network, the disks and the clocks (docs/simulator.md). Every fault is
 //! drawn from one seeded generator and every event goes through one ordered queue, so a seed
-//! replays exactly; the invariants of DESIGN.md §8 are checked as the run goes and at its end.
+//! replays exactly; the invariants of docs/design.md §8 are checked as the run goes and at
+//! its end.
 //!
 //! - [`disk`]: a server's disk: synced and unsynced writes, crash, torn tail, wipe.
 //! - [`node`]: the simulated replica, an event-driven mirror of `replikv_server::replica`
@@ -583,7 +584,7 @@ impl Sim {
         self.at(t, Ev::Fault);
     }
 
-    /// DESIGN.md §10 promises safety with one lost disk at a time: a disk is wiped only when
+    /// docs/design.md §10 promises safety with one lost disk at a time: a disk is wiped only when
     /// every other server holds its state (no other wiped server is still rejoining).
     fn wipe_allowed(&self, r: Rank) -> bool {
         self.servers.iter().enumerate().all(|(i, s)| {

@@ -2,7 +2,7 @@
 //!
 //! Tests, the load generator and the chaos nemesis use it to run a whole cluster
 //! on one machine: it picks free ports, gives every server its own data directory and
-//! log file, delivers the faults of DESIGN.md §8 that are process-level
+//! log file, delivers the faults of docs/design.md §8 that are process-level
 //! (SIGKILL, SIGTERM, SIGSTOP/SIGCONT, restart), and watches the cluster through
 //! the public `Status` RPC only. It knows nothing of the replica's internals, so
 //! what it observes is what a client could observe.
@@ -451,7 +451,7 @@ impl LocalCluster {
     /// Polls `Status` on every running server until one reports role
     /// `"primary"` and `serving`; returns its rank and status. If two claim it
     /// (an old primary that has not yet noticed it was deposed), the higher
-    /// epoch wins, as it does in the protocol (DESIGN.md §2).
+    /// epoch wins, as it does in the protocol (docs/design.md §2).
     pub async fn wait_for_primary(
         &self,
         timeout: Duration,
@@ -479,7 +479,7 @@ impl LocalCluster {
     }
 
     /// Waits until a new cluster has formed: every running server serves as a member of one
-    /// view (the first view is rank 0 alone; the others join it, DESIGN.md §10). Returns the
+    /// view (the first view is rank 0 alone; the others join it, docs/design.md §10). Returns the
     /// primary, as [`LocalCluster::wait_for_primary`] does. Call it after
     /// [`LocalCluster::start`] before anything that relies on every server holding the data.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(usize, StatusResponse), String> {
@@ -566,7 +566,7 @@ impl LocalCluster {
             .arg("--sync")
             .arg(&self.opts.sync)
             // Every restart uses the same flags, as a StatefulSet does: --bootstrap forms a
-            // cluster only when no server holds any state (DESIGN.md §10).
+            // cluster only when no server holds any state (docs/design.md §10).
             .arg("--bootstrap");
         if self.opts.fault_injection {
             cmd.arg("--enable-fault-injection");

@@ -11,7 +11,7 @@
 //! and maps every failure to -1. Calls block for at most the per-call deadline
 //! (`KV739_TIMEOUT_MS`, default 10 s); inside it the client retries on other servers with
 //! the same request id, so a retried put is applied once and still returns the value it
-//! replaced (DESIGN.md §6).
+//! replaced (docs/design.md §6).
 
 use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};

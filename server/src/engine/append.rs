@@ -1,4 +1,4 @@
-//! Both ends of the primary's append stream (DESIGN.md §4, §10): on the member, whether a
+//! Both ends of the primary's append stream (docs/design.md §4, §10): on the member, whether a
 //! message is accepted, the history check and the lease it grants; on the primary, what an
 //! acknowledgement proves and when a silent member is dropped.
 
@@ -53,7 +53,7 @@ pub fn check(st: &State, epoch: u64, primary: Rank) -> Result<(), AppendReject> 
     }
 }
 
-/// Whether an append message continues this member's log (DESIGN.md §4, §10): the member
+/// Whether an append message continues this member's log (docs/design.md §4, §10): the member
 /// holds exactly the record at `prev_lsn` with epoch `prev_epoch` as its last, and the
 /// message's records follow it without a gap. A member with another history there (a wiped
 /// disk, a deposed primary's tail) answers GAP and is re-synced, never patched over.

@@ -1,5 +1,5 @@
 //! The primary's commit point and lease, read permission, and the tombstone-collection
-//! horizon (DESIGN.md §3, §4, §5 step 5).
+//! horizon (docs/design.md §3, §4, §5 step 5).
 
 use std::time::Duration;
 
@@ -114,7 +114,7 @@ pub fn read_is_pending(st: &State, lsn: u64) -> bool {
     lsn > st.pos.committed && super::rule_on!(PendingRead)
 }
 
-/// The tombstone-collection horizon of the primary (DESIGN.md §3): the lowest commit point a
+/// The tombstone-collection horizon of the primary (docs/design.md §3): the lowest commit point a
 /// member acknowledged receiving, and its own. Every member's commit point is at or above
 /// every member's horizon, so a transfer between members (a view change's reconcile,
 /// `since` = the receiver's commit point) is never forced to be full.

@@ -1,4 +1,4 @@
-//! Installing a decided view and the state transfers around it (DESIGN.md §5 step 4-5, §7,
+//! Installing a decided view and the state transfers around it (docs/design.md §5 step 4-5, §7,
 //! §10): who takes the role and how long it waits, whose state the new primary takes, who
 //! may serve a transfer, what a transfer may set, and when a joiner may join.
 

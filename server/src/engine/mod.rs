@@ -1,4 +1,4 @@
-//! The replica's protocol decisions as plain, synchronous code over plain data (DESIGN.md
+//! The replica's protocol decisions as plain, synchronous code over plain data (docs/design.md
 //! §4, §5, §7, §10): what to commit, whom to trust with a lease, what to promise, which view
 //! to propose, when to take over, what an install or a transfer may do. No clock is read
 //! here, nothing is spawned, sent or stored: every handler takes the time it runs at (`now`)
@@ -15,7 +15,7 @@
 //!   to propose, whether a proposal is still needed).
 //! - [`install`]: install and reconcile rules, state-transfer sources, joins.
 //! - [`monitor`]: take-over timing, rejoin and the retry of stuck drops.
-//! - [`sequencer`]: the primary sequencer's session rules (DESIGN.md §6, §10).
+//! - [`sequencer`]: the primary sequencer's session rules (docs/design.md §6, §10).
 //! - `rules` (feature `rule-switches`, tests only): switches that turn one safety rule off,
 //!   so the simulator's tests can show each rule is needed.
 
@@ -48,7 +48,7 @@ use std::time::Duration;
 pub use state::{PrimaryState, Progress, State, StreamMark};
 
 /// A point in time, as a plain value: the time since an origin the caller chose. The replica
-/// measures two clocks with it (DESIGN.md §10 "Leases on the boot clock"): lease validity on
+/// measures two clocks with it (docs/design.md §10 "Leases on the boot clock"): lease validity on
 /// the boot clock, and waits that protect others (a new primary's wait, a backup's loyalty)
 /// on the steady clock. Each field of [`State`] says which clock it is on; the engine only
 /// ever compares times of one clock.

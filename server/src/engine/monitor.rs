@@ -1,4 +1,4 @@
-//! Failure detection and revival timing (DESIGN.md §5 "Who proposes", §7): when a backup
+//! Failure detection and revival timing (docs/design.md §5 "Who proposes", §7): when a backup
 //! takes over from a silent primary, when a non-member tries to rejoin, and which members a
 //! primary keeps trying to drop.
 

@@ -1,4 +1,4 @@
-//! View changes as single-decree Paxos (DESIGN.md §5): the acceptor's prepare and accept, and
+//! View changes as single-decree Paxos (docs/design.md §5): the acceptor's prepare and accept, and
 //! the proposer's ballots, tallies, the value it proposes and whether it still should.
 //! Acceptor handlers change [`State`]; the caller persists the Paxos state (view, promise,
 //! accepted proposal) before it sends any reply that depends on the change (§10 fail-stop).
@@ -140,7 +140,7 @@ pub fn accept(st: &mut State, req: Accept) -> bool {
 }
 
 /// Whether a ballot heard from a peer is one a real cluster could have reached; a larger one
-/// is a forgery and is ignored (DESIGN.md §10).
+/// is a forgery and is ignored (docs/design.md §10).
 pub fn plausible_ballot(ballot: u64) -> bool {
     ballot <= MAX_EPOCH
 }
@@ -601,7 +601,7 @@ mod tests {
                 after_prepare(1, &two, 4, Reason::TakeOver, &[reply(1, true)]),
                 PrepareOutcome::NoQuorum { .. }
             ),
-            "a backup alone is no quorum of a two-member view (DESIGN.md §10)"
+            "a backup alone is no quorum of a two-member view (docs/design.md §10)"
         );
         let mut newer = reply(2, false);
         newer.view = Some(View::new(7, 2, [2]));

@@ -1,4 +1,4 @@
-//! The primary sequencer's session rules (DESIGN.md §6, §10 "Sessions"; docs/protocol.md
+//! The primary sequencer's session rules (docs/design.md §6, §10 "Sessions"; docs/protocol.md
 //! "Sessions"): what a write of a session gets (applied once, answered from its recorded
 //! result, or refused with no outcome), and when an idle session is collected. Reading and
 //! writing the session items is the caller's.
@@ -101,7 +101,7 @@ pub enum Expect {
 }
 
 /// Whether a compare-and-swap applies, decided by the sequencer on the key's value as of
-/// every write sequenced before it (DESIGN.md §6 "Compare-and-swap"): the decision and
+/// every write sequenced before it (docs/design.md §6 "Compare-and-swap"): the decision and
 /// the write are one step, so no write can come between them.
 pub fn cas_holds(expect: &Expect, current: Option<&Bytes>) -> bool {
     match (expect, current) {

@@ -1,5 +1,5 @@
-//! The replica's protocol state and its named transitions (DESIGN.md §4, §5, §7, §10). Each
-//! way of entering or leaving a role is written once here; the handlers of the other engine
+//! The replica's protocol state and its named transitions (docs/design.md §4, §5, §7,
+//! §10). Each way of entering or leaving a role is written once here; the handlers of the other engine
 //! modules and the async replica go through these.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -75,7 +75,7 @@ pub struct State {
     pub term: u64,
     /// Ranks the primary is already trying to drop.
     pub dropping: Vec<Rank>,
-    /// `Some(e)` while this server is amnesiac (DESIGN.md §10): it lost its state, so it
+    /// `Some(e)` while this server is amnesiac (docs/design.md §10): it lost its state, so it
     /// neither votes nor proposes nor serves until installed in a view newer than `e`.
     pub amnesiac_until: Option<u64>,
 }
@@ -149,7 +149,7 @@ impl State {
 
     /// Takes the primary role for `view` with everything up to `applied` on every member.
     /// Members in `synced` hold everything applied (their install succeeded); the others
-    /// count as having acknowledged nothing in this view (DESIGN.md §10 "Failed installs").
+    /// count as having acknowledged nothing in this view (docs/design.md §10 "Failed installs").
     pub fn become_primary(
         &mut self,
         view: &View,

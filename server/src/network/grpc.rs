@@ -1,6 +1,6 @@
 //! The gRPC implementation of [`PeerNetwork`]: one lazily connected tonic `Channel` per
 //! peer, domain messages converted at this edge (`convert`), and the outgoing side of the
-//! fault-injection layer of DESIGN.md §8.
+//! fault-injection layer of docs/design.md §8.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +54,7 @@ impl GrpcNetwork {
                 let scheme = if tls.is_some() { "https" } else { "http" };
                 let endpoint = Endpoint::from_shared(format!("{scheme}://{p}"))
                     .map_err(|e| format!("peer {p}: {e}"))?;
-                // Mutual TLS (DESIGN.md §10 "Peer plane"): the peer proves it holds a
+                // Mutual TLS (docs/design.md §10 "Peer plane"): the peer proves it holds a
                 // certificate of the cluster CA for its address, and this server presents
                 // the certificate naming its own rank.
                 let endpoint = match tls {
@@ -122,7 +122,7 @@ impl GrpcNetwork {
     }
 }
 
-/// Names the sender and, once it has one, its cluster (DESIGN.md §10) on a peer request.
+/// Names the sender and, once it has one, its cluster (docs/design.md §10) on a peer request.
 fn identify<T>(r: &mut Request<T>, me: Rank, identity: &Identity) {
     r.metadata_mut()
         .insert(FROM_HEADER, MetadataValue::from(me));

@@ -1,5 +1,5 @@
 //! An in-process [`PeerNetwork`]: replicas of one process call each other's handlers
-//! directly, through a router that can cut links (a partition, DESIGN.md §8). For tests that
+//! directly, through a router that can cut links (a partition, docs/design.md §8). For tests that
 //! need several replicas without processes or sockets; the replicas are the real ones.
 
 use std::collections::BTreeSet;
@@ -39,7 +39,7 @@ impl MemoryRouter {
     }
 
     /// The network `me` sends through; `identity` is its cluster id, checked as the gRPC
-    /// service checks the cluster header (DESIGN.md §10).
+    /// service checks the cluster header (docs/design.md §10).
     pub fn network(self: &Arc<Self>, me: Rank, identity: Arc<Identity>) -> Arc<MemoryNetwork> {
         Arc::new(MemoryNetwork {
             me,

@@ -2,7 +2,7 @@
 //! of [`crate::message`], so the replica never touches tonic or prost and tests can swap the
 //! transport (CONVENTIONS.md "One network trait for peers").
 //!
-//! - [`grpc`]: the real transport (tonic), with the fault-injection layer of DESIGN.md §8 on
+//! - [`grpc`]: the real transport (tonic), with the fault-injection layer of docs/design.md §8 on
 //!   the outgoing side (the incoming side is in `service`).
 //! - [`memory`]: an in-process router between replicas of one process, for tests.
 
@@ -30,7 +30,7 @@ use crate::types::Rank;
 pub enum StatusKind {
     InvalidArgument,
     Overloaded,
-    /// A session refused a forwarded write (DESIGN.md §10 "Sessions").
+    /// A session refused a forwarded write (docs/design.md §10 "Sessions").
     Session(SessionRefusal),
     /// Any other precondition (e.g. a server of another cluster).
     Precondition,
@@ -101,7 +101,7 @@ pub trait PeerNetwork: Send + Sync + 'static {
         req: Forward,
         timeout: Duration,
     ) -> BoxFuture<'_, NetResult<WriteResult>>;
-    /// The ordered append stream to `to` for one primary term (DESIGN.md §4). It opens with
+    /// The ordered append stream to `to` for one primary term (docs/design.md §4). It opens with
     /// the first message; dropping the link closes it.
     fn open_append(&self, to: Rank) -> NetResult<Box<dyn AppendLink>>;
     fn prepare(

@@ -1,4 +1,4 @@
-//! Both ends of the primary's ordered stream to a member (DESIGN.md §4): the member's side
+//! Both ends of the primary's ordered stream to a member (docs/design.md §4): the member's side
 //! (`on_append`) and the primary's (`replicate_to`). The stream is open for the primary's
 //! term: it batches records while a batch is in flight (one in flight per member, so many
 //! writes share one message and one flush at the member), carries the commit point

@@ -1,4 +1,4 @@
-//! The replica, grouped by protocol step (DESIGN.md §4-§7). The decisions are the engine's
+//! The replica, grouped by protocol step (docs/design.md §4-§7). The decisions are the engine's
 //! (`crate::engine`); the files here only execute them: read and write storage, talk to
 //! peers, run the background tasks.
 //!
@@ -49,7 +49,7 @@ use crate::network::PeerNetwork;
 use crate::storage::Store;
 use crate::types::{Rank, Record, View};
 
-/// The replica's protocol state: the engine's (DESIGN.md §4, §5); this module only executes
+/// The replica's protocol state: the engine's (docs/design.md §4, §5); this module only executes
 /// what the engine decides.
 pub(crate) use crate::engine::State;
 
@@ -64,7 +64,7 @@ pub struct CommitPoint {
     pub term: u64,
 }
 
-/// What `Status` shows of a replica (DESIGN.md §9).
+/// What `Status` shows of a replica (docs/design.md §9).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaStatus {
     pub rank: Rank,
@@ -110,7 +110,8 @@ pub struct Node {
     pub(crate) store: Store,
     pub(crate) net: Arc<dyn PeerNetwork>,
     pub(crate) faults: Arc<Faults>,
-    /// This server's cluster id, once known (DESIGN.md §10); the network sends it on every call.
+    /// This server's cluster id, once known (docs/design.md §10); the network sends it on
+    /// every call.
     pub(crate) identity: Arc<Identity>,
     /// Held while Paxos state is written, so that writes reach the disk in the order the
     /// state changed (each writes the latest view, promise and accepted proposal).
@@ -263,7 +264,7 @@ impl Node {
     }
 
     /// Persists the current view, promise and accepted proposal, in the order they changed:
-    /// call after changing them and before any reply that depends on them (DESIGN.md §10).
+    /// call after changing them and before any reply that depends on them (docs/design.md §10).
     pub(crate) async fn persist_paxos(&self) {
         let _io = self.paxos_io.lock().await;
         let (view, promise, accepted) = {

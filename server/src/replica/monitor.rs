@@ -1,4 +1,4 @@
-//! Start-up discovery, the failure monitor and revival (DESIGN.md §5, §7, §10): a server
+//! Start-up discovery, the failure monitor and revival (docs/design.md §5, §7, §10): a server
 //! without state finds its cluster (or, rank 0 with `--bootstrap`, forms one); a backup whose
 //! primary went silent takes over; a non-member catches up and asks to join. The timing and
 //! the choices are the engine's (`engine::monitor`).
@@ -25,7 +25,7 @@ impl Node {
     /// A server without state (new, or its data directory lost) asks its peers until it can
     /// either join the cluster one of them belongs to, or (rank 0 with `--bootstrap` only)
     /// form a new cluster because every peer answered that it holds no state either
-    /// (DESIGN.md §10). An empty data directory alone never means "new cluster": the peers
+    /// (docs/design.md §10). An empty data directory alone never means "new cluster": the peers
     /// that hold the data may simply not be up yet.
     pub(super) async fn find_cluster(self: &Arc<Self>) {
         let started = Instant::now();

@@ -1,4 +1,4 @@
-//! Linearizable local reads (DESIGN.md §4): with a valid lease, and only once the key's
+//! Linearizable local reads (docs/design.md §4): with a valid lease, and only once the key's
 //! latest write is committed (`engine::commit`).
 
 use std::sync::Arc;
@@ -52,7 +52,7 @@ impl Node {
         }
     }
 
-    /// A linearizable scan (DESIGN.md §6 "Scans"): the first `limit` keys of `range` that
+    /// A linearizable scan (docs/design.md §6 "Scans"): the first `limit` keys of `range` that
     /// hold a value, with their values, and whether more may follow. Served like a read:
     /// only with a valid lease before and after, and only once every entry the page covers
     /// (tombstones included) is committed, waiting for that as a read of a pending key does.

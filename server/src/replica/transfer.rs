@@ -1,4 +1,4 @@
-//! State transfer (DESIGN.md §7, §10): the Sync source and sink, and Join on the primary.
+//! State transfer (docs/design.md §7, §10): the Sync source and sink, and Join on the primary.
 //! Who may serve and what a transfer may set are the engine's rules (`engine::install`).
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! View changes (DESIGN.md §5): each transition out of a view is one single-decree Paxos
+//! View changes (docs/design.md §5): each transition out of a view is one single-decree Paxos
 //! instance whose acceptors are that view's members and whose ballots are epochs. This module
 //! holds the proposer (`change_view`), the acceptor handlers (`on_prepare`, `on_accept`) and
 //! the install + reconcile step.

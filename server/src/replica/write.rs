@@ -1,4 +1,4 @@
-//! One client write's journey (DESIGN.md §4, §6): a backup forwards it to the primary;
+//! One client write's journey (docs/design.md §4, §6): a backup forwards it to the primary;
 //! the primary's sequencer admits it by its session (`engine::sequencer`), assigns its lsn,
 //! applies the batch and hands it to the member streams; the flusher makes it durable; the
 //! write waits until the commit point covers it.
@@ -46,7 +46,7 @@ pub struct WriteReq {
     pub id: Option<RequestId>,
 }
 
-/// A compare-and-swap (DESIGN.md §6): writes `value` (`None` deletes) only if the key's
+/// A compare-and-swap (docs/design.md §6): writes `value` (`None` deletes) only if the key's
 /// current value is what `expect` says.
 #[derive(Clone, Debug)]
 pub struct CasReq {
@@ -56,7 +56,7 @@ pub struct CasReq {
     pub id: Option<RequestId>,
 }
 
-/// A range delete (DESIGN.md §6): removes up to `limit` keys of `range` in one record.
+/// A range delete (docs/design.md §6): removes up to `limit` keys of `range` in one record.
 #[derive(Clone, Debug)]
 pub struct RangeDeleteReq {
     pub range: ItemRange,
@@ -581,7 +581,7 @@ impl Node {
 
     /// Finds sessions idle for longer than the session TTL while this server is primary, and
     /// hands them to the sequencer, which deletes their items through replicated records
-    /// (DESIGN.md §10 "Sessions"). A session is collected between one TTL and one TTL plus a
+    /// (docs/design.md §10 "Sessions"). A session is collected between one TTL and one TTL plus a
     /// pass period (a quarter of the TTL, at most 5 minutes) after its last write.
     async fn session_collector(self: Arc<Self>, tx: mpsc::Sender<Vec<SessionId>>) {
         let ttl_ms = self.cfg.session_ttl.as_millis() as u64;
@@ -668,7 +668,7 @@ fn wall_clock_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The answer to a write its session refuses (DESIGN.md §10 "Sessions"): the request applied
+/// The answer to a write its session refuses (docs/design.md §10 "Sessions"): the request applied
 /// nothing, and says why.
 fn session_refusal(
     decision: Decision,

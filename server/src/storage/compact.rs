@@ -1,4 +1,4 @@
-//! Compaction of sled's files (DESIGN.md §3, bounded growth): sled 0.34 never gives back the
+//! Compaction of sled's files (docs/design.md §3, bounded growth): sled 0.34 never gives back the
 //! space of data that was deleted, so once its files are far larger than what it holds, the
 //! database is rewritten into a fresh directory and swapped in.
 //!

@@ -1,6 +1,6 @@
 //! The durable side of the store: the write-ahead log in front of sled, the `sled-applier`
 //! thread that hands logged operations to sled, and checkpoints, which make sled durable
-//! and retire the log segments it no longer needs (DESIGN.md §3).
+//! and retire the log segments it no longer needs (docs/design.md §3).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +23,7 @@ pub(super) struct Logged {
     pub(super) applying: Arc<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
     /// Set when the store closes: the applier stops.
     pub(super) closing: bool,
-    /// A failed apply: the store stops taking writes (fail-stop, DESIGN.md §3).
+    /// A failed apply: the store stops taking writes (fail-stop, docs/design.md §3).
     pub(super) failed: Option<String>,
 }
 

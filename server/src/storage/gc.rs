@@ -1,4 +1,4 @@
-//! Tombstone collection (DESIGN.md §3, §7): the horizon, the transfers that pin it, the
+//! Tombstone collection (docs/design.md §3, §7): the horizon, the transfers that pin it, the
 //! collection pass that drops tombstones from the index, the log and sled, and the
 //! collector thread that runs it.
 
@@ -13,7 +13,7 @@ use super::keys::{data_key, json, GC_HORIZON};
 use super::wal::Op;
 use super::Items;
 
-/// Tombstone collection (DESIGN.md §3, §7). A tombstone may be dropped once every member of
+/// Tombstone collection (docs/design.md §3, §7). A tombstone may be dropped once every member of
 /// the view has it committed: the primary hands out that horizon on its appends
 /// (`Store::collect_up_to`), and a collector thread drops tombstones up to it. A state
 /// transfer whose `since` is below `horizon` might miss a deletion and must be full.

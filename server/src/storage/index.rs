@@ -1,4 +1,4 @@
-//! The in-memory lsn index (DESIGN.md §3's `l/` range): each item's latest lsn, ordered by
+//! The in-memory lsn index (docs/design.md §3's `l/` range): each item's latest lsn, ordered by
 //! lsn, and the tombstones among them, which collection drops. Rebuilt from the `d/` entries
 //! when the store opens.
 
@@ -23,7 +23,7 @@ impl Latest {
     }
 }
 
-/// The lsn index (DESIGN.md §3's `l/` range, kept in memory and rebuilt from the entries at
+/// The lsn index (docs/design.md §3's `l/` range, kept in memory and rebuilt from the entries at
 /// start): each item's latest lsn, ordered by lsn, so "everything changed after X" and
 /// "my uncommitted tail" are range scans. Keeping it out of sled saves two tree updates and
 /// a read per written item. The tombstones among them, by lsn, are what collection drops.

@@ -1,11 +1,11 @@
-//! The key layout of the sled tree (DESIGN.md §3) and how values are encoded:
+//! The key layout of the sled tree (docs/design.md §3) and how values are encoded:
 //!
 //! - `d/<item>` -> `lsn (be64) | flag | value`: the current entry of a user or session item
 //!   (flag 1 = value, 0 = tombstone).
 //! - `m/...`: view, promise, accepted proposal, log position (applied / committed / last
 //!   record epoch), cluster membership and collection horizon, as JSON.
 //!
-//! The `l/` lsn index of DESIGN.md §3 is not stored: see [`super::index`].
+//! The `l/` lsn index of docs/design.md §3 is not stored: see [`super::index`].
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,4 @@
-//! Local storage (DESIGN.md §3): the facade the replica uses, [`Store`], and the persisted
+//! Local storage (docs/design.md §3): the facade the replica uses, [`Store`], and the persisted
 //! Paxos and log-position types. One sled tree with prefixed keys, a write-ahead log in
 //! front of it, an in-memory lsn index.
 //!
@@ -341,7 +341,7 @@ impl Store {
         Ok(())
     }
 
-    /// Sets entries unconditionally (state transfer, DESIGN.md §7) and, with the final chunk,
+    /// Sets entries unconditionally (state transfer, docs/design.md §7) and, with the final chunk,
     /// the log position. Written to sled at once (not durable before a flush), so a long
     /// transfer is not held in memory.
     pub fn set_entries(
@@ -560,7 +560,7 @@ impl Store {
         self.items.gc().horizon
     }
 
-    /// Starts serving a state transfer of everything changed after `since` (DESIGN.md §7). If
+    /// Starts serving a state transfer of everything changed after `since` (docs/design.md §7). If
     /// a tombstone above `since` may have been dropped, the transfer must be full: every
     /// entry, and the receiver removes what it is not sent. Otherwise no tombstone above
     /// `since` is dropped while the returned pin lives.
@@ -621,7 +621,7 @@ impl Store {
         );
     }
 
-    /// Items written after `committed`: the tail a state transfer must repair (DESIGN.md §7).
+    /// Items written after `committed`: the tail a state transfer must repair (docs/design.md §7).
     pub fn tail_items(&self, committed: u64) -> Result<Vec<Bytes>, StorageError> {
         let from = (committed.saturating_add(1), Bytes::new());
         Ok(self
@@ -838,7 +838,7 @@ mod tests {
         Compact,
     }
 
-    /// Paxos state is persisted in the order it changed (DESIGN.md §10): whatever point a
+    /// Paxos state is persisted in the order it changed (docs/design.md §10): whatever point a
     /// server stops at, it comes back with the latest promise, accepted proposal and view it
     /// saved, never an older one after a newer one, wherever the newer one was (only in the
     /// log, in sled, in sled after a checkpoint or a compaction).

@@ -1,4 +1,4 @@
-//! Ordered reads of a range of items across the three places an entry can be (DESIGN.md §3):
+//! Ordered reads of a range of items across the three places an entry can be (docs/design.md §3):
 //! staged in memory, logged but not yet in sled, and sled.
 //!
 //! A scan holds the staged lock from start to end. Every write enters the store through
