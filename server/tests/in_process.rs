@@ -64,6 +64,21 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Reads `key` at `node` until it answers with a value, for at most [`WAIT`]; `None` if it
+/// never did.
+async fn read_eventually(node: &Arc<Node>, key: &[u8]) -> Option<Bytes> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = node.read(key).await.ok().flatten() {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn put(key: &str, value: &str) -> WriteReq {
     WriteReq {
         key: Bytes::copy_from_slice(key.as_bytes()),
@@ -92,12 +107,7 @@ async fn a_write_commits_and_a_cut_off_primary_is_replaced() {
     let (r, _) = nodes[1].write(put("k", "v1")).await.unwrap();
     assert_eq!(r.old, None);
     for node in &nodes {
-        let mut value = None;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while value.is_none() && tokio::time::Instant::now() < deadline {
-            value = node.read(b"k").await.ok().flatten();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let value = read_eventually(node, b"k").await;
         assert_eq!(
             value.as_deref(),
             Some(&b"v1"[..]),
@@ -128,12 +138,7 @@ async fn a_write_commits_and_a_cut_off_primary_is_replaced() {
     // The new primary keeps the committed write and commits new ones.
     let (r, _) = primary.write(put("k", "v2")).await.unwrap();
     assert_eq!(r.old.as_deref(), Some(&b"v1"[..]));
-    let mut value = None;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while value.is_none() && tokio::time::Instant::now() < deadline {
-        value = primary.read(b"k").await.ok().flatten();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let value = read_eventually(primary, b"k").await;
     assert_eq!(value.as_deref(), Some(&b"v2"[..]));
 
     // The old primary, cut off, lost its lease: it no longer answers reads.
@@ -176,12 +181,7 @@ async fn a_cut_off_backup_is_dropped_and_rejoins_after_healing() {
         s.role == "backup" && s.view.members.contains(&2)
     })
     .await;
-    let mut value = None;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while value.is_none() && tokio::time::Instant::now() < deadline {
-        value = nodes[2].read(b"a").await.ok().flatten();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let value = read_eventually(&nodes[2], b"a").await;
     assert_eq!(
         value.as_deref(),
         Some(&b"2"[..]),
@@ -218,12 +218,7 @@ async fn a_replica_that_lost_its_disk_rejoins_the_cluster_it_belonged_to() {
         s.role == "backup" && s.view.members.contains(&2)
     })
     .await;
-    let mut value = None;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while value.is_none() && tokio::time::Instant::now() < deadline {
-        value = wiped.read(b"k").await.ok().flatten();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let value = read_eventually(&wiped, b"k").await;
     assert_eq!(value.as_deref(), Some(&b"kept"[..]));
     assert_eq!(
         nodes[0].status().role,
@@ -303,12 +298,7 @@ async fn a_member_whose_install_failed_never_serves_a_stale_read() {
     // If rank 2 is a member of the view that committed the write, it holds the write.
     let view = nodes[1].status().view;
     if view.members.contains(&2) {
-        let mut value = None;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while value.is_none() && tokio::time::Instant::now() < deadline {
-            value = nodes[2].read(b"k").await.ok().flatten();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let value = read_eventually(&nodes[2], b"k").await;
         assert_eq!(value.as_deref(), Some(&b"v2"[..]));
     }
 
@@ -316,11 +306,6 @@ async fn a_member_whose_install_failed_never_serves_a_stale_read() {
     router.heal();
     router.isolate(0, N);
     wait_for("rank 2 to serve again", || nodes[2].status().serving).await;
-    let mut value = None;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while value.is_none() && tokio::time::Instant::now() < deadline {
-        value = nodes[2].read(b"k").await.ok().flatten();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let value = read_eventually(&nodes[2], b"k").await;
     assert_eq!(value.as_deref(), Some(&b"v2"[..]));
 }
