@@ -161,6 +161,25 @@ where
     println!("{what}: {} keys in {:.1?}", to - from, started.elapsed());
 }
 
+/// The write of key `i` that [`for_keys`] runs: a put of `value`, or a delete for `None`.
+/// A failed write fails the test.
+fn write_op(
+    client: &Client,
+    value: Option<Bytes>,
+) -> impl Fn(usize) -> futures::future::BoxFuture<'static, ()> + Clone + Send + Sync + 'static {
+    let client = client.clone();
+    move |i: usize| {
+        let (client, value) = (client.clone(), value.clone());
+        Box::pin(async move {
+            let (what, done) = match value {
+                Some(value) => ("put", client.put(key(i), value).await),
+                None => ("delete", client.delete(key(i)).await),
+            };
+            done.unwrap_or_else(|e| panic!("{what} {i}: {e}"));
+        })
+    }
+}
+
 fn key(i: usize) -> Bytes {
     Bytes::from(format!("gc-check-{i:08}"))
 }
@@ -238,36 +257,14 @@ fn the_data_directories_shrink_back_after_a_write_then_delete_run() {
         // (after 10 s) not fall between the two measurements by taking the baseline after it.
         let before = measure(&cluster, "before");
         let value = Bytes::from(vec![b'v'; VALUE_BYTES]);
-        let put = {
-            let (client, value) = (client.clone(), value.clone());
-            move |i: usize| {
-                let (client, value) = (client.clone(), value.clone());
-                async move {
-                    client
-                        .put(key(i), value)
-                        .await
-                        .unwrap_or_else(|e| panic!("put {i}: {e}"));
-                }
-            }
-        };
+        let put = write_op(&client, Some(value.clone()));
         for_keys("puts", 0, KEYS, put).await;
         cluster
             .wait_converged(Duration::from_secs(20))
             .await
             .unwrap();
         let written = measure(&cluster, "after the puts");
-        let delete = {
-            let client = client.clone();
-            move |i: usize| {
-                let client = client.clone();
-                async move {
-                    client
-                        .delete(key(i))
-                        .await
-                        .unwrap_or_else(|e| panic!("delete {i}: {e}"));
-                }
-            }
-        };
+        let delete = write_op(&client, None);
         for_keys("deletes", 0, KEYS, delete).await;
         cluster
             .wait_converged(Duration::from_secs(20))
@@ -366,18 +363,7 @@ fn writing_then_deleting_many_keys_leaves_memory_and_disk_where_they_were() {
             .await
             .expect("client");
             let value = Bytes::from(vec![b'v'; value_bytes]);
-            let put = {
-                let (client, value) = (client.clone(), value.clone());
-                move |i: usize| {
-                    let (client, value) = (client.clone(), value.clone());
-                    async move {
-                        client
-                            .put(key(i), value)
-                            .await
-                            .unwrap_or_else(|e| panic!("put {i}: {e}"));
-                    }
-                }
-            };
+            let put = write_op(&client, Some(value.clone()));
             if base > 0 {
                 for_keys("base puts", keys, keys + base, put.clone()).await;
                 cluster.wait_converged(Duration::from_secs(60)).await.unwrap();
@@ -389,18 +375,7 @@ fn writing_then_deleting_many_keys_leaves_memory_and_disk_where_they_were() {
             cluster.wait_converged(Duration::from_secs(60)).await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
             let written = measure(&cluster, "after the puts");
-            let delete = {
-                let client = client.clone();
-                move |i: usize| {
-                    let client = client.clone();
-                    async move {
-                        client
-                            .delete(key(i))
-                            .await
-                            .unwrap_or_else(|e| panic!("delete {i}: {e}"));
-                    }
-                }
-            };
+            let delete = write_op(&client, None);
             for_keys("deletes", 0, keys, delete).await;
             cluster.wait_converged(Duration::from_secs(60)).await.unwrap();
             // The last write was a delete: once every server's horizon reaches it, every
