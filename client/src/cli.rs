@@ -722,6 +722,34 @@ mod tests {
     }
 
     #[test]
+    fn member_list_names_each_server_and_its_place() {
+        use replikv_proto::kv::{Configuration, Server};
+        let server = |rank: u32| Server {
+            rank,
+            client: format!("127.0.0.1:{}", 7000 + rank),
+            peer: format!("127.0.0.1:{}", 7100 + rank),
+        };
+        let view = View {
+            epoch: 9,
+            primary: 2,
+            members: vec![0, 2],
+            config: Some(Configuration {
+                servers: vec![server(0), server(2), server(3), server(4)],
+                next_rank: 5,
+                has_pending: true,
+                pending: 4,
+            }),
+        };
+        assert_eq!(
+            render_members(Some(&view)),
+            "0\t127.0.0.1:7000/7100\tmember\n2\t127.0.0.1:7002/7102\tprimary\n\
+             3\t127.0.0.1:7003/7103\tout of the view\n4\t127.0.0.1:7004/7104\tjoining\n\
+             epoch 9\n"
+        );
+        assert_eq!(exit_code(&Error::Refused("busy".into())), EXIT_USAGE);
+    }
+
+    #[test]
     fn exit_codes_separate_usage_from_unavailability() {
         assert_eq!(exit_code(&Error::InvalidArgument("x".into())), EXIT_USAGE);
         assert_eq!(exit_code(&Error::Config("x".into())), EXIT_USAGE);

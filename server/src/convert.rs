@@ -300,8 +300,9 @@ pub fn prepare_from_pb(p: peer::PrepareRequest, n: usize) -> msg::Prepare {
     }
 }
 
-const PREPARE_REFUSALS: [PrepareRefusal; 7] = [
+const PREPARE_REFUSALS: [PrepareRefusal; 8] = [
     PrepareRefusal::Malformed,
+    PrepareRefusal::NotConfigured,
     PrepareRefusal::Amnesiac,
     PrepareRefusal::BallotOutOfRange,
     PrepareRefusal::NewerView,
