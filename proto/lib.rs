@@ -55,6 +55,15 @@ pub const SESSION_EXPIRED: &str = "expired";
 /// applied it.
 pub const SESSION_RESULT_UNKNOWN: &str = "result-unknown";
 
+/// gRPC methods of the client port that change the cluster rather than data: membership
+/// changes (docs/design.md §11). The one list an authorization layer gates.
+pub const ADMIN_METHODS: &[&str] = &["/replikv.v1.Members/Add", "/replikv.v1.Members/Remove"];
+
+/// Whether the gRPC method at `path` (`/package.Service/Method`) is an admin operation.
+pub fn is_admin_method(path: &str) -> bool {
+    ADMIN_METHODS.contains(&path)
+}
+
 /// Default largest key, in bytes.
 pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
 /// Default largest value, in bytes.

@@ -176,6 +176,7 @@ mod tests {
                 epoch,
                 primary,
                 members: vec![],
+                config: None,
             }),
             role: role.into(),
             ..Default::default()

@@ -1072,6 +1072,7 @@ mod tests {
                 epoch,
                 primary: 0,
                 members: members.to_vec(),
+                config: None,
             }),
             role: role.into(),
             serving,

@@ -111,6 +111,26 @@ pub enum Command {
     /// Make certificates for a secure cluster into a directory (docs/security.md).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The cluster's servers: list them, add one, remove one (docs/design.md §11).
+    #[command(subcommand)]
+    Member(MemberCommand),
+}
+
+/// `replikv member`: the configuration of the cluster.
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// Print one line per server: RANK<TAB>ADDRESS<TAB>ROLE (primary, member, joining or
+    /// out of the view), then the view's epoch.
+    List,
+    /// Add the server at ADDR (`host:client_port/peer_port`, or `host:port` for
+    /// `host:port/port+1`) and print its new rank; then start it with `--join` and that
+    /// `--rank`.
+    Add { address: String },
+    /// Remove the server of rank RANK, or at address ADDR, from the cluster.
+    Remove {
+        /// A rank, or an address as for `add`.
+        target: String,
+    },
 }
 
 /// `replikv cert`: a CA, node and client certificates.
@@ -205,7 +225,7 @@ pub async fn run(opt: Opt, out: &mut impl Write) -> u8 {
 /// The exit code for an error.
 pub fn exit_code(err: &Error) -> u8 {
     match err {
-        Error::InvalidArgument(_) | Error::Config(_) => EXIT_USAGE,
+        Error::InvalidArgument(_) | Error::Config(_) | Error::Refused(_) => EXIT_USAGE,
         Error::Unavailable(_)
         | Error::OutcomeUnknown(_)
         | Error::Overloaded(_)
@@ -358,7 +378,60 @@ async fn execute(opt: Opt, out: &mut impl Write) -> Result<u8, Error> {
             }
         }
         Command::Cert(c) => cert(&c, out),
+        Command::Member(MemberCommand::List) => {
+            let r = client.members().await?;
+            write_out(out, render_members(r.view.as_ref()).as_bytes())?;
+            Ok(0)
+        }
+        Command::Member(MemberCommand::Add { address }) => {
+            let r = client.member_add(&address).await?;
+            write_out(out, format!("{}\n", r.rank).as_bytes())?;
+            Ok(0)
+        }
+        Command::Member(MemberCommand::Remove { target }) => {
+            use replikv_proto::kv::member_remove_request::Target;
+            let target = match target.parse::<u32>() {
+                Ok(rank) => Target::Rank(rank),
+                Err(_) => Target::Address(target),
+            };
+            let r = client.member_remove(target).await?;
+            write_out(out, format!("removed {}\n", r.rank).as_bytes())?;
+            Ok(0)
+        }
     }
+}
+
+/// `replikv member list`: a line per server of the configuration, then the epoch.
+pub fn render_members(view: Option<&replikv_proto::kv::View>) -> String {
+    let Some(view) = view else {
+        return "(no view)\n".into();
+    };
+    let mut text = String::new();
+    let config = view.config.clone().unwrap_or_default();
+    for s in &config.servers {
+        let role = if s.rank == view.primary {
+            "primary"
+        } else if view.members.contains(&s.rank) {
+            "member"
+        } else if config.has_pending && config.pending == s.rank {
+            "joining"
+        } else {
+            "out of the view"
+        };
+        text.push_str(&format!(
+            "{}\t{}/{}\t{role}\n",
+            s.rank,
+            s.client,
+            port_of(&s.peer)
+        ));
+    }
+    text.push_str(&format!("epoch {}\n", view.epoch));
+    text
+}
+
+/// The port of `host:port`.
+fn port_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(_, p)| p)
 }
 
 /// How keys and values cross the command line.
@@ -571,6 +644,7 @@ mod tests {
                 epoch: 3,
                 primary: 0,
                 members: vec![0, 1],
+                config: None,
             }),
             role: role.into(),
             applied,
@@ -645,6 +719,34 @@ mod tests {
         assert!(decode_hex("zz").is_err());
         assert!(decode_hex("é1").is_err());
         assert_eq!(decode_hex("").unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn member_list_names_each_server_and_its_place() {
+        use replikv_proto::kv::{Configuration, Server};
+        let server = |rank: u32| Server {
+            rank,
+            client: format!("127.0.0.1:{}", 7000 + rank),
+            peer: format!("127.0.0.1:{}", 7100 + rank),
+        };
+        let view = View {
+            epoch: 9,
+            primary: 2,
+            members: vec![0, 2],
+            config: Some(Configuration {
+                servers: vec![server(0), server(2), server(3), server(4)],
+                next_rank: 5,
+                has_pending: true,
+                pending: 4,
+            }),
+        };
+        assert_eq!(
+            render_members(Some(&view)),
+            "0\t127.0.0.1:7000/7100\tmember\n2\t127.0.0.1:7002/7102\tprimary\n\
+             3\t127.0.0.1:7003/7103\tout of the view\n4\t127.0.0.1:7004/7104\tjoining\n\
+             epoch 9\n"
+        );
+        assert_eq!(exit_code(&Error::Refused("busy".into())), EXIT_USAGE);
     }
 
     #[test]

@@ -9,7 +9,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::join_all;
 use replikv_proto::kv::kv_client::KvClient;
+use replikv_proto::kv::members_client::MembersClient;
 use replikv_proto::kv::pipeline_request::Op;
+use replikv_proto::kv::{
+    member_remove_request, MemberAddRequest, MemberAddResponse, MemberListRequest,
+    MemberListResponse, MemberRemoveRequest, MemberRemoveResponse,
+};
 use replikv_proto::kv::{
     pipeline_response, CasRequest, DeleteRangeRequest, DeleteRequest, GetRequest, KeyRange,
     PutRequest, RequestId, ScanRequest, StatusRequest, StatusResponse,
@@ -144,6 +149,8 @@ struct Transport {
     /// One per server, built once: a tonic `Channel` multiplexes every
     /// request over one HTTP/2 connection and reconnects by itself.
     stubs: Vec<KvClient<Channel>>,
+    /// The same connections, for the `Members` service.
+    channels: Vec<Channel>,
     /// One per server, over its stub's connection: gets, puts and deletes.
     pipes: Vec<Pipe>,
     config: ClientConfig,
@@ -195,7 +202,7 @@ impl Client {
     fn build(config: ClientConfig) -> Result<Client, Error> {
         let servers = config.validate()?;
         let tls = config.tls.as_ref().map(|t| t.load()).transpose()?;
-        let stubs = servers
+        let channels = servers
             .iter()
             .map(|addr| {
                 let scheme = if tls.is_some() { "https" } else { "http" };
@@ -208,11 +215,17 @@ impl Client {
                         .tls_config(tls.clone())
                         .map_err(|e| Error::Config(format!("TLS settings: {e}")))?;
                 }
-                Ok(KvClient::new(endpoint.connect_lazy())
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES))
+                Ok(endpoint.connect_lazy())
             })
-            .collect::<Result<Vec<_>, Error>>()?;
+            .collect::<Result<Vec<Channel>, Error>>()?;
+        let stubs: Vec<KvClient<Channel>> = channels
+            .iter()
+            .map(|ch| {
+                KvClient::new(ch.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            })
+            .collect();
         let client_id = match config.client_id {
             Some(id) => id,
             None => session_id()?,
@@ -222,6 +235,7 @@ impl Client {
             servers,
             pipes: stubs.iter().cloned().map(Pipe::new).collect(),
             stubs,
+            channels,
             config,
         });
         Ok(Client::with_session(transport, client_id))
@@ -561,6 +575,99 @@ impl Client {
                 "{addr}: {}",
                 AttemptFailure::timed_out(timeout).detail
             ))),
+        }
+    }
+
+    /// The cluster's view with its configuration (docs/design.md §11), as the first server
+    /// to answer holds it.
+    pub async fn members(&self) -> Result<MemberListResponse, Error> {
+        self.members_call("member list", |mut c, t| async move {
+            c.list(with_timeout(MemberListRequest {}, t)).await
+        })
+        .await
+    }
+
+    /// Adds a server at `address` (`host:client_port/peer_port`) to the configuration; the
+    /// answer names its rank. An admin operation, decided by the primary.
+    pub async fn member_add(&self, address: &str) -> Result<MemberAddResponse, Error> {
+        let req = MemberAddRequest {
+            address: address.to_string(),
+        };
+        self.members_call("member add", move |mut c, t| {
+            let req = req.clone();
+            async move { c.add(with_timeout(req, t)).await }
+        })
+        .await
+    }
+
+    /// Removes the server of rank `rank`, or at `address`, from the configuration and the
+    /// view. An admin operation, decided by the primary.
+    pub async fn member_remove(
+        &self,
+        target: member_remove_request::Target,
+    ) -> Result<MemberRemoveResponse, Error> {
+        let req = MemberRemoveRequest {
+            target: Some(target),
+        };
+        self.members_call("member remove", move |mut c, t| {
+            let req = req.clone();
+            async move { c.remove(with_timeout(req, t)).await }
+        })
+        .await
+    }
+
+    /// One `Members` call, tried on each server in turn (the known primary first) until one
+    /// answers or the request deadline passes. A backup answers a change `UNAVAILABLE`
+    /// naming the primary, which is tried next. Bad input and refusals are not retried.
+    async fn members_call<R, F, Fut>(&self, op: &str, call: F) -> Result<R, Error>
+    where
+        F: Fn(MembersClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        let n = self.inner.servers.len();
+        let mut next = self.inner.router.primary().unwrap_or(0);
+        let mut backoff = Backoff::new();
+        let mut last = String::from("no attempt finished");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Unavailable(format!("{op}: {last}")));
+            }
+            let t = left.min(
+                self.inner
+                    .config
+                    .attempt_timeout
+                    .max(Duration::from_secs(5)),
+            );
+            let client = MembersClient::new(self.inner.channels[next].clone());
+            let addr = self.inner.servers[next].clone();
+            match tokio::time::timeout(t, call(client, t)).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(s)) => match s.code() {
+                    tonic::Code::InvalidArgument => {
+                        return Err(Error::InvalidArgument(s.message().to_string()))
+                    }
+                    tonic::Code::FailedPrecondition => {
+                        return Err(Error::Refused(s.message().to_string()))
+                    }
+                    _ => {
+                        last = format!("{addr}: {}", s.message());
+                        let hinted = s
+                            .metadata()
+                            .get(replikv_proto::PRIMARY_ADDR_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|a| self.inner.servers.iter().position(|s| s == a));
+                        next = hinted.filter(|&h| h != next).unwrap_or((next + 1) % n);
+                    }
+                },
+                Err(_) => {
+                    last = format!("{addr}: no answer within {t:?}");
+                    next = (next + 1) % n;
+                }
+            }
+            let pause = backoff.next_delay();
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
     }
 

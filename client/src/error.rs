@@ -35,6 +35,10 @@ pub enum Error {
     /// if the new session is refused too.
     #[error("session expired: {0}")]
     SessionExpired(String),
+    /// The cluster refused the request as it stands now (`FAILED_PRECONDITION`): for
+    /// example a membership change while another one is in progress. Nothing changed.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl Error {

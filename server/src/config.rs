@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::error::ConfigError;
 use crate::tls::TlsFiles;
+use crate::types::{Configuration, ServerAddr};
 
 /// How a member makes an applied batch durable before it acknowledges it (docs/design.md §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, ValueEnum, Deserialize)]
@@ -47,6 +48,13 @@ pub struct Opt {
     /// served on the client port). An entry `host:port` means `host:port/port+1`.
     #[arg(long, env = "REPLIKV_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
+    /// Instead of --peers: the client address (`host:port`) of any server of a running
+    /// cluster, to learn the configuration from (docs/design.md §11). A server added with
+    /// `replikv member add` is started with `--join` and the `--rank` that answered; it
+    /// catches up and joins. The configuration it learns is only a seed: the one it
+    /// later holds in its view wins.
+    #[arg(long, env = "REPLIKV_JOIN", conflicts_with = "peers")]
+    pub join: Option<String>,
     /// Directory of the sled database.
     #[arg(long, env = "REPLIKV_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -150,6 +158,9 @@ pub struct Config {
     pub peers: Vec<String>,
     /// Every server's peer-plane address (`host:port`), by rank: what servers dial.
     pub peer_addrs: Vec<String>,
+    /// The configuration this server starts from (docs/design.md §11): `--peers` as ranks
+    /// 0.., or what `--join` learned. The configuration in the server's view wins over it.
+    pub seed: Configuration,
     pub data_dir: PathBuf,
     /// Where the client API listens.
     pub listen: SocketAddr,
@@ -218,6 +229,12 @@ impl Default for Limits {
 impl Opt {
     /// Merges the config file (if any) under the flags and validates the result.
     pub fn resolve(&self) -> Result<Config, ConfigError> {
+        self.resolve_with(None)
+    }
+
+    /// As [`Opt::resolve`], with `joined`, the configuration `--join` learned, in place of
+    /// `--peers`.
+    pub fn resolve_with(&self, joined: Option<Configuration>) -> Result<Config, ConfigError> {
         let file = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
@@ -233,34 +250,55 @@ impl Opt {
             }
             None => FileConfig::default(),
         };
-        let peers = if self.peers.is_empty() {
-            file.peers.unwrap_or_default()
-        } else {
-            self.peers.clone()
-        };
-        if peers.is_empty() {
-            return Err(ConfigError(
-                "--peers is required (host:port,host:port,...)".into(),
-            ));
-        }
-        let (peers, peer_addrs): (Vec<String>, Vec<String>) = peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| split_peer(p).map_err(|e| ConfigError(format!("peer {i} ({p:?}): {e}"))))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .unzip();
         let rank = self
             .rank
             .or(file.rank)
             .ok_or_else(|| ConfigError("--rank is required".into()))?;
-        if rank as usize >= peers.len() {
-            return Err(ConfigError(format!(
-                "--rank {rank} is out of range: --peers lists {} servers (ranks 0..{})",
-                peers.len(),
-                peers.len() - 1
-            )));
-        }
+        let seed = match joined {
+            Some(c) => {
+                if !c.contains(rank) {
+                    return Err(ConfigError(format!(
+                        "--rank {rank} is not in the cluster's configuration (ranks {:?}): \
+                         add this server first with `replikv member add`",
+                        c.ranks().collect::<Vec<_>>()
+                    )));
+                }
+                c
+            }
+            None => {
+                let peers = if self.peers.is_empty() {
+                    file.peers.unwrap_or_default()
+                } else {
+                    self.peers.clone()
+                };
+                if peers.is_empty() {
+                    return Err(ConfigError(
+                        "--peers (host:port,host:port,...) or --join is required".into(),
+                    ));
+                }
+                let servers = peers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        parse_server(p).map_err(|e| ConfigError(format!("peer {i} ({p:?}): {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if rank as usize >= peers.len() {
+                    return Err(ConfigError(format!(
+                        "--rank {rank} is out of range: --peers lists {} servers (ranks 0..{})",
+                        peers.len(),
+                        peers.len() - 1
+                    )));
+                }
+                Configuration::seed(servers)
+            }
+        };
+        let (peers, peer_addrs): (Vec<String>, Vec<String>) = seed
+            .servers
+            .values()
+            .map(|s| (s.client.clone(), s.peer.clone()))
+            .unzip();
+        let own = &seed.servers[&rank];
         let data_dir = self
             .data_dir
             .clone()
@@ -268,19 +306,19 @@ impl Opt {
             .ok_or_else(|| ConfigError("--data-dir is required".into()))?;
         let listen = match self.listen.or(file.listen) {
             Some(a) => a,
-            None => resolve_addr(&peers[rank as usize]).map_err(|e| {
+            None => resolve_addr(&own.client).map_err(|e| {
                 ConfigError(format!(
                     "cannot listen on peer {rank} ({}): {e}",
-                    peers[rank as usize]
+                    own.client
                 ))
             })?,
         };
         let peer_listen = match self.peer_listen.or(file.peer_listen) {
             Some(a) => a,
-            None => resolve_addr(&peer_addrs[rank as usize]).map_err(|e| {
+            None => resolve_addr(&own.peer).map_err(|e| {
                 ConfigError(format!(
                     "cannot listen on peer {rank}'s peer address ({}): {e}",
-                    peer_addrs[rank as usize]
+                    own.peer
                 ))
             })?,
         };
@@ -374,6 +412,7 @@ impl Opt {
             rank,
             peers,
             peer_addrs,
+            seed,
             data_dir,
             listen,
             peer_listen,
@@ -391,6 +430,13 @@ impl Opt {
             bootstrap: self.bootstrap || file.bootstrap.unwrap_or(false),
         })
     }
+}
+
+/// A `--peers` entry (or a `replikv member add` address): `host:client_port/peer_port`, or
+/// `host:port` for `host:port/port+1`.
+pub fn parse_server(p: &str) -> Result<ServerAddr, String> {
+    let (client, peer) = split_peer(p)?;
+    Ok(ServerAddr { client, peer })
 }
 
 /// Splits a `--peers` entry, `host:client_port/peer_port` or `host:port` (peer port

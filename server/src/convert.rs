@@ -9,7 +9,9 @@ use crate::error::SessionRefusal;
 use crate::message as msg;
 use crate::network::{NetError, PeerStatus, StatusKind};
 use crate::storage::Position;
-use crate::types::{Entry, Item, LogState, Record, SyncEntry, View, MAX_EPOCH};
+use crate::types::{
+    Configuration, Entry, Item, LogState, Record, ServerAddr, SyncEntry, View, MAX_EPOCH,
+};
 
 impl From<&View> for kv::View {
     fn from(v: &View) -> kv::View {
@@ -17,19 +19,73 @@ impl From<&View> for kv::View {
             epoch: v.epoch,
             primary: v.primary,
             members: v.members.clone(),
+            config: v.config.as_ref().map(kv::Configuration::from),
         }
     }
 }
 
+impl From<&Configuration> for kv::Configuration {
+    fn from(c: &Configuration) -> kv::Configuration {
+        kv::Configuration {
+            servers: c
+                .servers
+                .iter()
+                .map(|(&rank, s)| kv::Server {
+                    rank,
+                    client: s.client.clone(),
+                    peer: s.peer.clone(),
+                })
+                .collect(),
+            next_rank: c.next_rank,
+            has_pending: c.pending.is_some(),
+            pending: c.pending.unwrap_or(0),
+        }
+    }
+}
+
+/// A configuration from the wire; `None` when malformed (a rank twice or at or above
+/// `next_rank`, an empty address, a pending rank that is not a server).
+pub fn configuration_from(c: &kv::Configuration) -> Option<Configuration> {
+    let mut servers = std::collections::BTreeMap::new();
+    for s in &c.servers {
+        let ok = s.rank < c.next_rank && !s.client.is_empty() && !s.peer.is_empty();
+        let addr = ServerAddr {
+            client: s.client.clone(),
+            peer: s.peer.clone(),
+        };
+        if !ok || servers.insert(s.rank, addr).is_some() {
+            return None;
+        }
+    }
+    let pending = c.has_pending.then_some(c.pending);
+    if pending.is_some_and(|p| !servers.contains_key(&p)) {
+        return None;
+    }
+    Some(Configuration {
+        servers,
+        next_rank: c.next_rank,
+        pending,
+    })
+}
+
 /// A view from the wire; `None` when absent or malformed (no epoch or one past
-/// [`MAX_EPOCH`], primary not a member, a rank outside the peer list of `n` servers).
+/// [`MAX_EPOCH`], primary not a member, a member outside its configuration or, without one,
+/// outside the peer list of `n` servers, a malformed configuration).
 pub fn view_from(v: Option<&kv::View>, n: usize) -> Option<View> {
     let v = v?;
+    let config = match &v.config {
+        Some(c) => Some(configuration_from(c)?),
+        None => None,
+    };
+    let known = |m: u32| match &config {
+        Some(c) => c.contains(m),
+        None => (m as usize) < n,
+    };
     let valid = v.epoch > 0
         && v.epoch <= MAX_EPOCH
         && v.members.contains(&v.primary)
-        && v.members.iter().all(|&m| (m as usize) < n);
-    valid.then(|| View::new(v.epoch, v.primary, v.members.iter().copied()))
+        && v.members.iter().all(|&m| known(m));
+    valid.then(|| View::new(v.epoch, v.primary, v.members.iter().copied()).with_config(config))
 }
 
 pub fn record_to_pb(r: &Record) -> peer::Record {
@@ -244,8 +300,9 @@ pub fn prepare_from_pb(p: peer::PrepareRequest, n: usize) -> msg::Prepare {
     }
 }
 
-const PREPARE_REFUSALS: [PrepareRefusal; 7] = [
+const PREPARE_REFUSALS: [PrepareRefusal; 8] = [
     PrepareRefusal::Malformed,
+    PrepareRefusal::NotConfigured,
     PrepareRefusal::Amnesiac,
     PrepareRefusal::BallotOutOfRange,
     PrepareRefusal::NewerView,
@@ -617,6 +674,7 @@ mod tests {
             epoch: 2,
             primary: 1,
             members: vec![0, 1],
+            config: None,
         };
         assert_eq!(view_from(Some(&ok), 3), Some(View::new(2, 1, [0, 1])));
         assert_eq!(
@@ -624,7 +682,8 @@ mod tests {
                 Some(&kv::View {
                     epoch: 2,
                     primary: 2,
-                    members: vec![0, 1]
+                    members: vec![0, 1],
+                    config: None,
                 }),
                 3
             ),
@@ -635,7 +694,8 @@ mod tests {
                 Some(&kv::View {
                     epoch: 2,
                     primary: 0,
-                    members: vec![0, 5]
+                    members: vec![0, 5],
+                    config: None,
                 }),
                 3
             ),
@@ -646,7 +706,8 @@ mod tests {
                 Some(&kv::View {
                     epoch: 0,
                     primary: 0,
-                    members: vec![0]
+                    members: vec![0],
+                    config: None,
                 }),
                 3
             ),

@@ -73,6 +73,10 @@ pub enum ServeError {
     Overloaded(String),
     #[error("storage failure: {0}")]
     Storage(#[from] StorageError),
+    /// The cluster's state does not allow the request now (a membership change while
+    /// another is in progress, docs/design.md §11); nothing changed.
+    #[error("{0}")]
+    Precondition(String),
     /// The write's session cannot answer it (docs/design.md §10 "Sessions"): its recorded result
     /// is no longer known, or the session expired. This request applied nothing; an earlier
     /// attempt of the same request may have. Never retried elsewhere: every server answers
@@ -154,6 +158,9 @@ impl ServeError {
                 with_outcome(Status::invalid_argument(m), Outcome::None)
             }
             ServeError::Overloaded(m) => with_outcome(Status::resource_exhausted(m), Outcome::None),
+            ServeError::Precondition(m) => {
+                with_outcome(Status::failed_precondition(m), Outcome::None)
+            }
             ServeError::Unavailable {
                 reason,
                 primary,

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: flags / TOML config, validated into [`config::Config`].
 //! - [`identity`]: the cluster id, and what a data directory stores about its cluster.
+//! - [`join`]: `--join`: the configuration learned from a running cluster's client port.
 //! - [`clock`]: the boot clock leases are measured on (it keeps running through a suspend),
 //!   and the replica's clocks, read there and handed to the engine as plain times.
 //! - [`error`]: error enums and their single mapping to `tonic::Status`.
@@ -34,6 +35,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod identity;
+pub mod join;
 pub mod message;
 pub mod network;
 pub mod replica;
@@ -47,6 +49,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use replikv_proto::kv::kv_server::KvServer;
+use replikv_proto::kv::members_server::MembersServer;
 use replikv_proto::peer::admin_server::AdminServer;
 use replikv_proto::peer::peer_server::PeerServer;
 use tokio::net::TcpListener;
@@ -90,7 +93,10 @@ impl Listeners {
 /// Runs a server with the given options until SIGTERM / Ctrl-C.
 pub async fn serve(opt: Opt) -> Result<(), BoxError> {
     fail_stop_on_panic();
-    let config = opt.resolve()?;
+    let config = match &opt.join {
+        Some(addr) => opt.resolve_with(Some(join::configuration(&opt, addr).await?))?,
+        None => opt.resolve()?,
+    };
     let listeners = Listeners::bind(&config).await?;
     run(config, listeners, shutdown_signal()).await
 }
@@ -127,7 +133,7 @@ pub async fn run(
     let identity = Arc::new(identity::Identity::default());
     let net = Arc::new(network::GrpcNetwork::new(
         config.rank,
-        &config.peer_addrs,
+        &config.seed,
         tls.as_deref(),
         faults.clone(),
         identity.clone(),
@@ -152,6 +158,7 @@ pub async fn run(
     let kv = KvServer::new(service::KvService::new(node.clone(), limits))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let members = MembersServer::new(service::MembersService::new(node.clone()));
     let peer = PeerServer::new(service::PeerService::new(node.clone(), limits, tls.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -181,6 +188,7 @@ pub async fn run(
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .add_service(kv)
+        .add_service(members)
         .serve_with_incoming_shutdown(incoming(listeners.client), stopping());
     let peer_server = peer_builder
         .tcp_nodelay(true)

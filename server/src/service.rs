@@ -1,5 +1,5 @@
-//! gRPC services: the public `Kv` API, the `Peer` protocol and the fault-injection `Admin`
-//! service. They validate input, apply incoming fault rules and call the replica; no
+//! gRPC services: the public `Kv` API and `Members` (client port), the `Peer` protocol and
+//! the fault-injection `Admin` service. They validate input, apply incoming fault rules and call the replica; no
 //! protocol decisions are made here.
 
 use std::pin::Pin;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use replikv_proto::kv::kv_server::Kv;
+use replikv_proto::kv::members_server::Members;
 use replikv_proto::kv::*;
 use replikv_proto::peer::admin_server::Admin;
 use replikv_proto::peer::peer_server::Peer;
@@ -18,6 +19,7 @@ use tracing::{info, instrument};
 
 use crate::config::Limits;
 use crate::convert as pb;
+use crate::engine::membership::Change;
 use crate::engine::sequencer::{Expect, MAX_RANGE_DELETE_KEYS};
 use crate::error::{PrimaryHint, ServeError};
 use crate::fault::{Action, CrashPoint};
@@ -318,6 +320,84 @@ impl replikv_proto::pipeline::Extra for KvService {
     }
 }
 
+/// Membership on the client port (docs/design.md §11): list, add, remove. Add and Remove are
+/// admin operations (`replikv_proto::is_admin_method`).
+pub struct MembersService {
+    node: Arc<Node>,
+}
+
+impl MembersService {
+    pub fn new(node: Arc<Node>) -> Self {
+        MembersService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Members for MembersService {
+    async fn list(
+        &self,
+        _req: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
+        Ok(Response::new(MemberListResponse {
+            view: Some((&self.node.member_view()).into()),
+            cluster: self
+                .node
+                .identity
+                .get()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        }))
+    }
+
+    #[instrument(skip(self))]
+    async fn add(
+        &self,
+        req: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
+        let address = req.into_inner().address;
+        let addr = crate::config::parse_server(&address)
+            .map_err(|e| invalid(format!("address {address:?}: {e}")))?;
+        let (rank, view) = self
+            .node
+            .change_membership(Change::Add(addr))
+            .await
+            .map_err(ServeError::into_status)?;
+        Ok(Response::new(MemberAddResponse {
+            rank,
+            view: Some((&view).into()),
+        }))
+    }
+
+    #[instrument(skip(self))]
+    async fn remove(
+        &self,
+        req: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
+        let rank = match req.into_inner().target {
+            Some(member_remove_request::Target::Rank(r)) => r,
+            Some(member_remove_request::Target::Address(a)) => {
+                let addr = crate::config::parse_server(&a)
+                    .map_err(|e| invalid(format!("address {a:?}: {e}")))?;
+                let config = self.node.member_view().config.unwrap_or_default();
+                config
+                    .rank_of(&addr.client)
+                    .filter(|&r| config.servers[&r] == addr)
+                    .ok_or_else(|| invalid(format!("no server of the configuration is at {a}")))?
+            }
+            None => return Err(invalid("name a rank or an address to remove")),
+        };
+        let (rank, view) = self
+            .node
+            .change_membership(Change::Remove(rank))
+            .await
+            .map_err(ServeError::into_status)?;
+        Ok(Response::new(MemberRemoveResponse {
+            rank,
+            view: Some((&view).into()),
+        }))
+    }
+}
+
 pub struct PeerService {
     node: Arc<Node>,
     limits: Limits,
@@ -375,6 +455,18 @@ impl PeerService {
         }))
     }
 
+    /// Refuses a sender outside this server's configuration (docs/design.md §11): a removed
+    /// server takes part in nothing. Discover is not checked: it is how a removed server
+    /// learns that it was removed.
+    fn check_configured(&self, from: Option<u32>) -> Result<(), Status> {
+        match from {
+            Some(r) if !self.node.st().view.in_config(r) => Err(Status::permission_denied(
+                format!("rank {r} is not in this cluster's configuration (removed, or not added)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Authenticates the sender and checks the request's cluster, then applies the incoming
     /// fault rules for a request from that sender. Returns the action still to apply after
     /// handling (a lost response).
@@ -385,6 +477,7 @@ impl PeerService {
     ) -> Result<Option<Action>, Status> {
         let from = self.authenticate(req, claimed)?;
         self.check_cluster(req, false)?;
+        self.check_configured(from)?;
         self.faults_in(from).await
     }
 
@@ -465,6 +558,7 @@ impl Peer for PeerService {
     ) -> Result<Response<AppendStream>, Status> {
         let from = self.authenticate(&req, None)?;
         self.check_cluster(&req, false)?;
+        self.check_configured(from)?;
         let verified = tls::peer_rank(&req, self.tls.as_deref())?;
         let state = (self.node.clone(), Some(req.into_inner()));
         let responses = futures::stream::unfold(state, move |(node, requests)| async move {
@@ -500,7 +594,7 @@ impl Peer for PeerService {
     ) -> Result<Response<PrepareResponse>, Status> {
         let claim = (req.get_ref().proposer, "proposer");
         let after = self.incoming(&req, Some(claim)).await?;
-        let r = pb::prepare_from_pb(req.into_inner(), self.node.n);
+        let r = pb::prepare_from_pb(req.into_inner(), self.node.rank_bound());
         let r = self.node.on_prepare(r).await;
         self.finish(after, pb::prepare_reply_to_pb(&r)).await
     }
@@ -511,7 +605,7 @@ impl Peer for PeerService {
     ) -> Result<Response<AcceptResponse>, Status> {
         let claim = (req.get_ref().proposer, "proposer");
         let after = self.incoming(&req, Some(claim)).await?;
-        let r = pb::accept_from_pb(req.into_inner(), self.node.n);
+        let r = pb::accept_from_pb(req.into_inner(), self.node.rank_bound());
         let r = self.node.on_accept(r).await;
         self.finish(after, pb::accept_reply_to_pb(&r)).await
     }
@@ -522,7 +616,7 @@ impl Peer for PeerService {
     ) -> Result<Response<InstallResponse>, Status> {
         let claim = (req.get_ref().from, "from");
         let after = self.incoming(&req, Some(claim)).await?;
-        let r = pb::install_from_pb(req.into_inner(), self.node.n);
+        let r = pb::install_from_pb(req.into_inner(), self.node.rank_bound());
         let r = self.node.on_install(r).await;
         self.finish(after, pb::install_reply_to_pb(&r)).await
     }
@@ -582,7 +676,7 @@ impl Admin for AdminService {
     async fn fault(&self, req: Request<FaultRequest>) -> Result<Response<FaultResponse>, Status> {
         let r = req.into_inner();
         for rule in &r.rules {
-            if rule.peer as usize >= self.node.n {
+            if rule.peer as usize >= self.node.rank_bound() {
                 return Err(Status::invalid_argument(format!(
                     "unknown peer {}",
                     rule.peer

@@ -1,13 +1,13 @@
 //! Domain types of the replica and the pure rules over them (docs/design.md §2, §4, §5):
 //! views and the quorum rule, records, entries, and the choice of the most advanced state. No I/O here.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// A server's index in the static peer list.
+/// A server's index in the cluster's configuration (docs/design.md §11); never reused.
 pub type Rank = u32;
 
 /// Highest epoch or ballot a server accepts (docs/design.md §10). A ballot grows by one per view
@@ -23,6 +23,72 @@ pub struct View {
     pub primary: Rank,
     /// Sorted, without duplicates; always contains `primary`.
     pub members: Vec<Rank>,
+    /// The servers of the cluster, decided with the view (docs/design.md §11): every member
+    /// is one of them. `None` only in a view built without one (before a server has learned
+    /// its configuration); the replica then uses the configuration of `--peers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Configuration>,
+}
+
+/// Where a server is reached: its client address and its peer address (`host:port` each).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerAddr {
+    pub client: String,
+    pub peer: String,
+}
+
+impl std::fmt::Display for ServerAddr {
+    /// The `--peers` form, `host:client_port/peer_port`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let peer_port = self.peer.rsplit_once(':').map_or("", |(_, p)| p);
+        let same_host = self.peer.rsplit_once(':').map(|(h, _)| h)
+            == self.client.rsplit_once(':').map(|(h, _)| h);
+        if same_host {
+            write!(f, "{}/{peer_port}", self.client)
+        } else {
+            write!(f, "{}/{}", self.client, self.peer)
+        }
+    }
+}
+
+/// The ranked list of servers (docs/design.md §11): rank -> addresses. It changes only
+/// through a view change, so it is as durable and as agreed as the view itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Configuration {
+    pub servers: BTreeMap<Rank, ServerAddr>,
+    /// The rank the next added server gets: above every rank the cluster ever had.
+    pub next_rank: Rank,
+    /// A server added and not yet installed as a member: the change in progress.
+    #[serde(default)]
+    pub pending: Option<Rank>,
+}
+
+impl Configuration {
+    /// Ranks 0.. for the given servers, in order (a `--peers` list).
+    pub fn seed(servers: impl IntoIterator<Item = ServerAddr>) -> Configuration {
+        let servers: BTreeMap<Rank, ServerAddr> = (0..).zip(servers).collect();
+        Configuration {
+            next_rank: servers.len() as Rank,
+            servers,
+            pending: None,
+        }
+    }
+
+    pub fn contains(&self, rank: Rank) -> bool {
+        self.servers.contains_key(&rank)
+    }
+
+    pub fn ranks(&self) -> impl Iterator<Item = Rank> + '_ {
+        self.servers.keys().copied()
+    }
+
+    /// The rank whose client or peer address is `addr`.
+    pub fn rank_of(&self, addr: &str) -> Option<Rank> {
+        self.servers
+            .iter()
+            .find(|(_, s)| s.client == addr || s.peer == addr)
+            .map(|(&r, _)| r)
+    }
 }
 
 impl View {
@@ -33,7 +99,19 @@ impl View {
             epoch,
             primary,
             members: set.into_iter().collect(),
+            config: None,
         }
+    }
+
+    /// The same view with `config` as its configuration.
+    pub fn with_config(self, config: Option<Configuration>) -> View {
+        View { config, ..self }
+    }
+
+    /// Whether `rank` is a server of this view's configuration; with no configuration, every
+    /// rank is (the `--peers` list decides).
+    pub fn in_config(&self, rank: Rank) -> bool {
+        self.config.as_ref().is_none_or(|c| c.contains(rank))
     }
 
     /// The view a new cluster is formed with (docs/design.md §10): epoch 1, rank 0 its only

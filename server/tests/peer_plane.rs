@@ -57,6 +57,7 @@ fn sole(rank: u32, epoch: u64) -> Option<View> {
         epoch,
         primary: rank,
         members: vec![rank],
+        config: None,
     })
 }
 

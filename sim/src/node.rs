@@ -1100,7 +1100,7 @@ impl Node {
     /// One attempt of `change_view`: still needed? then prepare to the view's members.
     fn attempt(&mut self, cx: &mut Ctx) -> NodeResult {
         let p = self.proposal.as_ref().expect("proposing");
-        let reason = p.reason;
+        let reason = p.reason.clone();
         if let Err(e) = paxos::still_needed(
             &self.st,
             self.me,
@@ -1259,7 +1259,7 @@ impl Node {
                         }
                     })
                     .collect();
-                match paxos::after_prepare(self.me, &p.from, p.ballot, p.reason, &answers) {
+                match paxos::after_prepare(self.me, &p.from, p.ballot, p.reason.clone(), &answers) {
                     PrepareOutcome::NewerView(v) => {
                         self.learn_view(cx, v)?;
                         self.proposal_done(cx, Err("a newer view exists".into()))

@@ -158,6 +158,9 @@ struct Slot {
     child: Option<Child>,
     /// Stopped with SIGSTOP and not yet continued.
     paused: bool,
+    /// A server added at run time (`replikv member add`): it starts with `--join` and the
+    /// client address of this rank instead of `--peers` (docs/design.md §11).
+    join_via: Option<usize>,
 }
 
 /// N `replikv-server` processes on `127.0.0.1`, one per rank.
@@ -253,12 +256,44 @@ impl LocalCluster {
         (0..self.len()).map(|rank| self.peer_addr(rank)).collect()
     }
 
-    /// The servers' `--peers` value: `127.0.0.1:<client port>/<peer port>` by rank.
+    /// The servers' `--peers` value: `127.0.0.1:<client port>/<peer port>` by rank, for the
+    /// servers the cluster started with (servers added later are not in it).
     pub fn peers_arg(&self) -> String {
-        (0..self.len())
-            .map(|r| format!("{}/{}", self.addr(r), self.peer_ports[r]))
+        (0..self.opts.servers)
+            .map(|r| self.member_arg(r))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Rank `rank`'s address as `--peers` and `replikv member add` take it:
+    /// `127.0.0.1:<client port>/<peer port>`.
+    pub fn member_arg(&self, rank: usize) -> String {
+        format!("{}/{}", self.addr(rank), self.peer_ports[rank])
+    }
+
+    /// Makes room for one more server, to be added with `replikv member add` (docs/design.md
+    /// §11): free ports and, on a secure cluster, a node certificate for its rank, the next
+    /// one (ranks are never reused, so it is this cluster's server count). Nothing starts:
+    /// see [`LocalCluster::start_joining`].
+    pub fn add_slot(&mut self) -> io::Result<usize> {
+        let rank = self.len();
+        let ports = free_ports(2)?;
+        if let Some(dir) = self.certs_dir() {
+            let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+            replikv_client::certs::create_node(&dir, rank as u32, &hosts)
+                .map_err(io::Error::other)?;
+        }
+        self.ports.push(ports[0]);
+        self.peer_ports.push(ports[1]);
+        self.slots.push(Slot::default());
+        Ok(rank)
+    }
+
+    /// Starts the server of slot `rank` (see [`LocalCluster::add_slot`]) with `--join` and the
+    /// client address of rank `via`; its restarts do the same.
+    pub fn start_joining(&mut self, rank: usize, via: usize) -> io::Result<()> {
+        self.slot(rank)?.join_via = Some(via);
+        self.spawn(rank)
     }
 
     /// The certificate directory of a secure cluster (`replikv cert` layout).
@@ -556,11 +591,16 @@ impl LocalCluster {
         // A marker line so a log appended to across restarts reads as separate lives.
         writeln!(log, "--- LocalCluster: starting rank {rank} ---")?;
 
+        let mut args = self.common_args();
+        let join_via = self.slot(rank)?.join_via;
+        if let Some(via) = join_via {
+            args.splice(0..2, ["--join".to_string(), self.addr(via)]);
+        }
         let mut cmd = Command::new(&self.command.program);
         cmd.args(&self.command.args)
             .arg("--rank")
             .arg(rank.to_string())
-            .args(self.common_args())
+            .args(args)
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--sync")

@@ -293,6 +293,7 @@ impl Kv for FakeKv {
                 epoch: 1,
                 primary: 0,
                 members: (0..n).collect(),
+                config: None,
             }),
             role: if self.index == 0 { "primary" } else { "backup" }.into(),
             applied: writes,

@@ -239,6 +239,10 @@ pub fn check_join(
     if rank as usize >= n || rank == me {
         return Err("unknown peer");
     }
+    if !st.view.in_config(rank) {
+        // docs/design.md §11: a removed server (or one never added) does not come back.
+        return Err("not in the configuration");
+    }
     if st.pos.applied.saturating_sub(applied) > JOIN_WINDOW {
         return Err("catch up first");
     }
@@ -462,5 +466,19 @@ mod tests {
         assert_eq!(check_join(&p, 0, 3, 0, 10), Err("unknown peer"));
         let b = member(View::new(5, 0, [0, 1]), 0);
         assert_eq!(check_join(&b, 1, 3, 2, 0), Err("not the primary"));
+    }
+
+    #[test]
+    fn only_a_server_of_the_configuration_joins() {
+        let servers = (0..4).map(|r| crate::types::ServerAddr {
+            client: format!("h:{r}"),
+            peer: format!("h:{}", r + 100),
+        });
+        let mut config = crate::types::Configuration::seed(servers);
+        config.servers.remove(&2);
+        let v = View::new(5, 0, [0, 1]).with_config(Some(config));
+        let p = primary(v, 10, ms(0));
+        assert_eq!(check_join(&p, 0, 4, 3, 10), Ok(()), "an added rank joins");
+        assert_eq!(check_join(&p, 0, 4, 2, 10), Err("not in the configuration"));
     }
 }

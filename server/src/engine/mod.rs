@@ -14,6 +14,8 @@
 //! - [`paxos`]: the acceptor (prepare, accept) and the proposer (ballots, tallies, the value
 //!   to propose, whether a proposal is still needed).
 //! - [`install`]: install and reconcile rules, state-transfer sources, joins.
+//! - [`membership`]: membership changes: which the primary may propose, and the
+//!   configuration after one (docs/design.md §11).
 //! - [`monitor`]: take-over timing, rejoin and the retry of stuck drops.
 //! - [`sequencer`]: the primary sequencer's session rules (docs/design.md §6, §10).
 //! - `rules` (feature `rule-switches`, tests only): switches that turn one safety rule off,
@@ -35,6 +37,7 @@ pub(crate) use rule_on;
 pub mod append;
 pub mod commit;
 pub mod install;
+pub mod membership;
 pub mod monitor;
 pub mod paxos;
 #[cfg(feature = "rule-switches")]

@@ -46,11 +46,13 @@ pub fn tick(st: &State, me: Rank, n: usize, timing: &Timing, now: Now) -> Tick {
     };
     let in_view = st.view.is_member(me) && !st.amnesiac();
     let silent = now.steady > st.last_heard + timing.lease_guard() + stagger(&st.view, me, n);
-    let takeover = st.primary.is_none() && in_view && st.view.primary != me && silent;
+    // docs/design.md §11: a server removed from the configuration neither leads nor rejoins.
+    let configured = st.view.in_config(me);
+    let takeover = st.primary.is_none() && in_view && st.view.primary != me && silent && configured;
     Tick {
         stuck,
         takeover,
-        rejoin: !st.member && !takeover,
+        rejoin: !st.member && !takeover && configured,
     }
 }
 
@@ -87,6 +89,32 @@ mod tests {
     use super::*;
     use crate::engine::testing::*;
     use crate::engine::Time;
+
+    #[test]
+    fn a_removed_server_neither_takes_over_nor_rejoins() {
+        let mut v = View::new(3, 0, [0, 1, 2]).with_config(Some(
+            crate::types::Configuration::seed((0..3).map(|r| crate::types::ServerAddr {
+                client: format!("h:{r}"),
+                peer: format!("h:{}", r + 100),
+            })),
+        ));
+        let long_after = Now {
+            boot: ms(60_000),
+            steady: ms(60_000),
+        };
+        let st = member(v.clone(), 5);
+        assert!(
+            tick(&st, 1, 3, &timing(), long_after).takeover,
+            "a configured backup would"
+        );
+        v.config.as_mut().unwrap().servers.remove(&1);
+        let st = member(v.clone(), 5);
+        let t = tick(&st, 1, 3, &timing(), long_after);
+        assert!(!t.takeover && !t.rejoin);
+        let mut outside = member(v, 5);
+        outside.member = false;
+        assert!(!tick(&outside, 1, 3, &timing(), long_after).rejoin);
+    }
 
     #[test]
     fn the_next_rank_after_the_primary_takes_over_first() {

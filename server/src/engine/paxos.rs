@@ -6,12 +6,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use super::membership::{self, Change};
 use super::{State, Time};
 use crate::storage::{Accepted, Promise};
 use crate::types::{LogState, Rank, View, MAX_EPOCH};
 
 /// Why a view change is proposed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reason {
     /// The primary drops a member whose acks timed out in the primary term of this epoch
     /// (a failure seen in an earlier term says nothing about the member after a re-install).
@@ -22,6 +23,8 @@ pub enum Reason {
     TakeOver,
     /// A restarted primary never resumes silently (§7).
     Restart,
+    /// The primary changes the configuration (docs/design.md §11).
+    Reconfigure(Change),
 }
 
 /// Why an acceptor refuses a prepare; the message goes back to the proposer.
@@ -38,6 +41,9 @@ pub enum PrepareRefusal {
     NewerView,
     #[error("promised a higher ballot")]
     PromisedHigher,
+    /// docs/design.md §11: a server outside the configuration (a removed one) never leads.
+    #[error("the proposer is not in this server's configuration")]
+    NotConfigured,
     #[error("this server is the live primary")]
     LivePrimary,
     /// Loyalty (§4): a backup does not help depose a primary it heard from within L(1+eps).
@@ -73,6 +79,9 @@ pub fn prepare(
     }
     if from.epoch < st.view.epoch {
         return Err(PrepareRefusal::NewerView);
+    }
+    if !st.view.in_config(req.proposer) {
+        return Err(PrepareRefusal::NotConfigured);
     }
     if req.ballot <= st.promise.ballot || req.ballot <= from.epoch {
         return Err(PrepareRefusal::PromisedHigher);
@@ -170,14 +179,28 @@ pub fn still_needed(
                 return Err("the failure belongs to an earlier view, or the member is gone");
             }
         }
-        Reason::Add(_) => {
+        Reason::Add(j) => {
             if st.primary.is_none() {
                 return Err("not the primary");
+            }
+            if !st.view.in_config(j) {
+                return Err("the joiner is not in the configuration");
+            }
+        }
+        Reason::Reconfigure(change) => {
+            if st.primary.is_none() {
+                return Err("not the primary");
+            }
+            if membership::check(&st.view, &change).is_err() {
+                return Err("the membership change no longer applies to the current view");
             }
         }
         Reason::TakeOver => {
             if st.amnesiac() {
                 return Err("this server lost its state and has not rejoined yet");
+            }
+            if !st.view.in_config(me) {
+                return Err("this server was removed from the configuration");
             }
             if st.primary.is_some() || !st.view.is_member(me) {
                 return Err("not a backup of the current view");
@@ -189,6 +212,9 @@ pub fn still_needed(
         Reason::Restart => {
             if st.amnesiac() {
                 return Err("this server lost its state and has not rejoined yet");
+            }
+            if !st.view.in_config(me) {
+                return Err("this server was removed from the configuration");
             }
             if st.view.primary != me || st.primary.is_some() {
                 return Err("not a restarted primary");
@@ -310,19 +336,40 @@ pub fn after_prepare(
         };
     }
     let view = match best {
-        Some((_, v)) => View::new(ballot, v.primary, v.members.iter().copied()),
+        // The accepted value is the whole view, its configuration included.
+        Some((_, v)) => {
+            View::new(ballot, v.primary, v.members.iter().copied()).with_config(v.config.clone())
+        }
         None => {
             let mut members = promisers.clone();
+            let mut config = from.config.clone();
             match reason {
                 Reason::Drop(r, _) => {
                     members.remove(&r);
                 }
                 Reason::Add(j) => {
                     members.insert(j);
+                    if let Some(c) = config.as_mut() {
+                        membership::joined(c, j);
+                    }
                 }
+                Reason::Reconfigure(change) => match membership::apply(from, &change, &mut members)
+                {
+                    Ok(c) => config = Some(c),
+                    Err(e) => {
+                        return PrepareOutcome::NoQuorum {
+                            promisers,
+                            last_refusal: Some(e.to_string()),
+                        }
+                    }
+                },
                 Reason::TakeOver | Reason::Restart => {}
             }
-            View::new(ballot, me, members)
+            // docs/design.md §11: a view's members are servers of its configuration.
+            if let Some(c) = &config {
+                members.retain(|m| c.contains(*m));
+            }
+            View::new(ballot, me, members).with_config(config)
         }
     };
     PrepareOutcome::Quorum {
@@ -642,5 +689,94 @@ mod tests {
             Ok(())
         );
         assert!(still_needed(&restarted, 1, Reason::Restart, ms(0), GUARD).is_err());
+    }
+
+    fn configured(epoch: u64, primary: Rank, members: &[Rank], ranks: u32) -> View {
+        let servers = (0..ranks).map(|r| crate::types::ServerAddr {
+            client: format!("127.0.0.1:{}", 7000 + r),
+            peer: format!("127.0.0.1:{}", 7100 + r),
+        });
+        View::new(epoch, primary, members.iter().copied())
+            .with_config(Some(crate::types::Configuration::seed(servers)))
+    }
+
+    #[test]
+    fn a_proposer_outside_the_configuration_gets_no_promise() {
+        let mut v = configured(3, 0, &[0, 1, 2], 3);
+        v.config.as_mut().unwrap().servers.remove(&2);
+        let mut st = member(v.clone(), 5);
+        assert_eq!(
+            prepare(&mut st, 1, &prep(4, 2, v.clone()), ms(10_000), GUARD),
+            Err(PrepareRefusal::NotConfigured)
+        );
+        assert_eq!(st.promise.ballot, 0, "nothing promised");
+        let mut removed = member(v.clone(), 5);
+        assert!(still_needed(&removed, 2, Reason::TakeOver, ms(10_000), GUARD).is_err());
+        removed.view.primary = 2;
+        assert!(still_needed(&removed, 2, Reason::Restart, ms(10_000), GUARD).is_err());
+    }
+
+    #[test]
+    fn a_reconfiguration_is_proposed_with_the_view_and_a_join_ends_it() {
+        let from = configured(3, 0, &[0, 1, 2], 3);
+        let replies = [reply(0, true), reply(1, true), reply(2, true)];
+        let added = crate::types::ServerAddr {
+            client: "127.0.0.1:7003".into(),
+            peer: "127.0.0.1:7103".into(),
+        };
+        let PrepareOutcome::Quorum { view, .. } = after_prepare(
+            0,
+            &from,
+            4,
+            Reason::Reconfigure(Change::Add(added.clone())),
+            &replies,
+        ) else {
+            panic!("a quorum promised")
+        };
+        assert_eq!(view.members, [0, 1, 2]);
+        let c = view.config.clone().unwrap();
+        assert_eq!((c.servers[&3].clone(), c.pending), (added, Some(3)));
+        let st = primary(view.clone(), 5, ms(0));
+        assert!(still_needed(&st, 0, Reason::Add(3), ms(0), GUARD).is_ok());
+        assert!(
+            still_needed(&st, 0, Reason::Add(4), ms(0), GUARD).is_err(),
+            "a rank outside the configuration never joins"
+        );
+        let replies = [reply(0, true), reply(1, true), reply(2, true)];
+        let PrepareOutcome::Quorum { view: joined, .. } =
+            after_prepare(0, &view, 5, Reason::Add(3), &replies)
+        else {
+            panic!("a quorum promised")
+        };
+        assert_eq!(joined.members, [0, 1, 2, 3]);
+        assert_eq!(joined.config.unwrap().pending, None);
+
+        let PrepareOutcome::Quorum { view: shrunk, .. } = after_prepare(
+            0,
+            &from,
+            4,
+            Reason::Reconfigure(Change::Remove(1)),
+            &[reply(0, true), reply(1, true), reply(2, true)],
+        ) else {
+            panic!("a quorum promised")
+        };
+        assert_eq!(shrunk.members, [0, 2]);
+        assert!(!shrunk.config.unwrap().contains(1));
+    }
+
+    #[test]
+    fn an_accepted_proposal_keeps_its_configuration() {
+        let from = configured(3, 0, &[0, 1, 2], 3);
+        let mut accepted = configured(4, 1, &[1, 2], 4);
+        accepted.config.as_mut().unwrap().servers.remove(&0);
+        let mut r1 = reply(1, true);
+        r1.accepted = Some((4, accepted.clone()));
+        let PrepareOutcome::Quorum { view, .. } =
+            after_prepare(2, &from, 5, Reason::TakeOver, &[r1, reply(2, true)])
+        else {
+            panic!("a quorum promised")
+        };
+        assert_eq!(view.config, accepted.config);
+        assert_eq!(view.primary, 1);
     }
 }

@@ -221,6 +221,8 @@ impl State {
     pub fn role(&self, me: Rank) -> &'static str {
         if self.primary.is_some() {
             "primary"
+        } else if !self.view.in_config(me) {
+            "removed"
         } else if self.amnesiac() && !self.member {
             "amnesiac"
         } else if !self.member {

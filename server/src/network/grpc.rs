@@ -2,6 +2,7 @@
 //! peer, domain messages converted at this edge (`convert`), and the outgoing side of the
 //! fault-injection layer of docs/design.md §8.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,63 +27,47 @@ use crate::message::{
 };
 use crate::session::WriteResult;
 use crate::tls::NodeTls;
-use crate::types::Rank;
+use crate::types::{Configuration, Rank};
+use tracing::warn;
+
+/// Views in answers are checked against their own configuration; this bounds the ranks of a
+/// view that carries none.
+const MAX_RANKS: usize = 1 << 16;
 
 /// Metadata header naming the calling server's rank on every peer request.
 pub const FROM_HEADER: &str = "replikv-from";
 
-/// gRPC transport: one lazily connected tonic `Channel` per peer, cloned per call.
+/// gRPC transport: one lazily connected tonic `Channel` per peer, cloned per call. The set
+/// of peers follows the configuration (docs/design.md §11, [`PeerNetwork::configure`]).
 pub struct GrpcNetwork {
     me: Rank,
-    channels: Vec<Channel>,
+    tls: Option<NodeTls>,
+    /// Rank -> (peer address, channel). `std::sync::RwLock`: read per call, written when the
+    /// configuration changes; never held across an await.
+    channels: std::sync::RwLock<BTreeMap<Rank, (String, Channel)>>,
     faults: Arc<Faults>,
     identity: Arc<Identity>,
 }
 
 impl GrpcNetwork {
     /// Must be called inside a tokio runtime (lazy channels spawn their connection tasks).
+    /// `seed`: the servers to reach until the replica configures others.
     pub fn new(
         me: Rank,
-        peers: &[String],
+        seed: &Configuration,
         tls: Option<&NodeTls>,
         faults: Arc<Faults>,
         identity: Arc<Identity>,
     ) -> Result<GrpcNetwork, String> {
-        let channels = peers
+        let channels = seed
+            .servers
             .iter()
-            .map(|p| {
-                let scheme = if tls.is_some() { "https" } else { "http" };
-                let endpoint = Endpoint::from_shared(format!("{scheme}://{p}"))
-                    .map_err(|e| format!("peer {p}: {e}"))?;
-                // Mutual TLS (docs/design.md §10 "Peer plane"): the peer proves it holds a
-                // certificate of the cluster CA for its address, and this server presents
-                // the certificate naming its own rank.
-                let endpoint = match tls {
-                    Some(tls) => {
-                        let host = p.rsplit_once(':').map_or(p.as_str(), |(h, _)| h);
-                        endpoint
-                            .tls_config(tls.peer_client(host))
-                            .map_err(|e| format!("peer {p}: {e}"))?
-                    }
-                    None => endpoint,
-                };
-                Ok::<_, String>(endpoint)
-            })
-            .map(|e| {
-                e.map(|e| {
-                    e.connect_timeout(Duration::from_millis(300))
-                        .tcp_nodelay(true)
-                        .initial_stream_window_size(Some(8 << 20))
-                        .initial_connection_window_size(Some(16 << 20))
-                        .http2_keep_alive_interval(Duration::from_secs(5))
-                        .keep_alive_timeout(Duration::from_secs(5))
-                        .connect_lazy()
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(&r, s)| Ok((r, (s.peer.clone(), channel(&s.peer, tls)?))))
+            .collect::<Result<BTreeMap<_, _>, String>>()?;
         Ok(GrpcNetwork {
             me,
-            channels,
+            tls: tls.cloned(),
+            channels: std::sync::RwLock::new(channels),
             faults,
             identity,
         })
@@ -91,7 +76,10 @@ impl GrpcNetwork {
     fn client(&self, to: Rank) -> NetResult<PeerClient<Channel>> {
         let ch = self
             .channels
-            .get(to as usize)
+            .read()
+            .expect("channels lock")
+            .get(&to)
+            .map(|(_, ch)| ch.clone())
             .ok_or(NetError::UnknownPeer(to))?;
         Ok(PeerClient::new(ch.clone())
             .max_decoding_message_size(replikv_proto::MAX_MESSAGE_BYTES)
@@ -120,6 +108,33 @@ impl GrpcNetwork {
         })
         .await
     }
+}
+
+/// A lazily connected channel to the peer address `p`.
+fn channel(p: &str, tls: Option<&NodeTls>) -> Result<Channel, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint =
+        Endpoint::from_shared(format!("{scheme}://{p}")).map_err(|e| format!("peer {p}: {e}"))?;
+    // Mutual TLS (docs/design.md §10 "Peer plane"): the peer proves it holds a certificate of
+    // the cluster CA for its address, and this server presents the certificate naming its
+    // own rank.
+    let endpoint = match tls {
+        Some(tls) => {
+            let host = p.rsplit_once(':').map_or(p, |(h, _)| h);
+            endpoint
+                .tls_config(tls.peer_client(host))
+                .map_err(|e| format!("peer {p}: {e}"))?
+        }
+        None => endpoint,
+    };
+    Ok(endpoint
+        .connect_timeout(Duration::from_millis(300))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
 }
 
 /// Names the sender and, once it has one, its cluster (docs/design.md §10) on a peer request.
@@ -168,6 +183,21 @@ where
 }
 
 impl PeerNetwork for GrpcNetwork {
+    fn configure(&self, config: &Configuration) {
+        let mut channels = self.channels.write().expect("channels lock");
+        channels.retain(|r, _| config.contains(*r));
+        for (&r, s) in &config.servers {
+            if channels.get(&r).is_some_and(|(addr, _)| *addr == s.peer) {
+                continue;
+            }
+            match channel(&s.peer, self.tls.as_ref()) {
+                Ok(ch) => {
+                    channels.insert(r, (s.peer.clone(), ch));
+                }
+                Err(e) => warn!(rank = r, error = %e, "cannot reach a server of the configuration"),
+            }
+        }
+    }
     fn forward(
         &self,
         to: Rank,
@@ -189,7 +219,7 @@ impl PeerNetwork for GrpcNetwork {
         Ok(Box::new(GrpcAppendLink {
             to,
             me: self.me,
-            n: self.channels.len(),
+            n: MAX_RANKS,
             client: self.client(to)?,
             faults: self.faults.clone(),
             identity: self.identity.clone(),
@@ -203,14 +233,14 @@ impl PeerNetwork for GrpcNetwork {
         t: Duration,
     ) -> BoxFuture<'_, NetResult<PrepareReply>> {
         let req = pb::prepare_to_pb(&req);
-        let n = self.channels.len();
+        let n = MAX_RANKS;
         self.call(to, req, t, |mut c, r| async move { c.prepare(r).await })
             .map(move |r| r.map(|r| pb::prepare_reply_from_pb(r, n)))
             .boxed()
     }
     fn accept(&self, to: Rank, req: Accept, t: Duration) -> BoxFuture<'_, NetResult<AcceptReply>> {
         let req = pb::accept_to_pb(&req);
-        let n = self.channels.len();
+        let n = MAX_RANKS;
         self.call(to, req, t, |mut c, r| async move { c.accept(r).await })
             .map(move |r| r.map(|r| pb::accept_reply_from_pb(r, n)))
             .boxed()
@@ -222,14 +252,14 @@ impl PeerNetwork for GrpcNetwork {
         t: Duration,
     ) -> BoxFuture<'_, NetResult<InstallReply>> {
         let req = pb::install_to_pb(&req);
-        let n = self.channels.len();
+        let n = MAX_RANKS;
         self.call(to, req, t, |mut c, r| async move { c.install(r).await })
             .map(move |r| r.map(|r| pb::install_reply_from_pb(r, n)))
             .boxed()
     }
     fn join(&self, to: Rank, req: Join, t: Duration) -> BoxFuture<'_, NetResult<JoinReply>> {
         let req = pb::join_to_pb(&req);
-        let n = self.channels.len();
+        let n = MAX_RANKS;
         self.call(to, req, t, |mut c, r| async move { c.join(r).await })
             .map(move |r| r.map(|r| pb::join_reply_from_pb(r, n)))
             .boxed()
@@ -241,7 +271,7 @@ impl PeerNetwork for GrpcNetwork {
         t: Duration,
     ) -> BoxFuture<'_, NetResult<DiscoverReply>> {
         let req = replikv_proto::peer::DiscoverRequest { from: req.from };
-        let n = self.channels.len();
+        let n = MAX_RANKS;
         self.call(to, req, t, |mut c, r| async move { c.discover(r).await })
             .map(move |r| r.map(|r| pb::discover_reply_from_pb(r, n)))
             .boxed()

@@ -23,7 +23,7 @@ use crate::message::{
     InstallReply, Join, JoinReply, Prepare, PrepareReply, SyncChunk, SyncRequest,
 };
 use crate::session::WriteResult;
-use crate::types::Rank;
+use crate::types::{Configuration, Rank};
 
 /// What kind of refusal a peer answered with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +68,7 @@ impl From<ServeError> for PeerStatus {
         let (kind, outcome) = match e {
             ServeError::InvalidArgument(_) => (StatusKind::InvalidArgument, Outcome::None),
             ServeError::Overloaded(_) => (StatusKind::Overloaded, Outcome::None),
+            ServeError::Precondition(_) => (StatusKind::Precondition, Outcome::None),
             ServeError::Session { refusal, .. } => (StatusKind::Session(refusal), Outcome::None),
             ServeError::Unavailable { outcome, .. } => (StatusKind::Unavailable, outcome),
             ServeError::Storage(_) => (StatusKind::Unavailable, Outcome::Unknown),
@@ -94,6 +95,9 @@ pub type NetResult<T> = Result<T, NetError>;
 
 /// Every call the replica makes to a peer. Each takes a deadline; none retries.
 pub trait PeerNetwork: Send + Sync + 'static {
+    /// The servers to reach from now on (docs/design.md §11): the configuration of the
+    /// newest view. Calls to a rank outside it fail with [`NetError::UnknownPeer`].
+    fn configure(&self, _config: &Configuration) {}
     /// A write for the primary to sequence (§4); its result is the key's old value.
     fn forward(
         &self,

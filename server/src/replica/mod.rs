@@ -10,6 +10,7 @@
 //! - [`append`]: both ends of the primary's append stream.
 //! - [`viewchange`]: Paxos view changes, install and reconcile.
 //! - [`transfer`]: state transfer (source and sink) and joins.
+//! - [`membership`]: membership changes asked for by an operator (docs/design.md §11).
 //! - [`monitor`]: start-up discovery, the failure monitor, revival.
 //! - [`tasks`]: the one owner of every background task, which stops them on shutdown.
 //!
@@ -19,6 +20,7 @@
 //! `data` is always taken before `state`, never the other way round.
 
 mod append;
+mod membership;
 mod monitor;
 mod read;
 mod tasks;
@@ -47,7 +49,7 @@ use crate::fault::Faults;
 use crate::identity::{Identity, Membership};
 use crate::network::PeerNetwork;
 use crate::storage::Store;
-use crate::types::{Rank, Record, View};
+use crate::types::{Configuration, Rank, Record, View};
 
 /// The replica's protocol state: the engine's (docs/design.md §4, §5); this module only executes
 /// what the engine decides.
@@ -106,7 +108,9 @@ struct CommitWaiters {
 pub struct Node {
     pub(crate) cfg: Config,
     pub(crate) me: Rank,
-    pub(crate) n: usize,
+    /// The configuration of `--peers` (or fetched by `--join`): what this server uses until
+    /// its view holds one (docs/design.md §11).
+    pub(crate) seed: Configuration,
     pub(crate) store: Store,
     pub(crate) net: Arc<dyn PeerNetwork>,
     pub(crate) faults: Arc<Faults>,
@@ -121,6 +125,8 @@ pub struct Node {
     pub(crate) data: tokio::sync::Mutex<()>,
     /// One view change at a time from this server.
     pub(crate) proposing: tokio::sync::Mutex<()>,
+    /// One membership change at a time (docs/design.md §11).
+    changing_membership: tokio::sync::Mutex<()>,
     pub(crate) commit_tx: watch::Sender<CommitPoint>,
     /// Writes waiting for their lsn to commit, woken one by one by `publish_commit`.
     /// `std::sync::Mutex`: short sections, taken after `state`, never across an await.
@@ -156,11 +162,11 @@ impl Node {
         identity: Arc<Identity>,
     ) -> Result<Arc<Node>, StorageError> {
         let meta = store.load_meta()?;
-        let n = cfg.peers.len();
+        let seed = cfg.seed.clone();
         let me = cfg.rank;
         // Every server restarts as a non-member and becomes one again only through an
         // install (§7); one without state first finds its cluster (`boot`).
-        let (view, amnesiac_until) = match (meta.cluster, meta.view) {
+        let (mut view, amnesiac_until) = match (meta.cluster, meta.view) {
             (Some(m), view) => {
                 identity.set(m.cluster);
                 (view.unwrap_or_else(View::bootstrap), m.amnesiac_until)
@@ -174,6 +180,12 @@ impl Node {
                 ))
             }
         };
+        if view.config.is_none() {
+            // A view stored before configurations were part of it: the static list was its
+            // configuration (docs/design.md §11).
+            view.config = Some(seed.clone());
+        }
+        net.configure(view.config.as_ref().unwrap_or(&seed));
         let clock = Clocks::new();
         let (write_tx, write_rx) = mpsc::channel(MAX_WRITES_IN_FLIGHT);
         let (commit_tx, _) = watch::channel(CommitPoint {
@@ -183,7 +195,7 @@ impl Node {
         let max_ballot = meta.promise.ballot.max(view.epoch);
         let node = Node {
             me,
-            n,
+            seed,
             store,
             net,
             faults,
@@ -200,6 +212,7 @@ impl Node {
             feeds: Mutex::new(Vec::new()),
             data: tokio::sync::Mutex::new(()),
             proposing: tokio::sync::Mutex::new(()),
+            changing_membership: tokio::sync::Mutex::new(()),
             commit_tx,
             write_waiters: Mutex::new(CommitWaiters {
                 committed: meta.position.committed,
@@ -275,6 +288,43 @@ impl Node {
             .save_paxos(Some(&view), Some(promise), Some(accepted.as_ref()))
             .await
             .or_fail_stop(self);
+        self.net.configure(&self.configuration());
+    }
+
+    /// The configuration of this server's view (docs/design.md §11), or the seed while it holds
+    /// none.
+    pub(crate) fn configuration(&self) -> Configuration {
+        self.st()
+            .view
+            .config
+            .clone()
+            .unwrap_or_else(|| self.seed.clone())
+    }
+
+    /// Ranks run below this bound: the rank the next added server would get.
+    pub(crate) fn rank_bound(&self) -> usize {
+        self.rank_bound_of(&self.st())
+    }
+
+    /// [`Node::rank_bound`] under a lock the caller holds.
+    pub(crate) fn rank_bound_of(&self, st: &State) -> usize {
+        st.view.config.as_ref().unwrap_or(&self.seed).next_rank as usize
+    }
+
+    /// A server removed from the configuration serves no client (docs/design.md §11): the
+    /// client goes to another server.
+    pub(crate) fn refuse_if_removed(&self) -> Result<(), crate::error::ServeError> {
+        if self.st().view.in_config(self.me) {
+            return Ok(());
+        }
+        Err(crate::error::ServeError::Unavailable {
+            reason: format!(
+                "this server (rank {}) was removed from the cluster's configuration",
+                self.me
+            ),
+            primary: None,
+            outcome: crate::error::Outcome::None,
+        })
     }
 
     /// An install made this server a synced member of `view`: an amnesiac server votes
@@ -317,9 +367,10 @@ impl<T> OrFailStop<T> for Result<T, StorageError> {
 
 impl Node {
     pub(crate) fn hint(&self, st: &State) -> Option<PrimaryHint> {
+        let config = st.view.config.as_ref().unwrap_or(&self.seed);
         Some(PrimaryHint {
             rank: st.view.primary,
-            addr: self.cfg.peers.get(st.view.primary as usize)?.clone(),
+            addr: config.servers.get(&st.view.primary)?.client.clone(),
         })
     }
 
@@ -461,13 +512,12 @@ impl Node {
         } else {
             commit::backup_lease(&st, self.clock.boot_now())
         };
-        let peers = self
-            .cfg
-            .peers
+        let config = st.view.config.as_ref().unwrap_or(&self.seed);
+        let peers = config
+            .servers
             .iter()
-            .enumerate()
-            .map(|(r, addr)| {
-                let r = r as Rank;
+            .map(|(&r, addr)| {
+                let addr = &addr.client;
                 let acked = match &st.primary {
                     Some(p) if r == self.me => p.durable,
                     Some(p) => p.peers.get(&r).map_or(0, |x| x.acked),
@@ -483,7 +533,11 @@ impl Node {
             .collect();
         ReplicaStatus {
             rank: self.me,
-            address: self.cfg.peers[self.me as usize].clone(),
+            address: config
+                .servers
+                .get(&self.me)
+                .or(self.seed.servers.get(&self.me))
+                .map_or_else(|| self.cfg.listen.to_string(), |s| s.client.clone()),
             view: st.view.clone(),
             role: st.role(self.me),
             applied: st.pos.applied,

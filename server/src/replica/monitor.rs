@@ -39,7 +39,10 @@ impl Node {
             } else if let Some(&id) = ids.first() {
                 self.adopt_cluster(id, &replies).await;
                 return;
-            } else if self.me == 0 && self.cfg.bootstrap && replies.len() + 1 == self.n {
+            } else if self.me == 0
+                && self.cfg.bootstrap
+                && replies.len() + 1 == self.seed.servers.len()
+            {
                 self.form_cluster().await;
                 return;
             }
@@ -47,7 +50,7 @@ impl Node {
                 next_log = Instant::now() + Duration::from_secs(5);
                 info!(
                     answered = replies.len(),
-                    peers = self.n - 1,
+                    peers = self.seed.servers.len() - 1,
                     waited_s = started.elapsed().as_secs(),
                     "no state here and no cluster found yet: waiting for a peer that holds \
                      the cluster's state{}",
@@ -74,7 +77,8 @@ impl Node {
                 "no randomness for a cluster id: {e}"
             ))),
         };
-        let view = View::bootstrap();
+        // docs/design.md §11: the first configuration is the `--peers` list.
+        let view = View::bootstrap().with_config(Some(self.seed.clone()));
         let membership = Membership {
             cluster: id,
             amnesiac_until: None,
@@ -121,6 +125,7 @@ impl Node {
             .await
             .or_fail_stop(self);
         self.identity.set(id);
+        self.net.configure(&self.configuration());
         info!(cluster = %id, epoch = view.epoch, heard, "no state here: joining the existing cluster through a state transfer");
     }
 
@@ -140,9 +145,13 @@ impl Node {
     /// Asks every peer for its view (the classic "who is primary, with which timestamp").
     /// Once this server knows its cluster, only answers of servers of that cluster count.
     pub(crate) async fn discover_all(&self) -> Vec<DiscoverReply> {
-        let peers = (0..self.n as Rank).filter(|&r| r != self.me);
+        let peers: Vec<Rank> = self
+            .configuration()
+            .ranks()
+            .filter(|&r| r != self.me)
+            .collect();
         let ours = self.identity.get();
-        join_all(peers.map(|r| {
+        join_all(peers.into_iter().map(|r| {
             self.net
                 .discover(r, Discover { from: self.me }, DISCOVER_TIMEOUT)
         }))
@@ -163,13 +172,16 @@ impl Node {
                 stuck,
                 takeover,
                 rejoin,
-            } = monitor::tick(
-                &self.st(),
-                self.me,
-                self.n,
-                &self.cfg.timing,
-                self.clock.now(),
-            );
+            } = {
+                let st = self.st();
+                monitor::tick(
+                    &st,
+                    self.me,
+                    self.rank_bound_of(&st),
+                    &self.cfg.timing,
+                    self.clock.now(),
+                )
+            };
             for (m, epoch) in stuck {
                 self.member_failed(m, epoch);
             }

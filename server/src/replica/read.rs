@@ -104,6 +104,7 @@ impl Node {
     }
 
     fn check_read(&self) -> Result<(), ServeError> {
+        self.refuse_if_removed()?;
         let st = self.st();
         match commit::read_refusal(&st, self.cfg.timing.lease, self.clock.now()) {
             None => Ok(()),

@@ -184,7 +184,13 @@ impl Node {
     pub async fn on_join(self: &Arc<Self>, req: Join) -> JoinReply {
         let (verdict, applied, view) = {
             let st = self.st();
-            let verdict = installing::check_join(&st, self.me, self.n, req.rank, req.applied);
+            let verdict = installing::check_join(
+                &st,
+                self.me,
+                self.rank_bound_of(&st),
+                req.rank,
+                req.applied,
+            );
             (verdict, st.pos.applied, st.view.clone())
         };
         let answer = |result: Result<(), String>, view: &crate::types::View| JoinReply {

@@ -121,7 +121,7 @@ impl Node {
                 let ms = rand::rng().random_range(20..80u64) * (1u64 << attempt.min(4));
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            self.still_needed(reason)?;
+            self.still_needed(reason.clone())?;
             let from = self.st().view.clone();
             let seen = self.max_ballot.load(std::sync::atomic::Ordering::Relaxed);
             let ballot = paxos::next_ballot(seen, from.epoch).ok_or("the ballots are exhausted")?;
@@ -175,7 +175,7 @@ impl Node {
             // Phase 2's value (§5 step 2): an accepted proposal must be re-proposed (Paxos),
             // else ours.
             let (promisers, states, view) =
-                match paxos::after_prepare(self.me, &from, ballot, reason, &answers) {
+                match paxos::after_prepare(self.me, &from, ballot, reason.clone(), &answers) {
                     PrepareOutcome::NewerView(v) => {
                         self.learn_view(v).await;
                         return Err("a newer view exists".into());

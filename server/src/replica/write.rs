@@ -103,6 +103,7 @@ impl Node {
         self: &Arc<Self>,
         req: WriteReq,
     ) -> Result<(WriteResult, Option<PrimaryHint>), ServeError> {
+        self.refuse_if_removed()?;
         let (route, hint) = {
             let st = self.st();
             let in_cluster = self.identity.get().is_some();
