@@ -143,7 +143,10 @@ fn regression_seeds_stay_clean() {
     // A stray copy of an old append moved the member's stream mark, so the next message
     // granted a lease measured from the copy's answer, past the primary's own lease.
     // A decided primary finished its install after promising the next instance's proposer.
-    for seed in [592, 1533] {
+    // A re-run of an old, decided instance re-stamped its value with the new ballot, so the
+    // same view came back with an epoch above the views decided after it, and an amnesiac
+    // server was made primary of a two-member view it had left alone before its disk was lost.
+    for seed in [592, 1533, 3457, 7061] {
         let r = run(cfg(seed));
         assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
     }

@@ -39,7 +39,7 @@ pub struct AppendHeader {
 /// step 1): not from an older view, nor from a primary whose ballot it promised away; and only
 /// as a synced member of exactly that view, never as a primary itself.
 pub fn check(st: &State, epoch: u64, primary: Rank) -> Result<(), AppendReject> {
-    let promised_elsewhere = epoch < st.promise.ballot && st.promise.to != primary;
+    let promised_elsewhere = st.promise.supersedes(epoch) && st.promise.to != primary;
     if epoch < st.view.epoch || promised_elsewhere {
         Err(AppendReject::Stale)
     } else if epoch > st.view.epoch
@@ -255,14 +255,29 @@ mod tests {
         let mut st = member(View::new(3, 0, [0, 1]), 5);
         assert_eq!(check(&st, 2, 0), Err(AppendReject::Stale));
         assert_eq!(check(&st, 3, 0), Ok(()));
-        st.promise = Promise { ballot: 4, to: 1 };
+        st.promise = Promise::new(4, 1, 3);
         assert_eq!(
             check(&st, 3, 0),
             Err(AppendReject::Stale),
             "a promise to another proposer stops acking the old primary (§5 step 1)"
         );
-        st.promise = Promise { ballot: 4, to: 0 };
+        st.promise = Promise {
+            from_epoch: None,
+            ..st.promise
+        };
+        assert_eq!(
+            check(&st, 3, 0),
+            Err(AppendReject::Stale),
+            "a stored promise without its instance counts by its ballot"
+        );
+        st.promise = Promise::new(4, 0, 3);
         assert_eq!(check(&st, 3, 0), Ok(()), "promised to the primary itself");
+        st.promise = Promise::new(9, 1, 2);
+        assert_eq!(
+            check(&st, 3, 0),
+            Ok(()),
+            "a promise in a re-run of the instance that decided this view (it decides this view again)"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! §10): who takes the role and how long it waits, whose state the new primary takes, who
 //! may serve a transfer, what a transfer may set, and when a joiner may join.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::{State, Time};
@@ -38,6 +39,14 @@ pub fn begin_install_as_primary(
 ) -> Result<PrimaryInstall, &'static str> {
     if view.epoch < st.view.epoch || (view.epoch == st.view.epoch && st.primary.is_some()) {
         return Err("a newer view is already installed");
+    }
+    // An install naming an amnesiac server primary finishes a proposal it made before it lost
+    // its state (every fresh proposal names its proposer, and an amnesiac never proposes).
+    // Where it alone is a quorum (a one- or two-member view) it may have decided the next
+    // view and committed in it by itself back then, unknown to anyone now: such a view waits
+    // for its data (§10), it never gets a primary without it (found by the simulator, seed 3457).
+    if st.amnesiac() && view.is_quorum(&BTreeSet::from([me])) {
+        return Err("this server lost its state: it may have left this view alone before");
     }
     let old = st.primary.take();
     let was_primary = old.as_ref().is_some_and(|p| p.epoch == prev.epoch) && prev.primary == me;
@@ -123,11 +132,15 @@ pub fn install_waits(
 /// then serve beside the next one, and once the next view's primary lost its disk, its vote
 /// alone (half of a two-member view, with the primary) could re-run the decided instance
 /// over a history that had moved on (found by the simulator, seed 1533).
+///
+/// Only a promise in `view`'s own instance or a later one counts: a promise in a re-run of
+/// the instance that decided `view` (whose ballot may be far above `view`'s epoch, §5 step 2)
+/// decides `view` again.
 pub fn still_installing(st: &State, me: Rank, view: &View) -> Result<(), &'static str> {
     if st.view.epoch != view.epoch {
         return Err("superseded during install");
     }
-    if st.promise.ballot > view.epoch && st.promise.to != me {
+    if st.promise.supersedes(view.epoch) && st.promise.to != me {
         return Err("promised a newer ballot to another proposer during install");
     }
     Ok(())
@@ -253,6 +266,7 @@ pub fn check_join(
 mod tests {
     use super::*;
     use crate::engine::testing::*;
+    use crate::storage::Promise;
 
     const GUARD: Duration = Duration::from_millis(550);
 
@@ -343,20 +357,42 @@ mod tests {
     fn an_install_ends_without_the_role_after_a_promise_to_another_proposer() {
         let v = View::new(57, 0, [0, 3]);
         let mut st = member(v.clone(), 5);
-        st.promise = crate::storage::Promise { ballot: 57, to: 0 };
+        st.promise = Promise::new(57, 0, 56);
         assert_eq!(still_installing(&st, 0, &v), Ok(()));
-        st.promise = crate::storage::Promise { ballot: 58, to: 0 };
+        st.promise = Promise::new(58, 0, 57);
         assert_eq!(
             still_installing(&st, 0, &v),
             Ok(()),
             "its own next proposal"
         );
-        st.promise = crate::storage::Promise { ballot: 58, to: 3 };
+        st.promise = Promise::new(61, 3, 56);
+        assert_eq!(
+            still_installing(&st, 0, &v),
+            Ok(()),
+            "a re-run of the instance that decided this view"
+        );
+        st.promise = Promise::new(58, 3, 57);
         assert!(still_installing(&st, 0, &v).is_err());
         let _ = st.adopt_view(View::new(58, 3, [0, 3]));
         assert_eq!(
             still_installing(&st, 0, &v),
             Err("superseded during install")
+        );
+    }
+
+    #[test]
+    fn an_amnesiac_server_is_never_made_primary_of_a_view_it_could_leave_alone() {
+        let prev = View::new(32, 3, [0, 2, 3]);
+        let mut st = member(prev.clone(), 0);
+        st.become_amnesiac(Some(prev.clone()), 36);
+        let two = View::new(33, 0, [0, 2]);
+        assert!(begin_install_as_primary(&mut st, 0, &two, &prev).is_err());
+        assert!(begin_install_as_primary(&mut st, 0, &View::new(33, 0, [0]), &prev).is_err());
+        assert_eq!(st.view, prev, "nothing changed");
+        let three = View::new(33, 0, [0, 2, 3]);
+        assert!(
+            begin_install_as_primary(&mut st, 0, &three, &prev).is_ok(),
+            "in a larger view the next view needs another member, which knows it"
         );
     }
 

@@ -102,10 +102,7 @@ pub fn prepare(
         // nothing for that instance), but its data is not a member's.
         let _ = st.adopt_view(from.clone());
     }
-    st.promise = Promise {
-        ballot: req.ballot,
-        to: req.proposer,
-    };
+    st.promise = Promise::new(req.ballot, req.proposer, from.epoch);
     if req.proposer != st.view.primary {
         // Stop acting on the old primary's lease: it can no longer commit without us.
         st.lease_until = None;
@@ -123,7 +120,9 @@ pub struct Accept {
 }
 
 /// Acceptor, phase 2 (§5 step 3): accepts unless it promised a higher ballot (or the same
-/// ballot to another proposer). True if accepted; the caller persists before it replies.
+/// ballot to another proposer). The view's epoch is the ballot that first proposed it, so a
+/// re-proposed value may carry an epoch below the ballot, never above it nor at or below
+/// the epoch it leaves. True if accepted; the caller persists before it replies.
 #[must_use]
 pub fn accept(st: &mut State, req: Accept) -> bool {
     // An equal ballot promised to another proposer is not ours to accept.
@@ -132,14 +131,12 @@ pub fn accept(st: &mut State, req: Accept) -> bool {
         || req.from.epoch < st.view.epoch
         || req.ballot < st.promise.ballot
         || promised_other
-        || req.view.epoch != req.ballot
+        || req.view.epoch > req.ballot
+        || req.view.epoch <= req.from.epoch
     {
         return false;
     }
-    st.promise = Promise {
-        ballot: req.ballot,
-        to: req.proposer,
-    };
+    st.promise = Promise::new(req.ballot, req.proposer, req.from.epoch);
     st.accepted = Some(Accepted {
         ballot: req.ballot,
         from_epoch: req.from.epoch,
@@ -336,10 +333,10 @@ pub fn after_prepare(
         };
     }
     let view = match best {
-        // The accepted value is the whole view, its configuration included.
-        Some((_, v)) => {
-            View::new(ballot, v.primary, v.members.iter().copied()).with_config(v.config.clone())
-        }
+        // The value is the whole view, epoch and configuration included: re-stamping it with
+        // this ballot would let a re-run of an instance decided long ago overtake the views
+        // decided after it (found by the simulator, seeds 3457 and 7061).
+        Some((_, v)) => v.clone(),
         None => {
             let mut members = promisers.clone();
             let mut config = from.config.clone();
@@ -423,7 +420,7 @@ mod tests {
         st.last_heard = ms(0);
         let a = prepare(&mut st, 1, &prep(5, 2, v.clone()), ms(600), GUARD).unwrap();
         assert_eq!(a.unwrap().ballot, 4);
-        assert_eq!(st.promise, Promise { ballot: 5, to: 2 });
+        assert_eq!(st.promise, Promise::new(5, 2, 3));
         st.accepted.as_mut().unwrap().from_epoch = 2;
         assert_eq!(
             prepare(&mut st, 1, &prep(6, 2, v), ms(600), GUARD),
@@ -436,7 +433,7 @@ mod tests {
     fn low_equal_and_hostile_ballots_are_refused() {
         let v = View::new(3, 0, [0, 1]);
         let mut st = member(v.clone(), 5);
-        st.promise = Promise { ballot: 5, to: 1 };
+        st.promise = Promise::new(5, 1, 3);
         let late = ms(10_000);
         assert_eq!(
             prepare(&mut st, 1, &prep(5, 1, v.clone()), late, GUARD),
@@ -471,7 +468,7 @@ mod tests {
             ),
             Err(PrepareRefusal::NewerView)
         );
-        assert_eq!(st.promise, Promise { ballot: 5, to: 1 }, "nothing changed");
+        assert_eq!(st.promise, Promise::new(5, 1, 3), "nothing changed");
     }
 
     #[test]
@@ -541,7 +538,7 @@ mod tests {
     fn accept_needs_the_promised_ballot_and_a_matching_view() {
         let from = View::new(3, 0, [0, 1]);
         let mut st = member(from.clone(), 5);
-        st.promise = Promise { ballot: 5, to: 1 };
+        st.promise = Promise::new(5, 1, 3);
         let acc = |ballot: u64, proposer: Rank, epoch: u64| Accept {
             ballot,
             proposer,
@@ -555,16 +552,24 @@ mod tests {
         );
         assert!(
             !accept(&mut st, acc(5, 1, 6)),
-            "view epoch must be the ballot"
+            "a view epoch above the ballot"
+        );
+        assert!(
+            !accept(&mut st, acc(5, 1, 3)),
+            "a view epoch at or below the one it leaves"
         );
         assert_eq!(st.accepted, None);
+        assert!(
+            accept(&mut st.clone(), acc(5, 1, 4)),
+            "a re-proposed value keeps the epoch it was first proposed with"
+        );
         assert!(accept(&mut st, acc(5, 1, 5)));
         assert_eq!(st.accepted.as_ref().unwrap().from_epoch, 3);
         assert!(
             accept(&mut st, acc(7, 0, 7)),
             "a higher ballot needs no promise"
         );
-        assert_eq!(st.promise, Promise { ballot: 7, to: 0 });
+        assert_eq!(st.promise, Promise::new(7, 0, 3));
         let mut newer = member(View::new(4, 0, [0, 1]), 5);
         assert!(!accept(&mut newer, acc(8, 0, 8)), "leaving an older view");
     }
@@ -605,7 +610,11 @@ mod tests {
             PrepareOutcome::Quorum {
                 view, promisers, ..
             } => {
-                assert_eq!(view, View::new(6, 2, [0, 2]));
+                assert_eq!(
+                    view,
+                    View::new(5, 2, [0, 2]),
+                    "the value keeps its epoch: a re-run decides the same view"
+                );
                 assert_eq!(promisers, [1, 2].into());
             }
             other => panic!("{other:?}"),

@@ -57,11 +57,37 @@ use keys::{
 pub use scan::{within, ScanPage};
 use wal::{Op, Wal};
 
-/// The highest ballot this acceptor promised, and to whom.
+/// The highest ballot this acceptor promised, to whom, and in which instance.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Promise {
     pub ballot: u64,
     pub to: Rank,
+    /// The epoch of the view the promised instance leaves (`None` in a promise stored before
+    /// it was recorded). A re-run of an old instance may promise a ballot above a view that
+    /// instance decided long ago; only a promise in that view's own instance or a later one
+    /// ends loyalty to its primary (docs/design.md §5).
+    #[serde(default)]
+    pub from_epoch: Option<u64>,
+}
+
+impl Promise {
+    pub fn new(ballot: u64, to: Rank, from_epoch: u64) -> Promise {
+        Promise {
+            ballot,
+            to,
+            from_epoch: Some(from_epoch),
+        }
+    }
+
+    /// Whether this promise belongs to the instance that leaves view `epoch` or a later one:
+    /// its proposer may decide a view that supersedes `epoch`. A promise without its instance
+    /// counts when its ballot is above `epoch`.
+    pub fn supersedes(&self, epoch: u64) -> bool {
+        match self.from_epoch {
+            Some(from) => from >= epoch,
+            None => self.ballot > epoch,
+        }
+    }
 }
 
 /// A proposal this acceptor accepted for the transition out of view `from_epoch`.
@@ -760,7 +786,7 @@ mod tests {
             last_epoch: 1,
         };
         let s = Store::open(old.path(), SyncMode::Always).unwrap();
-        s.save_paxos(None, Some(Promise { ballot: 7, to: 1 }), None)
+        s.save_paxos(None, Some(Promise::new(7, 1, 0)), None)
             .await
             .unwrap();
         s.apply_records(&[rec(1, "a", Some("1")), rec(2, "a", None)], pos)
@@ -775,7 +801,7 @@ mod tests {
         let r = Store::open(new.path(), SyncMode::Always).unwrap();
         let meta = r.load_meta().unwrap();
         assert_eq!(meta.position, pos);
-        assert_eq!(meta.promise, Promise { ballot: 7, to: 1 });
+        assert_eq!(meta.promise, Promise::new(7, 1, 0));
         assert_eq!(
             r.get(b"a").unwrap().unwrap(),
             Entry {
@@ -844,7 +870,7 @@ mod tests {
     /// log, in sled, in sled after a checkpoint or a compaction).
     #[tokio::test]
     async fn paxos_state_reopens_as_last_saved_whatever_the_step_it_stopped_at() {
-        let promise = |ballot, to| Some(Promise { ballot, to });
+        let promise = |ballot, to| Some(Promise::new(ballot, to, 0));
         let accepted = |ballot, epoch, primary| {
             Some(Some(Accepted {
                 ballot,
@@ -928,14 +954,14 @@ mod tests {
                 from_epoch: 4,
                 view: View::new(5, 2, [2]),
             };
-            s.save_paxos(Some(&v), Some(Promise { ballot: 5, to: 2 }), Some(Some(&a)))
+            s.save_paxos(Some(&v), Some(Promise::new(5, 2, 0)), Some(Some(&a)))
                 .await
                 .unwrap();
         }
         let s = reopen(dir.path());
         let m = s.load_meta().unwrap();
         assert_eq!(m.view, Some(View::new(4, 1, [1, 2])));
-        assert_eq!(m.promise, Promise { ballot: 5, to: 2 });
+        assert_eq!(m.promise, Promise::new(5, 2, 0));
         assert_eq!(m.accepted.unwrap().ballot, 5);
     }
 
