@@ -40,8 +40,12 @@ pub struct Opt {
     #[arg(long, env = "REPLIKV_CONFIG")]
     pub config: Option<PathBuf>,
     /// This server's index in --peers.
-    #[arg(long, env = "REPLIKV_RANK")]
+    #[arg(long, env = "REPLIKV_RANK", conflicts_with = "rank_from_hostname")]
     pub rank: Option<u32>,
+    /// Take the rank from the trailing `-N` of this machine's hostname (`replikv-2` is rank
+    /// 2), as a Kubernetes StatefulSet names its pods by ordinal. Instead of --rank.
+    #[arg(long)]
+    pub rank_from_hostname: bool,
     /// The static, ranked server list, identical on every server. Each entry is
     /// `host:client_port/peer_port`: clients reach the server at host:client_port (the Kv
     /// API and nothing else), the other servers at host:peer_port (the peer protocol, never
@@ -140,6 +144,7 @@ struct FileConfig {
     heartbeat_ms: Option<u64>,
     ack_timeout_ms: Option<u64>,
     bootstrap: Option<bool>,
+    rank_from_hostname: Option<bool>,
     max_key_bytes: Option<usize>,
     max_value_bytes: Option<usize>,
     enable_fault_injection: Option<bool>,
@@ -250,10 +255,25 @@ impl Opt {
             }
             None => FileConfig::default(),
         };
-        let rank = self
-            .rank
-            .or(file.rank)
-            .ok_or_else(|| ConfigError("--rank is required".into()))?;
+        let from_hostname = self.rank_from_hostname || file.rank_from_hostname.unwrap_or(false);
+        let rank = match (self.rank.or(file.rank), from_hostname) {
+            (Some(_), true) => {
+                return Err(ConfigError(
+                    "give --rank or --rank-from-hostname, not both".into(),
+                ))
+            }
+            (Some(rank), false) => rank,
+            (None, true) => {
+                let host = hostname().map_err(|e| {
+                    ConfigError(format!(
+                        "--rank-from-hostname: cannot read the hostname: {e}"
+                    ))
+                })?;
+                rank_from_hostname(&host)
+                    .map_err(|e| ConfigError(format!("--rank-from-hostname: {e}")))?
+            }
+            (None, false) => return Err(ConfigError("--rank is required".into())),
+        };
         let seed = match joined {
             Some(c) => {
                 if !c.contains(rank) {
@@ -469,6 +489,33 @@ fn split_peer(p: &str) -> Result<(String, String), String> {
     Ok((format!("{host}:{port}"), format!("{host}:{peer_port}")))
 }
 
+/// The rank a hostname names by its trailing `-N`: `replikv-2` and
+/// `replikv-2.replikv-peers.default.svc` are rank 2 (a StatefulSet's pod ordinal).
+pub fn rank_from_hostname(host: &str) -> Result<u32, String> {
+    let name = host.split('.').next().unwrap_or_default();
+    let ordinal = name
+        .rsplit_once('-')
+        .map(|(_, n)| n)
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| format!("hostname {host:?} does not end in -N (e.g. replikv-0)"))?;
+    ordinal
+        .parse::<u32>()
+        .map_err(|_| format!("hostname {host:?}: {ordinal} is too large for a rank"))
+}
+
+/// This machine's hostname (in a container or pod: the one its runtime gave it).
+fn hostname() -> std::io::Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname(2) writes at most buf.len() bytes into buf, which outlives the call.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..len].to_vec())
+        .map_err(|_| std::io::Error::other("the hostname is not UTF-8"))
+}
+
 fn resolve_addr(p: &str) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs;
     p.to_socket_addrs()
@@ -579,6 +626,59 @@ mod tests {
             Opt::try_parse_from(["replikv-server", "--session-ttl", "soon"].iter().copied())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn rank_comes_from_the_hostname_ordinal() {
+        assert_eq!(rank_from_hostname("replikv-0"), Ok(0));
+        assert_eq!(rank_from_hostname("replikv-12"), Ok(12));
+        assert_eq!(rank_from_hostname("my-kv-store-2"), Ok(2));
+        assert_eq!(
+            rank_from_hostname("replikv-2.replikv-peers.default.svc.cluster.local"),
+            Ok(2)
+        );
+        for bad in [
+            "replikv",
+            "replikv-",
+            "replikv-x",
+            "replikv-1a",
+            "",
+            "7",
+            "-",
+            "a-99999999999",
+        ] {
+            let e = rank_from_hostname(bad).unwrap_err();
+            assert!(e.contains("hostname"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn rank_and_rank_from_hostname_exclude_each_other() {
+        let both = Opt::try_parse_from([
+            "replikv-server",
+            "--rank",
+            "0",
+            "--rank-from-hostname",
+            "--peers",
+            "127.0.0.1:1",
+            "--data-dir",
+            "/x",
+        ]);
+        assert!(both.is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "rank = 0\nrank_from_hostname = true\n").unwrap();
+        let e = opt(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--peers",
+            "127.0.0.1:1",
+            "--data-dir",
+            "/x",
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(e.0.contains("not both"), "{e}");
     }
 
     #[test]
