@@ -8,12 +8,17 @@
 //!
 //! Needs Docker; fails with a clear message without it, unless REPLIKV_SKIP_DOCKER=1.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use replikv_deploytest::compose::{ComposeCluster, NODES};
 use replikv_deploytest::docker;
 use replikv_deploytest::results::{self, Row};
 use replikv_testkit::fixtures::{assert_reads, run_for, WriteLog, Writer};
+
+/// One compose cluster at a time: three clusters of three servers on a small machine would
+/// measure the machine, not the faults.
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
 
 /// Bound on one test, cluster start and tear-down included.
 const TEST_LIMIT: Duration = Duration::from_secs(300);
@@ -86,6 +91,7 @@ fn a_killed_container_started_again_is_found_at_its_new_address_and_catches_up()
     if !docker::available() {
         return;
     }
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(PoisonError::into_inner);
     run_for(TEST_LIMIT, async {
         let (cluster, primary) = start().await;
         let writer = Writer::start(cluster.client().await, "kill");
@@ -123,6 +129,7 @@ fn the_primary_cut_off_the_network_rejoins_when_connected_again() {
     if !docker::available() {
         return;
     }
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(PoisonError::into_inner);
     run_for(TEST_LIMIT, async {
         let (cluster, primary) = start().await;
         let writer = Writer::start(cluster.client().await, "partition");
@@ -159,6 +166,7 @@ fn all_three_restarted_one_at_a_time_lose_no_acknowledged_write() {
     if !docker::available() {
         return;
     }
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(PoisonError::into_inner);
     run_for(TEST_LIMIT, async {
         let (cluster, _) = start().await;
         let writer = Writer::start(cluster.client().await, "rolling");
