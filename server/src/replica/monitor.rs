@@ -75,6 +75,13 @@ impl Node {
             ))),
         };
         let view = View::bootstrap();
+        if let Some(path) = &self.cfg.ops.restore {
+            // The snapshot's keys go into the log before the id: the id's flush makes both
+            // durable, and a crash before it leaves a directory with no cluster to form again.
+            if let Err(e) = self.restore(path) {
+                self.fail_stop(StorageError::Corrupt(e));
+            }
+        }
         let membership = Membership {
             cluster: id,
             amnesiac_until: None,
