@@ -78,3 +78,13 @@ pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// gRPC message size limit: the largest value plus room for the envelope.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_ops_call_and_no_kv_call_is_an_admin_op() {
+        assert!(super::is_admin_op("/replikv.ops.v1.Backup/Snapshot"));
+        assert!(!super::is_admin_op("/replikv.v1.Kv/Put"));
+        assert!(!super::is_admin_op("/grpc.health.v1.Health/Check"));
+    }
+}
