@@ -2,7 +2,7 @@
 //! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/kv.proto", "proto/peer.proto"];
+    let protos = ["proto/kv.proto", "proto/peer.proto", "proto/ops.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

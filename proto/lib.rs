@@ -3,6 +3,9 @@
 //! - [`kv`]: the public client API (`replikv.v1`, `proto/kv.proto`).
 //! - [`peer`]: the server-to-server protocol and the fault-injection admin
 //!   service (`replikv.peer.v1`, `proto/peer.proto`).
+//! - [`ops`]: the operations API on the client port (`replikv.ops.v1`, `proto/ops.proto`):
+//!   backups; every call of it is an admin operation ([`is_admin_op`]).
+//! - [`snapshot`]: the snapshot file: its layout, encoder and checking reader.
 //! - [`pipeline`]: serving and reading the `Pipeline` call of `Kv`.
 //! - Header names and limits every crate agrees on.
 //!
@@ -16,6 +19,11 @@ mod generated {
         pub mod v1 {
             tonic::include_proto!("replikv.v1");
         }
+        pub mod ops {
+            pub mod v1 {
+                tonic::include_proto!("replikv.ops.v1");
+            }
+        }
         pub mod peer {
             pub mod v1 {
                 tonic::include_proto!("replikv.peer.v1");
@@ -25,9 +33,18 @@ mod generated {
 }
 
 pub mod pipeline;
+pub mod snapshot;
 
+pub use generated::replikv::ops::v1 as ops;
 pub use generated::replikv::peer::v1 as peer;
 pub use generated::replikv::v1 as kv;
+
+/// Whether the client-port call `path` (`/package.Service/Method`) is an admin operation:
+/// one that reads or changes the whole cluster rather than keys (docs/design.md §11). Every
+/// call of the `replikv.ops.v1` services is.
+pub fn is_admin_op(path: &str) -> bool {
+    path.starts_with("/replikv.ops.v1.")
+}
 
 /// Metadata header on `UNAVAILABLE` naming the rank of the primary the server
 /// knows of, so a client can go there directly.
@@ -70,3 +87,13 @@ pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// gRPC message size limit: the largest value plus room for the envelope.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_ops_call_and_no_kv_call_is_an_admin_op() {
+        assert!(super::is_admin_op("/replikv.ops.v1.Backup/Snapshot"));
+        assert!(!super::is_admin_op("/replikv.v1.Kv/Put"));
+        assert!(!super::is_admin_op("/grpc.health.v1.Health/Check"));
+    }
+}

@@ -16,6 +16,8 @@
 //! - [`certs`]: `replikv cert`: a cluster CA, node and client certificates (PEM).
 //! - [`cli`]: the `replikv` command (`get`, `put`, `delete`, `status`, `shell`).
 //! - [`shell`]: `replikv shell`, a line protocol on stdin for people and programs.
+//! - [`snapshot`]: `replikv snapshot save|check` and `replikv health`: the cluster as a
+//!   whole (docs/design.md §12).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), replikv_client::Error> {
@@ -39,6 +41,7 @@ mod pipe;
 mod routing;
 mod session;
 pub mod shell;
+pub mod snapshot;
 
 pub use blocking::BlockingClient;
 pub use client::{CasOutcome, Client, ClientStats, Range, RangeDeleted, ScanPage};

@@ -122,6 +122,27 @@ pub struct Opt {
     /// 1s; default 1h). Keep it well above any client's request deadline (docs/design.md §6).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub session_ttl: Option<Duration>,
+    /// Also serve the gRPC health service in the clear on this address, for probes that
+    /// cannot speak TLS (Kubernetes' gRPC probes). It reveals only whether the server serves.
+    #[arg(long, env = "REPLIKV_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics over HTTP at /metrics on this address.
+    #[arg(long, env = "REPLIKV_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// A snapshot file (`replikv snapshot save`) the new cluster starts from: with
+    /// --bootstrap on rank 0, when it forms a new cluster (docs/design.md §12). Checked at start.
+    #[arg(long, env = "REPLIKV_RESTORE")]
+    pub restore: Option<PathBuf>,
+    /// Write a snapshot of this server's committed state into this directory every
+    /// --backup-every, keeping the newest --backup-keep (docs/design.md §12).
+    #[arg(long, env = "REPLIKV_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// How often to write a backup (e.g. "1h", "30s"; default 1h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub backup_every: Option<Duration>,
+    /// How many backups to keep (default 7).
+    #[arg(long)]
+    pub backup_keep: Option<usize>,
 }
 
 /// The same options as read from a `--config` file.
@@ -149,6 +170,12 @@ struct FileConfig {
     max_value_bytes: Option<usize>,
     enable_fault_injection: Option<bool>,
     session_ttl: Option<String>,
+    health_listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+    restore: Option<PathBuf>,
+    backup_dir: Option<PathBuf>,
+    backup_every: Option<String>,
+    backup_keep: Option<usize>,
 }
 
 /// Default lifetime of an idle client session.
@@ -184,7 +211,34 @@ pub struct Config {
     pub bootstrap: bool,
     /// How long an idle client session lives (docs/design.md §10 "Sessions").
     pub session_ttl: Duration,
+    /// Health, metrics, restore and backups (docs/design.md §12).
+    pub ops: OpsConfig,
 }
+
+/// What the server offers its operators besides the Kv API (docs/design.md §12).
+#[derive(Clone, Debug, Default)]
+pub struct OpsConfig {
+    /// A plaintext listener serving only the gRPC health service.
+    pub health_listen: Option<SocketAddr>,
+    /// An HTTP listener serving `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The snapshot a bootstrapping rank 0 forms the new cluster from.
+    pub restore: Option<PathBuf>,
+    /// Periodic backups of this server's committed state.
+    pub backups: Option<BackupSchedule>,
+}
+
+/// `--backup-dir`, `--backup-every`, `--backup-keep`.
+#[derive(Clone, Debug)]
+pub struct BackupSchedule {
+    pub dir: PathBuf,
+    pub every: Duration,
+    pub keep: usize,
+}
+
+/// Default interval and count of periodic backups.
+pub const DEFAULT_BACKUP_EVERY: Duration = Duration::from_secs(3600);
+pub const DEFAULT_BACKUP_KEEP: usize = 7;
 
 /// The protocol's clocks (docs/design.md §2, §4, §5).
 #[derive(Clone, Copy, Debug)]
@@ -255,6 +309,7 @@ impl Opt {
             }
             None => FileConfig::default(),
         };
+        let ops = self.resolve_ops(&file)?;
         let from_hostname = self.rank_from_hostname || file.rank_from_hostname.unwrap_or(false);
         let rank = match (self.rank.or(file.rank), from_hostname) {
             (Some(_), true) => {
@@ -428,6 +483,7 @@ impl Opt {
             return Err(ConfigError("--session-ttl must be at least 1s".into()));
         }
         Ok(Config {
+            ops,
             session_ttl,
             rank,
             peers,
@@ -457,6 +513,47 @@ impl Opt {
 pub fn parse_server(p: &str) -> Result<ServerAddr, String> {
     let (client, peer) = split_peer(p)?;
     Ok(ServerAddr { client, peer })
+}
+
+impl Opt {
+    /// The health, metrics, restore and backup options (docs/design.md §12).
+    fn resolve_ops(&self, file: &FileConfig) -> Result<OpsConfig, ConfigError> {
+        let every = match (self.backup_every, &file.backup_every) {
+            (Some(d), _) => Some(d),
+            (None, Some(text)) => Some(
+                humantime::parse_duration(text)
+                    .map_err(|e| ConfigError(format!("backup_every {text:?}: {e}")))?,
+            ),
+            (None, None) => None,
+        };
+        let keep = self.backup_keep.or(file.backup_keep);
+        let dir = self.backup_dir.clone().or(file.backup_dir.clone());
+        let backups = match dir {
+            None if every.is_some() || keep.is_some() => {
+                return Err(ConfigError(
+                    "--backup-every and --backup-keep need --backup-dir".into(),
+                ))
+            }
+            None => None,
+            Some(dir) => {
+                let every = every.unwrap_or(DEFAULT_BACKUP_EVERY);
+                if every < Duration::from_secs(1) {
+                    return Err(ConfigError("--backup-every must be at least 1s".into()));
+                }
+                let keep = keep.unwrap_or(DEFAULT_BACKUP_KEEP);
+                if keep == 0 {
+                    return Err(ConfigError("--backup-keep must be at least 1".into()));
+                }
+                Some(BackupSchedule { dir, every, keep })
+            }
+        };
+        Ok(OpsConfig {
+            health_listen: self.health_listen.or(file.health_listen),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            restore: self.restore.clone().or(file.restore.clone()),
+            backups,
+        })
+    }
 }
 
 /// Splits a `--peers` entry, `host:client_port/peer_port` or `host:port` (peer port

@@ -23,20 +23,29 @@
 //!   one owner of its background tasks.
 //! - [`tls`]: TLS settings for both listeners and the rank a verified peer certificate names.
 //! - [`service`]: the gRPC services: Kv (client listener), Peer and Admin (peer listener).
+//! - [`health`]: the standard gRPC health service: readiness and liveness.
+//! - [`metrics`]: Prometheus metrics and their `/metrics` HTTP listener.
+//! - [`backup`]: snapshots (the client-port `Backup` service), periodic backups, restore.
 //!
 //! [`run`] serves two listeners (docs/design.md §10 "Peer plane"): the client listener serves
 //! the Kv API only, the peer listener the peer protocol and the Admin service only, with
-//! mutual TLS when the server has certificates.
+//! mutual TLS when the server has certificates. The client listener also serves the health
+//! service and the `Backup` service (an admin operation, [`replikv_proto::is_admin_op`]);
+//! `--health-listen` and `--metrics-listen` add a plaintext health listener and an HTTP
+//! metrics listener (docs/design.md §12).
 
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod fault;
+pub mod health;
 pub mod identity;
 pub mod join;
 pub mod message;
+pub mod metrics;
 pub mod network;
 pub mod replica;
 pub mod service;
@@ -69,14 +78,17 @@ pub const MAX_CLIENT_STREAMS: u32 = 256;
 /// Exit status of a server that stopped itself (fail-stop): a storage failure or a panic.
 pub const FAIL_STOP_EXIT: i32 = 70;
 
-/// The server's two sockets: the client API and the peer protocol never share one.
+/// The server's sockets: the client API and the peer protocol never share one; the
+/// plaintext health and the metrics listeners are optional.
 pub struct Listeners {
     pub client: TcpListener,
     pub peer: TcpListener,
+    pub health: Option<TcpListener>,
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds `config.listen` and `config.peer_listen`.
+    /// Binds `config.listen`, `config.peer_listen` and the optional listeners.
     pub async fn bind(config: &Config) -> Result<Listeners, BoxError> {
         let bind = |addr: std::net::SocketAddr| async move {
             TcpListener::bind(addr)
@@ -86,6 +98,14 @@ impl Listeners {
         Ok(Listeners {
             client: bind(config.listen).await?,
             peer: bind(config.peer_listen).await?,
+            health: match config.ops.health_listen {
+                Some(a) => Some(bind(a).await?),
+                None => None,
+            },
+            metrics: match config.ops.metrics_listen {
+                Some(a) => Some(bind(a).await?),
+                None => None,
+            },
         })
     }
 }
@@ -127,6 +147,8 @@ pub async fn run(
         Some(files) => Some(Arc::new(tls::NodeTls::load(files, config.rank)?)),
         None => None,
     };
+    // A bad restore file stops the server here, before anything is changed.
+    backup::check_restore(&config)?;
     let store = storage::Store::open(&config.data_dir, config.sync)
         .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
     let faults = Arc::new(fault::Faults::default());
@@ -162,6 +184,14 @@ pub async fn run(
     let peer = PeerServer::new(service::PeerService::new(node.clone(), limits, tls.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let (health_reporter, health_service) = health::health_reporter();
+    // Not ready until the replica says so: the client port must not open on SERVING.
+    health_reporter
+        .set_service_status(health::READINESS, tonic_health::ServingStatus::NotServing)
+        .await;
+    let backup_service = replikv_proto::ops::backup_server::BackupServer::new(
+        backup::BackupService::new(node.clone()),
+    );
     let admin = config
         .fault_injection
         .then(|| AdminServer::new(service::AdminService::new(node.clone())));
@@ -189,6 +219,8 @@ pub async fn run(
         .initial_connection_window_size(Some(16 << 20))
         .add_service(kv)
         .add_service(members)
+        .add_service(health_service.clone())
+        .add_service(backup_service)
         .serve_with_incoming_shutdown(incoming(listeners.client), stopping());
     let peer_server = peer_builder
         .tcp_nodelay(true)
@@ -215,6 +247,24 @@ pub async fn run(
         }
     };
     node.start();
+    // The operators' side (docs/design.md §12): health, metrics, backups; they end with the
+    // server.
+    let mut ops = tokio::task::JoinSet::new();
+    ops.spawn(health::watch(node.clone(), health_reporter, stopping()));
+    if let Some(listener) = listeners.health {
+        let serve = health::serve_plain(listener, health_service, stopping());
+        ops.spawn(async move {
+            if let Err(e) = serve.await {
+                warn!(error = %e, "the health listener stopped");
+            }
+        });
+    }
+    if let Some(listener) = listeners.metrics {
+        ops.spawn(metrics::serve(listener, node.clone(), stopping()));
+    }
+    if let Some(schedule) = config.ops.backups.clone() {
+        ops.spawn(backup::periodic(node.clone(), schedule));
+    }
     // A client that keeps its side of a stream open could hold the graceful shutdown up
     // for ever: past the grace period, the remaining connections are simply dropped.
     let stopped = node.stopped();
@@ -225,6 +275,7 @@ pub async fn run(
         }
     }
     info!("shutting down");
+    ops.abort_all();
     node.stop().await;
     node.store.flush_data().await.ok();
     Ok(())

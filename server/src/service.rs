@@ -24,6 +24,7 @@ use crate::engine::sequencer::{Expect, MAX_RANGE_DELETE_KEYS};
 use crate::error::{PrimaryHint, ServeError};
 use crate::fault::{Action, CrashPoint};
 use crate::identity::CLUSTER_HEADER;
+use crate::metrics::Op;
 use crate::network::FROM_HEADER;
 use crate::replica::{CasReq, Node, RangeDeleteReq, WriteReq};
 use crate::tls::{self, NodeTls};
@@ -168,6 +169,7 @@ fn write_response<T>(body: T, forwarded_to: Option<PrimaryHint>) -> Response<T> 
 impl Kv for KvService {
     #[instrument(level = "debug", skip_all)]
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let _timer = self.node.metrics.op(Op::Get);
         let key = req.into_inner().key;
         check_key(&key, &self.limits).map_err(ServeError::into_status)?;
         let v = self
@@ -186,6 +188,7 @@ impl Kv for KvService {
 
     #[instrument(level = "debug", skip_all)]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let _timer = self.node.metrics.op(Op::Put);
         let r = req.into_inner();
         let (had_old, old_value, via) = self.write(r.key, Some(r.value), r.id).await?;
         Ok(write_response(PutResponse { had_old, old_value }, via))
@@ -196,6 +199,7 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
+        let _timer = self.node.metrics.op(Op::Delete);
         let r = req.into_inner();
         let (had_old, old_value, via) = self.write(r.key, None, r.id).await?;
         Ok(write_response(DeleteResponse { had_old, old_value }, via))
@@ -228,6 +232,7 @@ impl Kv for KvService {
 impl replikv_proto::pipeline::Extra for KvService {
     #[instrument(level = "debug", skip_all)]
     async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let _timer = self.node.metrics.op(Op::Scan);
         let r = req.into_inner();
         let mut range = item_range(r.range, true, &self.limits)?;
         let limit = check_limit(r.limit, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT)?;
@@ -260,6 +265,7 @@ impl replikv_proto::pipeline::Extra for KvService {
 
     #[instrument(level = "debug", skip_all)]
     async fn cas(&self, req: Request<CasRequest>) -> Result<Response<CasResponse>, Status> {
+        let _timer = self.node.metrics.op(Op::Cas);
         let r = req.into_inner();
         check_key(&r.key, &self.limits).map_err(ServeError::into_status)?;
         check_value(&r.expected, &self.limits).map_err(ServeError::into_status)?;
@@ -303,6 +309,7 @@ impl replikv_proto::pipeline::Extra for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let _timer = self.node.metrics.op(Op::DeleteRange);
         let r = req.into_inner();
         let range = item_range(r.range, false, &self.limits)?;
         let max = MAX_RANGE_DELETE_KEYS as u32;

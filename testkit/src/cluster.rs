@@ -123,6 +123,9 @@ pub struct ClusterOptions {
     pub fault_injection: bool,
     /// Appended to every server's flags, e.g. `["--lease-ms", "300"]`.
     pub extra_args: Vec<String>,
+    /// Appended to one server's flags: entry `r` to rank `r`'s (e.g. its own
+    /// `--metrics-listen`); ranks past the end get none.
+    pub rank_args: Vec<Vec<String>>,
     /// `None` runs [`ServerCommand::locate`].
     pub command: Option<ServerCommand>,
     /// Where data directories and logs go; `None` uses a temporary directory
@@ -144,6 +147,7 @@ impl Default for ClusterOptions {
             sync: "always".to_string(),
             fault_injection: false,
             extra_args: Vec::new(),
+            rank_args: Vec::new(),
             command: None,
             base_dir: None,
             secure: true,
@@ -612,6 +616,7 @@ impl LocalCluster {
             cmd.arg("--enable-fault-injection");
         }
         cmd.args(&self.opts.extra_args)
+            .args(self.opts.rank_args.get(rank).into_iter().flatten())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -705,7 +710,7 @@ fn make_certs(dir: &Path, servers: usize) -> io::Result<()> {
 /// Distinct free ports on 127.0.0.1. All listeners stay bound until every
 /// port is chosen, so the kernel cannot hand out the same one twice; there is
 /// still a small window between release and the server's bind.
-fn free_ports(n: usize) -> io::Result<Vec<u16>> {
+pub fn free_ports(n: usize) -> io::Result<Vec<u16>> {
     let listeners = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<io::Result<Vec<_>>>()?;

@@ -147,6 +147,8 @@ pub struct Node {
     pub(crate) max_ballot: std::sync::atomic::AtomicU64,
     /// Set when the server shuts down: long-lived calls end so the shutdown need not wait.
     stopping: watch::Sender<bool>,
+    /// Prometheus metrics (docs/design.md §12).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Node {
@@ -193,7 +195,12 @@ impl Node {
             term: 0,
         });
         let max_ballot = meta.promise.ballot.max(view.epoch);
+        let metrics = crate::metrics::Metrics::new();
+        for c in store.flush_metrics.collectors() {
+            metrics.register(c);
+        }
         let node = Node {
+            metrics,
             me,
             seed,
             store,
@@ -415,6 +422,7 @@ impl Node {
         commit_after: Time,
         synced: &std::collections::BTreeSet<Rank>,
     ) {
+        self.metrics.view_changes.inc();
         let mut st = self.st();
         st.become_primary(
             view,

@@ -79,6 +79,13 @@ impl Node {
         };
         // docs/design.md §11: the first configuration is the `--peers` list.
         let view = View::bootstrap().with_config(Some(self.seed.clone()));
+        if let Some(path) = &self.cfg.ops.restore {
+            // The snapshot's keys go into the log before the id: the id's flush makes both
+            // durable, and a crash before it leaves a directory with no cluster to form again.
+            if let Err(e) = self.restore(path) {
+                self.fail_stop(StorageError::Corrupt(e));
+            }
+        }
         let membership = Membership {
             cluster: id,
             amnesiac_until: None,

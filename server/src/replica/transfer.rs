@@ -58,6 +58,9 @@ impl Node {
                 replacing = Some(self.store.begin_replacement());
             }
             let entries: Vec<SyncEntry> = chunk.entries;
+            self.metrics
+                .transfer_received_bytes
+                .inc_by(entry_bytes(&entries));
             if let Some(r) = replacing.as_mut() {
                 r.received(&entries);
             }
@@ -74,7 +77,9 @@ impl Node {
                     }
                 };
                 if let Some(r) = replacing.take() {
-                    self.store.finish_replacement(r, chunk.gc_horizon);
+                    self.store
+                        .finish_replacement(r, chunk.gc_horizon)
+                        .or_fail_stop(self);
                 }
                 self.store
                     .set_entries(&entries, Some(pos))
@@ -120,8 +125,11 @@ impl Node {
             let send = |c: SyncChunk| tx.blocking_send(Ok(c)).is_ok();
             let mut entries = Vec::new();
             let mut bytes = 0usize;
-            let flush = |entries: &mut Vec<_>, bytes: &mut usize| {
+            let flush = |entries: &mut Vec<SyncEntry>, bytes: &mut usize| {
                 *bytes = 0;
+                node.metrics
+                    .transfer_sent_bytes
+                    .inc_by(entry_bytes(entries));
                 send(SyncChunk {
                     entries: std::mem::take(entries),
                     done: false,
@@ -164,6 +172,9 @@ impl Node {
                 }
             }
             node.faults.crash_point(CrashPoint::Transferring);
+            node.metrics
+                .transfer_sent_bytes
+                .inc_by(entry_bytes(&entries));
             send(SyncChunk {
                 entries,
                 done: true,
@@ -210,4 +221,18 @@ impl Node {
             Err(e) => answer(Err(e), &view),
         }
     }
+}
+
+/// Key and value bytes of transferred entries, for the transfer metrics.
+fn entry_bytes(entries: &[SyncEntry]) -> u64 {
+    entries
+        .iter()
+        .map(|e| {
+            e.key.len()
+                + e.entry
+                    .as_ref()
+                    .and_then(|x| x.value.as_ref())
+                    .map_or(0, |v| v.len())
+        })
+        .sum::<usize>() as u64
 }

@@ -492,6 +492,7 @@ impl Node {
             return refuse(self, "superseded during install".into());
         };
         self.faults.crash_point(CrashPoint::Installed);
+        self.metrics.view_changes.inc();
         info!(
             epoch = view.epoch,
             primary = view.primary,

@@ -358,7 +358,7 @@ mod tests {
             s.set_entries(&first, None).unwrap();
             let last = [sent("changed", 8, Some("new")), sent("late", 10, None)];
             r.received(&last);
-            s.finish_replacement(r, 7);
+            s.finish_replacement(r, 7).unwrap();
             s.set_entries(&last, Some(pos(10))).unwrap();
             s.flush_data().await.unwrap();
             assert_eq!(s.gc_horizon(), 7);

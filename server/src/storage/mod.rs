@@ -23,6 +23,7 @@
 //! - [`compact`]: rewriting sled into a fresh directory once it is mostly garbage, and
 //!   finishing or undoing a rewrite a crash interrupted.
 //! - [`scan`]: ordered reads of a range of items across memory, the log and sled.
+//! - [`snapshot`]: every user key as of one applied position while writes go on.
 
 mod compact;
 mod durable;
@@ -30,6 +31,7 @@ mod gc;
 mod index;
 mod keys;
 mod scan;
+mod snapshot;
 #[cfg(test)]
 mod testutil;
 pub mod wal;
@@ -55,6 +57,7 @@ use keys::{
     POSITION, PROMISE, VIEW,
 };
 pub use scan::{within, ScanPage};
+pub use snapshot::{SnapshotPage, SnapshotPin};
 use wal::{Op, Wal};
 
 /// The highest ballot this acceptor promised, to whom, and in which instance.
@@ -126,6 +129,9 @@ struct Staged {
     /// A collection horizon taken from a full transfer's source, logged with the batch that
     /// removes what the source no longer has.
     gc_horizon: Option<u64>,
+    /// Snapshots being read: each change to a user item preserves its entry for them first
+    /// (see [`snapshot`]).
+    preserving: Vec<Arc<snapshot::Preserved>>,
 }
 
 /// What the store keeps in memory, shared with the collector thread.
@@ -175,6 +181,8 @@ pub struct Store {
     /// Writes (records) applied and flushes done, for the group-commit figure in `status`.
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
+    /// Flush latency and group-commit histograms (docs/design.md §12 "Metrics").
+    pub flush_metrics: crate::metrics::FlushMetrics,
 }
 
 impl Drop for Store {
@@ -306,6 +314,7 @@ impl Store {
             fail_next_flush: AtomicBool::new(false),
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            flush_metrics: Default::default(),
         })
     }
 
@@ -348,6 +357,11 @@ impl Store {
     pub fn apply_records(&self, records: &[Record], pos: Position) -> Result<(), StorageError> {
         compact::release_on_this_thread();
         let mut staged = self.staged();
+        if !staged.preserving.is_empty() {
+            for item in records.iter().flat_map(|r| &r.items) {
+                self.preserve(&staged, &item.key)?;
+            }
+        }
         let mut index = self.index();
         for r in records {
             for item in &r.items {
@@ -377,6 +391,9 @@ impl Store {
     ) -> Result<(), StorageError> {
         {
             let mut staged = self.staged();
+            for se in entries {
+                self.preserve(&staged, &se.key)?;
+            }
             let mut index = self.index();
             for se in entries {
                 staged.items.insert(se.key.clone(), se.entry.clone());
@@ -525,8 +542,11 @@ impl Store {
             return Err(StorageError::Injected);
         }
         self.write_staged()?;
+        let started = std::time::Instant::now();
         self.durable.wal.sync().await?;
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.flush_metrics
+            .flushed(started.elapsed(), self.writes.load(Ordering::Relaxed));
         Ok(())
     }
 
@@ -629,9 +649,16 @@ impl Store {
     /// collection horizon (the deletions it no longer has tombstones for are among those
     /// removals): the next write logs them in one batch with the transfer's last entries and
     /// position.
-    pub fn finish_replacement(&self, replacement: Replacement, source_horizon: u64) {
+    pub fn finish_replacement(
+        &self,
+        replacement: Replacement,
+        source_horizon: u64,
+    ) -> Result<(), StorageError> {
         let removed = replacement.stale.len();
         let mut staged = self.staged();
+        for item in &replacement.stale {
+            self.preserve(&staged, item)?;
+        }
         let mut index = self.index();
         for item in replacement.stale {
             staged.items.insert(item.clone(), None);
@@ -645,6 +672,7 @@ impl Store {
             horizon = source_horizon,
             "full transfer: removed the items the source did not send"
         );
+        Ok(())
     }
 
     /// Items written after `committed`: the tail a state transfer must repair (docs/design.md §7).
