@@ -110,6 +110,15 @@ pub struct Opt {
     /// 1s; default 1h). Keep it well above any client's request deadline (docs/design.md §6).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub session_ttl: Option<Duration>,
+    /// Serve every client as the admin user, with no credentials (docs/security.md
+    /// "Users"). Only on a loopback client address, unless --insecure.
+    #[arg(long)]
+    pub no_auth: bool,
+    /// When this server forms the cluster (--bootstrap): the admin user's token, read from
+    /// this file, or generated and written to it when it does not exist (default:
+    /// <data dir>/admin-token).
+    #[arg(long, env = "REPLIKV_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// The same options as read from a `--config` file.
@@ -136,6 +145,8 @@ struct FileConfig {
     max_value_bytes: Option<usize>,
     enable_fault_injection: Option<bool>,
     session_ttl: Option<String>,
+    no_auth: Option<bool>,
+    admin_token_file: Option<PathBuf>,
 }
 
 /// Default lifetime of an idle client session.
@@ -168,6 +179,10 @@ pub struct Config {
     pub bootstrap: bool,
     /// How long an idle client session lives (docs/design.md §10 "Sessions").
     pub session_ttl: Duration,
+    /// Clients must authenticate as users (docs/design.md §11); off only with `--no-auth`.
+    pub auth: bool,
+    /// See [`Opt::admin_token_file`].
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// The protocol's clocks (docs/design.md §2, §4, §5).
@@ -321,6 +336,14 @@ impl Opt {
                 }
             }
         }
+        let auth = !(self.no_auth || file.no_auth.unwrap_or(false));
+        if !auth && !insecure && !listen.ip().is_loopback() {
+            return Err(ConfigError(format!(
+                "refusing to serve {listen} with --no-auth: anyone who reaches it could read \
+                 and write every key as the admin user. Drop --no-auth, or add --insecure on a \
+                 trusted network"
+            )));
+        }
         let lease_ms = self.lease_ms.or(file.lease_ms).unwrap_or(500);
         if !(10..=60_000).contains(&lease_ms) {
             return Err(ConfigError(format!(
@@ -389,6 +412,8 @@ impl Opt {
             fault_injection: self.enable_fault_injection
                 || file.enable_fault_injection.unwrap_or(false),
             bootstrap: self.bootstrap || file.bootstrap.unwrap_or(false),
+            auth,
+            admin_token_file: self.admin_token_file.clone().or(file.admin_token_file),
         })
     }
 }

@@ -1,5 +1,6 @@
 //! replikv replica: a fully replicated primary-backup key-value server (see docs/design.md).
 //!
+//! - [`auth`]: users, their tokens and namespaces; the user table each server keeps.
 //! - [`config`]: flags / TOML config, validated into [`config::Config`].
 //! - [`identity`]: the cluster id, and what a data directory stores about its cluster.
 //! - [`clock`]: the boot clock leases are measured on (it keeps running through a suspend),
@@ -27,6 +28,7 @@
 //! the Kv API only, the peer listener the peer protocol and the Admin service only, with
 //! mutual TLS when the server has certificates.
 
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod convert;
@@ -144,17 +146,24 @@ pub async fn run(
         peers = ?config.peers,
         peer_addrs = ?config.peer_addrs,
         tls = tls.is_some(),
+        auth = config.auth,
         sync = config.sync.as_str(),
         "replikv server starting"
     );
 
     let max = replikv_proto::MAX_MESSAGE_BYTES;
-    let kv = KvServer::new(service::KvService::new(node.clone(), limits))
+    let users = Arc::new(auth::Users::new(config.auth));
+    let kv = KvServer::new(service::KvService::new(node.clone(), limits, users.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let peer = PeerServer::new(service::PeerService::new(node.clone(), limits, tls.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let peer = PeerServer::new(service::PeerService::new(
+        node.clone(),
+        limits,
+        users,
+        tls.clone(),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let admin = config
         .fault_injection
         .then(|| AdminServer::new(service::AdminService::new(node.clone())));
