@@ -81,6 +81,13 @@ pub fn is_admin_method(path: &str) -> bool {
     ADMIN_METHODS.contains(&path)
 }
 
+/// Metadata header naming the user a client call speaks for (docs/security.md "Users").
+pub const USER_HEADER: &str = "replikv-user";
+/// Metadata header carrying the user's token, as `Bearer <token>`.
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+/// The user every cluster is formed with; it may manage users.
+pub const ADMIN_USER: &str = "admin";
+
 /// Default largest key, in bytes.
 pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
 /// Default largest value, in bytes.

@@ -30,7 +30,7 @@ Environment:
   REPLIKV_CLUSTER_DIR  state, data and logs (default /tmp/replikv-cluster; now $STATE_DIR)
   REPLIKV_BASE_PORT    client port of rank 0 (default 7000; now $BASE_PORT)
   REPLIKV_PEER_BASE_PORT peer port of rank 0 (default BASE_PORT+100; now $PEER_BASE_PORT)
-  REPLIKV_CLUSTER_INSECURE=1  no certificates, no TLS (loopback only)
+  REPLIKV_CLUSTER_INSECURE=1  no certificates, no TLS (loopback only); users stay on
   REPLIKV_BIN_DIR      use the binaries in this directory instead of building
   REPLIKV_SERVER_ARGS  extra server flags, e.g. "--sync none --lease-ms 300"
   RUST_LOG             server log filter (default info)
@@ -105,6 +105,14 @@ tls_args() {
     return 0
 }
 
+# The admin user's token (docs/security.md "Users"): made once into STATE_DIR, readable by
+# its owner only; rank 0 creates the admin user with it as it forms the cluster.
+make_admin_token() {
+    local f="$STATE_DIR/admin-token"
+    [[ -f "$f" ]] && return 0
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$f" && echo >>"$f")
+}
+
 check_rank() {
     local r="$1" n
     n="$(size)"
@@ -135,7 +143,8 @@ launch() {
     # shellcheck disable=SC2086 # REPLIKV_SERVER_ARGS is a list of flags
     RUST_LOG="${RUST_LOG:-info}" nohup "$bin" \
         --rank "$r" --peers "$(cat "$STATE_DIR/peers")" \
-        --data-dir "$STATE_DIR/data-$r" --bootstrap $(tls_args) ${REPLIKV_SERVER_ARGS:-} \
+        --data-dir "$STATE_DIR/data-$r" --bootstrap $(tls_args) \
+        --admin-token-file "$STATE_DIR/admin-token" ${REPLIKV_SERVER_ARGS:-} \
         >>"$STATE_DIR/server-$r.log" 2>&1 </dev/null &
     echo $! >"$STATE_DIR/pid-$r"
     echo "rank $r: pid $!, 127.0.0.1:$((BASE_PORT + r)) (peers: $((PEER_BASE_PORT + r))), log $STATE_DIR/server-$r.log"
@@ -181,6 +190,7 @@ cmd_start() {
     if [[ "${REPLIKV_CLUSTER_INSECURE:-}" != 1 ]]; then
         make_certs "$n" "$bin"
     fi
+    make_admin_token
     for ((r = 0; r < n; r++)); do
         launch "$r"
     done
@@ -235,6 +245,8 @@ cmd_env() {
     else
         echo "unset REPLIKV_CA REPLIKV_CERT REPLIKV_KEY"
     fi
+    echo "export REPLIKV_USER=admin"
+    echo "export REPLIKV_TOKEN=$(cat "$STATE_DIR/admin-token")"
 }
 
 cmd_logs() {

@@ -235,6 +235,11 @@ pub(crate) fn start_cluster(args: &ChaosArgs, base: &Path) -> Result<LocalCluste
         extra_args,
         command: Some(command),
         base_dir: Some(base.to_path_buf()),
+        // The nemesis's clients and status probes reach servers by address alone: the
+        // client port stays in the clear on loopback and serves every client as the admin
+        // user (`--no-auth`); the peer plane keeps its mutual TLS.
+        client_tls: false,
+        auth: false,
         ..ClusterOptions::default()
     })?;
     Ok(cluster)

@@ -20,6 +20,8 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code when the cluster could not serve the request (or a write's
 /// outcome is unknown).
 pub const EXIT_UNAVAILABLE: u8 = 3;
+/// Exit code when the servers refused the credentials, or the user may not do this.
+pub const EXIT_DENIED: u8 = 5;
 
 /// Talk to a replikv cluster.
 #[derive(Debug, Parser)]
@@ -37,6 +39,12 @@ pub struct Opt {
     /// The client certificate's private key (PEM).
     #[arg(long, env = "REPLIKV_KEY", requires = "cert")]
     pub key: Option<std::path::PathBuf>,
+    /// The user to speak for (docs/security.md "Users").
+    #[arg(long, env = "REPLIKV_USER")]
+    pub user: Option<String>,
+    /// A file holding the user's token (else REPLIKV_TOKEN is read).
+    #[arg(long, env = "REPLIKV_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Budget for the whole request, retries included (e.g. 500ms, 10s).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -121,6 +129,9 @@ pub enum Command {
     /// The cluster's servers: list them, add one, remove one (docs/design.md §11).
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Manage users (needs the admin user; docs/security.md "Users").
+    #[command(subcommand)]
+    User(UserCommand),
 }
 
 /// `replikv member`: the configuration of the cluster.
@@ -148,6 +159,23 @@ pub enum SnapshotCommand {
     Save { file: std::path::PathBuf },
     /// Check FILE (format and checksum) and print its header.
     Check { file: std::path::PathBuf },
+}
+
+/// `replikv user`: add, remove and list the users of a cluster.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add user NAME with a new token, printed once on stdout (the servers keep only its
+    /// SHA-256).
+    Add {
+        name: String,
+        /// The user may manage users and call status.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Remove user NAME: every server refuses it from then on. Its keys stay.
+    Remove { name: String },
+    /// Print every user, one per line (`NAME` or `NAME<TAB>admin`).
+    List,
 }
 
 /// `replikv cert`: a CA, node and client certificates.
@@ -205,9 +233,10 @@ async fn health(
     addrs: Vec<String>,
     tls: Option<&crate::config::TlsSettings>,
     timeout: Duration,
+    creds: Option<&crate::config::Credentials>,
     out: &mut impl Write,
 ) -> Result<u8, Error> {
-    let servers = crate::snapshot::Servers::new(addrs, tls, timeout)?;
+    let servers = crate::snapshot::Servers::new(addrs, tls, timeout, creds)?;
     let mut code = 0;
     for addr in &servers.addrs {
         let line = match crate::snapshot::health(&servers, addr, timeout).await {
@@ -232,6 +261,7 @@ async fn snapshot(
     cmd: &SnapshotCommand,
     addrs: Vec<String>,
     tls: Option<&crate::config::TlsSettings>,
+    creds: Option<&crate::config::Credentials>,
     opt: &Opt,
     out: &mut impl Write,
 ) -> Result<u8, Error> {
@@ -239,7 +269,7 @@ async fn snapshot(
     let (header, keys) = match cmd {
         SnapshotCommand::Check { file } => snap::check(file)?,
         SnapshotCommand::Save { file } => {
-            let servers = snap::Servers::new(addrs, tls, opt.attempt_timeout)?;
+            let servers = snap::Servers::new(addrs, tls, opt.attempt_timeout, creds)?;
             // A snapshot of many keys outlasts a request's usual budget.
             let budget = opt.timeout.max(Duration::from_secs(600));
             snap::save(&servers, file, budget).await?
@@ -279,6 +309,35 @@ pub fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// The credentials of `--user` / `--token-file`, completed from the environment.
+fn credentials(
+    user: Option<String>,
+    token_file: Option<std::path::PathBuf>,
+) -> Result<Option<crate::config::Credentials>, Error> {
+    let from_env = crate::config::Credentials::from_env();
+    let Some(user) = user.or_else(|| from_env.as_ref().map(|c| c.user.clone())) else {
+        return Err(Error::Config(
+            "a token file needs a user: give --user or REPLIKV_USER".into(),
+        ));
+    };
+    let token = match token_file {
+        Some(path) => std::fs::read_to_string(&path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?
+            .trim()
+            .to_string(),
+        None => match std::env::var(crate::config::TOKEN_ENV) {
+            Ok(t) if !t.is_empty() => t,
+            _ => {
+                return Err(Error::Config(format!(
+                    "user {user:?} needs a token: give --token-file, REPLIKV_TOKEN or \
+                     REPLIKV_TOKEN_FILE"
+                )))
+            }
+        },
+    };
+    Ok(Some(crate::config::Credentials::new(user, token)))
+}
+
 /// Runs one command, writing its result to `out` and problems to stderr.
 /// Returns the exit code.
 pub async fn run(opt: Opt, out: &mut impl Write) -> u8 {
@@ -295,6 +354,7 @@ pub async fn run(opt: Opt, out: &mut impl Write) -> u8 {
 pub fn exit_code(err: &Error) -> u8 {
     match err {
         Error::InvalidArgument(_) | Error::Config(_) | Error::Refused(_) => EXIT_USAGE,
+        Error::Unauthenticated(_) | Error::PermissionDenied(_) => EXIT_DENIED,
         Error::Unavailable(_)
         | Error::OutcomeUnknown(_)
         | Error::Overloaded(_)
@@ -313,18 +373,24 @@ async fn execute(opt: Opt, out: &mut impl Write) -> Result<u8, Error> {
             _ => tls,
         }
     });
+    let creds = if opt.user.is_some() || opt.token_file.is_some() {
+        credentials(opt.user.clone(), opt.token_file.clone())?
+    } else {
+        crate::config::Credentials::from_env()
+    };
     match &opt.command {
         Command::Health { addr } => {
             let addrs = addr.clone().map_or(opt.servers.clone(), |a| vec![a]);
-            return health(addrs, tls.as_ref(), opt.attempt_timeout, out).await;
+            return health(addrs, tls.as_ref(), opt.attempt_timeout, creds.as_ref(), out).await;
         }
         Command::Snapshot(c) => {
-            return snapshot(c, opt.servers.clone(), tls.as_ref(), &opt, out).await;
+            return snapshot(c, opt.servers.clone(), tls.as_ref(), creds.as_ref(), &opt, out).await;
         }
         _ => {}
     }
     let config = ClientConfig::new(opt.servers)
         .with_tls(tls)
+        .with_credentials(creds)
         .with_request_timeout(opt.timeout)
         .with_attempt_timeout(opt.attempt_timeout)
         .with_route(opt.route);
@@ -475,6 +541,32 @@ async fn execute(opt: Opt, out: &mut impl Write) -> Result<u8, Error> {
             };
             let r = client.member_remove(target).await?;
             write_out(out, format!("removed {}\n", r.rank).as_bytes())?;
+            Ok(0)
+        }
+        Command::User(UserCommand::Add { name, admin }) => {
+            let token = crate::config::generate_token()?;
+            client.add_user(&name, &token, admin).await?;
+            write_out(out, format!("{token}\n").as_bytes())?;
+            Ok(0)
+        }
+        Command::User(UserCommand::Remove { name }) => {
+            if client.remove_user(&name).await? {
+                write_out(out, format!("removed {name}\n").as_bytes())?;
+                Ok(0)
+            } else {
+                eprintln!("no user {name:?}");
+                Ok(EXIT_NOT_FOUND)
+            }
+        }
+        Command::User(UserCommand::List) => {
+            for (name, admin) in client.list_users().await? {
+                let line = if admin {
+                    format!("{name}\tadmin\n")
+                } else {
+                    format!("{name}\n")
+                };
+                write_out(out, line.as_bytes())?;
+            }
             Ok(0)
         }
         Command::Health { .. } | Command::Snapshot(_) => unreachable!("handled above"),

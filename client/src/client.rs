@@ -16,16 +16,17 @@ use replikv_proto::kv::{
     MemberListResponse, MemberRemoveRequest, MemberRemoveResponse,
 };
 use replikv_proto::kv::{
-    pipeline_response, CasRequest, DeleteRangeRequest, DeleteRequest, GetRequest, KeyRange,
-    PutRequest, RequestId, ScanRequest, StatusRequest, StatusResponse,
+    pipeline_response, AddUserRequest, CasRequest, DeleteRangeRequest, DeleteRequest, GetRequest,
+    KeyRange, ListUsersRequest, MembersRequest, MembersResponse, PutRequest, RemoveUserRequest,
+    RequestId, ScanRequest, StatusRequest, StatusResponse,
 };
 use replikv_proto::MAX_MESSAGE_BYTES;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tracing::debug;
 
 use crate::backoff::Backoff;
-use crate::config::ClientConfig;
+use crate::config::{AddCredentials, ClientConfig, Stub};
 use crate::error::{AttemptFailure, Error, Next};
 use crate::pipe::Pipe;
 use crate::routing::{OpKind, Plan, Router};
@@ -148,9 +149,11 @@ struct Transport {
     servers: Vec<String>,
     /// One per server, built once: a tonic `Channel` multiplexes every
     /// request over one HTTP/2 connection and reconnects by itself.
-    stubs: Vec<KvClient<Channel>>,
-    /// The same connections, for the `Members` service.
+    stubs: Vec<Stub>,
+    /// The same connections, for the `Members` service, and the credentials every call
+    /// carries.
     channels: Vec<Channel>,
+    credentials: AddCredentials,
     /// One per server, over its stub's connection: gets, puts and deletes.
     pipes: Vec<Pipe>,
     config: ClientConfig,
@@ -202,6 +205,13 @@ impl Client {
     fn build(config: ClientConfig) -> Result<Client, Error> {
         let servers = config.validate()?;
         let tls = config.tls.as_ref().map(|t| t.load()).transpose()?;
+        let credentials = AddCredentials(
+            config
+                .credentials
+                .as_ref()
+                .map(|c| c.headers())
+                .transpose()?,
+        );
         let channels = servers
             .iter()
             .map(|addr| {
@@ -218,10 +228,10 @@ impl Client {
                 Ok(endpoint.connect_lazy())
             })
             .collect::<Result<Vec<Channel>, Error>>()?;
-        let stubs: Vec<KvClient<Channel>> = channels
+        let stubs: Vec<Stub> = channels
             .iter()
             .map(|ch| {
-                KvClient::new(ch.clone())
+                KvClient::with_interceptor(ch.clone(), credentials.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES)
             })
@@ -236,6 +246,7 @@ impl Client {
             pipes: stubs.iter().cloned().map(Pipe::new).collect(),
             stubs,
             channels,
+            credentials,
             config,
         });
         Ok(Client::with_session(transport, client_id))
@@ -250,24 +261,29 @@ impl Client {
     /// endpoints.
     async fn learn_members(self) -> Client {
         let budget = self.inner.config.connect_timeout;
-        let replies = tokio::time::timeout(budget, self.status_all()).await;
+        let replies = tokio::time::timeout(
+            budget,
+            join_all((0..self.servers().len()).map(|i| self.addresses(i))),
+        )
+        .await;
         let Some((addr, reply)) = replies
             .into_iter()
             .flatten()
-            .find_map(|(addr, reply)| Some((addr, reply.ok()?)))
+            .zip(self.servers().iter())
+            .find_map(|(reply, addr)| Some((addr.clone(), reply.ok()?)))
         else {
-            debug!("no server answered Status; keeping the configured servers");
+            debug!("no server answered Members; keeping the configured servers");
             return self;
         };
-        let mut peers = reply.peers;
-        peers.sort_by_key(|p| p.rank);
-        let members: Vec<String> = peers
+        let members: Vec<String> = reply
+            .addresses
             .into_iter()
-            .map(|p| {
-                if p.rank == reply.rank {
+            .enumerate()
+            .map(|(rank, a)| {
+                if rank as u32 == reply.rank {
                     addr.clone()
                 } else {
-                    p.address
+                    a
                 }
             })
             .collect();
@@ -567,10 +583,7 @@ impl Client {
                 }
                 Ok(reply)
             }
-            Ok(Err(status)) => {
-                let failure = AttemptFailure::from_status(&status);
-                Err(Error::Unavailable(format!("{addr}: {}", failure.detail)))
-            }
+            Ok(Err(status)) => Err(one_attempt_error(addr, &status)),
             Err(_) => Err(Error::Unavailable(format!(
                 "{addr}: {}",
                 AttemptFailure::timed_out(timeout).detail
@@ -621,7 +634,7 @@ impl Client {
     /// naming the primary, which is tried next. Bad input and refusals are not retried.
     async fn members_call<R, F, Fut>(&self, op: &str, call: F) -> Result<R, Error>
     where
-        F: Fn(MembersClient<Channel>, Duration) -> Fut,
+        F: Fn(MembersClient<tonic::service::interceptor::InterceptedService<Channel, AddCredentials>>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
         let deadline = Instant::now() + self.inner.config.request_timeout;
@@ -640,7 +653,10 @@ impl Client {
                     .attempt_timeout
                     .max(Duration::from_secs(5)),
             );
-            let client = MembersClient::new(self.inner.channels[next].clone());
+            let client = MembersClient::with_interceptor(
+                self.inner.channels[next].clone(),
+                self.inner.credentials.clone(),
+            );
             let addr = self.inner.servers[next].clone();
             match tokio::time::timeout(t, call(client, t)).await {
                 Ok(Ok(r)) => return Ok(r.into_inner()),
@@ -671,6 +687,89 @@ impl Client {
         }
     }
 
+    /// Asks server number `server` for the client addresses of every server, by rank, and
+    /// its own rank: one attempt, no retry. Any user may ask.
+    pub async fn addresses(&self, server: usize) -> Result<MembersResponse, Error> {
+        let Some(stub) = self.inner.stubs.get(server) else {
+            return Err(Error::InvalidArgument(format!(
+                "no server number {server}; there are {}",
+                self.inner.servers.len()
+            )));
+        };
+        let addr = &self.inner.servers[server];
+        let timeout = self.inner.config.attempt_timeout;
+        let mut stub = stub.clone();
+        match tokio::time::timeout(
+            timeout,
+            stub.members(with_timeout(MembersRequest {}, timeout)),
+        )
+        .await
+        {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(one_attempt_error(addr, &status)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "{addr}: {}",
+                AttemptFailure::timed_out(timeout).detail
+            ))),
+        }
+    }
+
+    /// Adds user `name` with `token` (docs/security.md "Users"); `admin` lets it manage
+    /// users. Needs the admin user. Sent again with the same token, it succeeds; a name
+    /// taken already is [`Error::InvalidArgument`].
+    pub async fn add_user(&self, name: &str, token: &str, admin: bool) -> Result<(), Error> {
+        let req = AddUserRequest {
+            name: name.to_string(),
+            token: token.to_string(),
+            admin,
+        };
+        self.admin_call("add user", |mut stub, t| {
+            let req = req.clone();
+            async move { stub.add_user(with_timeout(req, t)).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes user `name`: whether it existed. Every server refuses it once this returns.
+    /// Needs the admin user.
+    pub async fn remove_user(&self, name: &str) -> Result<bool, Error> {
+        let req = RemoveUserRequest {
+            name: name.to_string(),
+        };
+        self.admin_call("remove user", |mut stub, t| {
+            let req = req.clone();
+            async move { stub.remove_user(with_timeout(req, t)).await }
+        })
+        .await
+        .map(|r| r.removed)
+    }
+
+    /// Every user, by name, and whether it is an admin. Needs the admin user.
+    pub async fn list_users(&self) -> Result<Vec<(String, bool)>, Error> {
+        let r = self
+            .admin_call("list users", |mut stub, t| async move {
+                stub.list_users(with_timeout(ListUsersRequest {}, t)).await
+            })
+            .await?;
+        Ok(r.users.into_iter().map(|u| (u.name, u.admin)).collect())
+    }
+
+    /// A user-management call through the retry loop, as a write: it goes on to the
+    /// primary when a backup names it.
+    async fn admin_call<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, Error>
+    where
+        F: Fn(Stub, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let spec = RequestSpec {
+            op,
+            kind: OpKind::Write,
+        };
+        let t = self.inner.config.attempt_timeout;
+        self.request(spec, |pipe| call(pipe.stub(), t)).await
+    }
+
     /// Asks every server for its status, concurrently. Results are in
     /// [`Client::servers`] order.
     pub async fn status_all(&self) -> Vec<(String, Result<StatusResponse, Error>)> {
@@ -678,19 +777,24 @@ impl Client {
         self.inner.servers.iter().cloned().zip(replies).collect()
     }
 
-    /// Waits until some server answers `Status`, or `timeout` passes.
+    /// Waits until some server answers (`Members`), or `timeout` passes.
     pub async fn wait_for_any(&self, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::new();
         let mut last = String::from("no attempt finished");
         loop {
-            let round = tokio::time::timeout_at(deadline, self.status_all()).await;
+            let all = join_all((0..self.servers().len()).map(|i| self.addresses(i)));
+            let round = tokio::time::timeout_at(deadline, all).await;
             match round {
                 Ok(replies) => {
                     let mut errors = Vec::new();
-                    for (_, reply) in replies {
+                    for reply in replies {
                         match reply {
                             Ok(_) => return Ok(()),
+                            // Every server holds the same users: waiting changes nothing.
+                            Err(e @ (Error::Unauthenticated(_) | Error::PermissionDenied(_))) => {
+                                return Err(e)
+                            }
                             Err(e) => errors.push(e.to_string()),
                         }
                     }
@@ -817,6 +921,13 @@ impl Client {
                 Next::GiveUpConfig if !may_have_applied => {
                     return Err(Error::Config(format!("{last} (is this a replikv server?)")));
                 }
+                // Refused before anything ran: every server holds the same users.
+                Next::GiveUpAuth { denied: false } if !may_have_applied => {
+                    return Err(Error::Unauthenticated(last));
+                }
+                Next::GiveUpAuth { denied: true } if !may_have_applied => {
+                    return Err(Error::PermissionDenied(last));
+                }
                 Next::GiveUpSession { expired: true } if !may_have_applied => {
                     return Err(Error::SessionExpired(last));
                 }
@@ -829,7 +940,7 @@ impl Client {
                         spec.op
                     )));
                 }
-                Next::GiveUpInvalid | Next::GiveUpConfig => {
+                Next::GiveUpInvalid | Next::GiveUpConfig | Next::GiveUpAuth { .. } => {
                     return Err(Error::OutcomeUnknown(format!(
                         "{}: an earlier attempt may have been applied; then {last}",
                         spec.op
@@ -960,6 +1071,17 @@ fn session_id() -> Result<u128, Error> {
 
 /// Wraps a message in a request that tells the server how long the client
 /// will wait (`grpc-timeout`), so it can give up on work nobody awaits.
+/// The error of a single attempt (no retry) that a server or the transport failed.
+pub(crate) fn one_attempt_error(addr: &str, status: &tonic::Status) -> Error {
+    let failure = AttemptFailure::from_status(status);
+    let detail = format!("{addr}: {}", failure.detail);
+    match failure.next {
+        Next::GiveUpAuth { denied: false } => Error::Unauthenticated(detail),
+        Next::GiveUpAuth { denied: true } => Error::PermissionDenied(detail),
+        _ => Error::Unavailable(detail),
+    }
+}
+
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.set_timeout(timeout);

@@ -48,7 +48,108 @@ pub struct ClientConfig {
     /// TLS to the servers' client port; `None` speaks in the clear. [`ClientConfig::new`]
     /// takes it from the environment ([`TlsSettings::from_env`]).
     pub tls: Option<TlsSettings>,
+    /// The user the client speaks for (docs/security.md "Users"); `None` sends no
+    /// credentials, which only a server started with `--no-auth` serves.
+    /// [`ClientConfig::new`] takes it from the environment ([`Credentials::from_env`]).
+    pub credentials: Option<Credentials>,
 }
+
+/// Environment variable naming the user a client speaks for.
+pub const USER_ENV: &str = "REPLIKV_USER";
+/// Environment variable holding that user's token.
+pub const TOKEN_ENV: &str = "REPLIKV_TOKEN";
+/// Environment variable naming a file that holds the token (read when `REPLIKV_TOKEN` is
+/// not set).
+pub const TOKEN_FILE_ENV: &str = "REPLIKV_TOKEN_FILE";
+
+/// A user name and its token, sent with every call (headers `replikv-user` and
+/// `authorization: Bearer <token>`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Credentials {
+    pub fn new(user: impl Into<String>, token: impl Into<String>) -> Self {
+        Credentials {
+            user: user.into(),
+            token: token.into(),
+        }
+    }
+
+    /// `REPLIKV_USER` with `REPLIKV_TOKEN` (or the first line of the file
+    /// `REPLIKV_TOKEN_FILE` names); `None` without a user or without a token.
+    pub fn from_env() -> Option<Credentials> {
+        let var = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let user = var(USER_ENV)?;
+        let token = match var(TOKEN_ENV) {
+            Some(t) => t,
+            None => std::fs::read_to_string(var(TOKEN_FILE_ENV)?)
+                .ok()?
+                .trim()
+                .to_string(),
+        };
+        Some(Credentials::new(user, token))
+    }
+
+    /// The metadata values; a name or token that cannot be a header is a configuration error.
+    pub(crate) fn headers(&self) -> Result<Headers, Error> {
+        let bad =
+            |what: &str| Error::Config(format!("the {what} holds characters a header cannot"));
+        Ok(Headers {
+            user: self.user.parse().map_err(|_| bad("user name"))?,
+            token: format!("Bearer {}", self.token)
+                .parse()
+                .map_err(|_| bad("token"))?,
+        })
+    }
+}
+
+/// A fresh token for a new user: 256 random bits from the operating system, as 64 hex
+/// digits (the servers keep only its SHA-256).
+pub fn generate_token() -> Result<String, Error> {
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw)
+        .map_err(|e| Error::Config(format!("no randomness for a token: {e}")))?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Credentials as metadata values, added to every call by [`Headers::add`].
+#[derive(Clone, Debug)]
+pub(crate) struct Headers {
+    user: tonic::metadata::AsciiMetadataValue,
+    token: tonic::metadata::AsciiMetadataValue,
+}
+
+/// Adds the credentials (if any) to every call of a stub.
+#[derive(Clone, Debug)]
+pub(crate) struct AddCredentials(pub Option<Headers>);
+
+impl tonic::service::Interceptor for AddCredentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.0 {
+            let md = req.metadata_mut();
+            md.insert(replikv_proto::USER_HEADER, h.user.clone());
+            md.insert(replikv_proto::AUTHORIZATION_HEADER, h.token.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A stub of the Kv API that sends the client's credentials with every call.
+pub(crate) type Stub = replikv_proto::kv::kv_client::KvClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AddCredentials>,
+>;
 
 /// Environment variable naming the cluster CA certificate (PEM) a client trusts.
 pub const CA_ENV: &str = "REPLIKV_CA";
@@ -125,7 +226,14 @@ impl ClientConfig {
             route: Route::default(),
             client_id: None,
             tls: TlsSettings::from_env(),
+            credentials: Credentials::from_env(),
         }
+    }
+
+    /// Sets [`ClientConfig::credentials`].
+    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     /// Sets [`ClientConfig::tls`].

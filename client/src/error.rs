@@ -39,6 +39,14 @@ pub enum Error {
     /// example a membership change while another one is in progress. Nothing changed.
     #[error("refused: {0}")]
     Refused(String),
+    /// The servers do not know the client's user or token, or got none (docs/security.md
+    /// "Users"). Nothing was changed.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The client's user may not make this call (it needs the admin user). Nothing was
+    /// changed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl Error {
@@ -57,6 +65,8 @@ pub(crate) enum Next {
     GiveUpInvalid,
     /// The server does not serve the replikv API.
     GiveUpConfig,
+    /// The credentials were refused (`denied`: the user is known but may not do this).
+    GiveUpAuth { denied: bool },
     /// The write's session refused it (docs/design.md §10); every server would.
     /// `expired`: the servers hold no state of the session; otherwise the
     /// write's recorded result is no longer known.
@@ -111,10 +121,10 @@ impl AttemptFailure {
             Code::FailedPrecondition if session.is_some() => Next::GiveUpSession {
                 expired: session.as_deref() == Some(replikv_proto::SESSION_EXPIRED),
             },
-            Code::InvalidArgument | Code::OutOfRange => Next::GiveUpInvalid,
-            Code::Unimplemented | Code::Unauthenticated | Code::PermissionDenied => {
-                Next::GiveUpConfig
-            }
+            Code::InvalidArgument | Code::OutOfRange | Code::AlreadyExists => Next::GiveUpInvalid,
+            Code::Unimplemented => Next::GiveUpConfig,
+            Code::Unauthenticated => Next::GiveUpAuth { denied: false },
+            Code::PermissionDenied => Next::GiveUpAuth { denied: true },
             // Unavailable, ResourceExhausted, DeadlineExceeded and whatever a
             // broken connection turns into (Unknown, Internal, Cancelled...):
             // another server may do better.
@@ -156,6 +166,7 @@ fn rejected_before_executing(code: Code) -> bool {
         code,
         Code::InvalidArgument
             | Code::OutOfRange
+            | Code::AlreadyExists
             | Code::Unimplemented
             | Code::Unauthenticated
             | Code::PermissionDenied

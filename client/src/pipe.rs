@@ -6,20 +6,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::{pipeline_request, pipeline_response, PipelineRequest};
 use replikv_proto::pipeline::unary_outcome;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 use tonic::{Response, Status};
+
+use crate::config::Stub;
 
 type Reply = Result<Response<pipeline_response::Result>, Status>;
 
 /// The pipeline to one server: opened on first use, opened again after it breaks.
 pub(crate) struct Pipe {
-    stub: KvClient<Channel>,
+    stub: Stub,
     open: Mutex<Option<Arc<Call>>>,
 }
 
@@ -43,11 +43,16 @@ impl Drop for Forget<'_> {
 }
 
 impl Pipe {
-    pub(crate) fn new(stub: KvClient<Channel>) -> Pipe {
+    pub(crate) fn new(stub: Stub) -> Pipe {
         Pipe {
             stub,
             open: Mutex::new(None),
         }
+    }
+
+    /// The stub this pipe opens its calls on, for calls outside the pipeline.
+    pub(crate) fn stub(&self) -> Stub {
+        self.stub.clone()
     }
 
     /// Sends `op` and waits for its answer: the unary call's response (with its metadata)
@@ -92,11 +97,7 @@ impl Pipe {
 
 /// Drives one call: hands each answer to its caller until the call ends, then fails the
 /// callers still waiting.
-async fn run(
-    mut stub: KvClient<Channel>,
-    requests: mpsc::UnboundedReceiver<PipelineRequest>,
-    call: Arc<Call>,
-) {
+async fn run(mut stub: Stub, requests: mpsc::UnboundedReceiver<PipelineRequest>, call: Arc<Call>) {
     // Dropped when this function returns: the request side then ends too, so the server
     // sees the call closed rather than idle.
     let (_closing, closed) = oneshot::channel::<()>();

@@ -21,6 +21,7 @@ pub struct Servers {
     pub addrs: Vec<String>,
     tls: Option<ClientTlsConfig>,
     connect_timeout: Duration,
+    credentials: crate::config::AddCredentials,
 }
 
 impl Servers {
@@ -30,6 +31,7 @@ impl Servers {
         addrs: Vec<String>,
         tls: Option<&TlsSettings>,
         connect_timeout: Duration,
+        credentials: Option<&crate::config::Credentials>,
     ) -> Result<Servers, Error> {
         if addrs.is_empty() {
             return Err(Error::Config(
@@ -53,6 +55,9 @@ impl Servers {
             addrs,
             tls: tls.map(|t| t.load()).transpose()?,
             connect_timeout,
+            credentials: crate::config::AddCredentials(
+                credentials.map(|c| c.headers()).transpose()?,
+            ),
         })
     }
 
@@ -150,7 +155,9 @@ pub async fn save(
                         Err(e) => errors.push(e.to_string()),
                     }
                 }
-                Ok(Err(e @ Error::Config(_))) => {
+                Ok(Err(
+                    e @ (Error::Config(_) | Error::Unauthenticated(_) | Error::PermissionDenied(_)),
+                )) => {
                     let _ = std::fs::remove_file(&partial);
                     return Err(e);
                 }
@@ -177,9 +184,10 @@ fn partial_path(path: &Path) -> PathBuf {
 }
 
 async fn save_from(servers: &Servers, addr: &str, partial: &Path) -> Result<(), Error> {
-    let mut client = BackupClient::new(servers.channel(addr)?)
+    let mut client =
+        BackupClient::with_interceptor(servers.channel(addr)?, servers.credentials.clone())
         .max_decoding_message_size(replikv_proto::MAX_MESSAGE_BYTES);
-    let unavailable = |s: tonic::Status| Error::Unavailable(format!("{addr}: {}", s.message()));
+    let unavailable = |s: tonic::Status| crate::client::one_attempt_error(addr, &s);
     let mut stream = client
         .snapshot(SnapshotRequest {})
         .await

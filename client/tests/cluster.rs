@@ -7,7 +7,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use bytes::Bytes;
-use replikv_client::{Client, ClientConfig, Route};
+use replikv_client::{Client, Route};
 use replikv_testkit::{ClusterOptions, LocalCluster};
 
 /// Bound for a cluster to elect a primary and for any single test step.
@@ -37,9 +37,7 @@ async fn start_cluster_with(extra_args: &[&str]) -> LocalCluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_delete_round_trip() {
     let cluster = start_cluster().await;
-    let client = Client::connect(ClientConfig::new(cluster.addrs()))
-        .await
-        .unwrap();
+    let client = Client::connect(cluster.client_config()).await.unwrap();
 
     assert_eq!(bounded(client.put("fruit", "apple")).await.unwrap(), None);
     assert_eq!(
@@ -60,7 +58,7 @@ async fn put_get_delete_round_trip() {
     // Every server sees every write, whichever one a client reads from.
     bounded(client.put("shared", "yes")).await.unwrap();
     for addr in cluster.addrs() {
-        let one = Client::connect(ClientConfig::new([addr.clone()]))
+        let one = Client::connect(cluster.client_config_for(vec![addr.clone()]))
             .await
             .unwrap();
         assert_eq!(
@@ -74,7 +72,7 @@ async fn put_get_delete_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_writes_keep_working_with_one_server_killed() {
     let mut cluster = start_cluster().await;
-    let client = Client::connect(ClientConfig::new(cluster.addrs()).with_route(Route::Primary))
+    let client = Client::connect(cluster.client_config().with_route(Route::Primary))
         .await
         .unwrap();
     for i in 0..10 {
@@ -110,7 +108,7 @@ async fn reads_and_writes_keep_working_with_one_server_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_after_the_primary_dies_succeeds_once_a_new_primary_takes_over() {
     let mut cluster = start_cluster().await;
-    let client = Client::connect(ClientConfig::new(cluster.addrs()).with_route(Route::Primary))
+    let client = Client::connect(cluster.client_config().with_route(Route::Primary))
         .await
         .unwrap();
     bounded(client.put("owner", "first")).await.unwrap();
@@ -136,7 +134,7 @@ async fn a_write_after_the_primary_dies_succeeds_once_a_new_primary_takes_over()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_sharing_connections_keep_exactly_once_ids_of_their_own() {
     let cluster = start_cluster().await;
-    let first = Client::connect(ClientConfig::new(cluster.addrs()).with_client_id(7))
+    let first = Client::connect(cluster.client_config().with_client_id(7))
         .await
         .unwrap();
     let sessions: Vec<Client> = (0..8).map(|_| first.new_session().unwrap()).collect();
@@ -156,9 +154,7 @@ async fn sessions_sharing_connections_keep_exactly_once_ids_of_their_own() {
     for result in bounded(futures::future::join_all(writes)).await {
         assert_eq!(result.unwrap(), None);
     }
-    let reader = Client::connect(ClientConfig::new(cluster.addrs()))
-        .await
-        .unwrap();
+    let reader = Client::connect(cluster.client_config()).await.unwrap();
     assert_eq!(
         bounded(reader.get("session-first")).await.unwrap(),
         Some(Bytes::from("first"))
@@ -176,9 +172,7 @@ async fn sessions_sharing_connections_keep_exactly_once_ids_of_their_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_after_the_session_expired_runs_under_a_new_session() {
     let cluster = start_cluster_with(&["--session-ttl", "1s"]).await;
-    let client = Client::connect(ClientConfig::new(cluster.addrs()))
-        .await
-        .unwrap();
+    let client = Client::connect(cluster.client_config()).await.unwrap();
     assert_eq!(bounded(client.put("k", "1")).await.unwrap(), None);
     let first = client.client_id();
     // The collector runs every TTL/4; give it a few rounds past the TTL.
@@ -320,7 +314,7 @@ async fn a_client_given_one_server_learns_the_others_and_survives_its_death() {
     let mut cluster = start_cluster().await;
     let (primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
     let given = cluster.addrs()[primary].clone();
-    let client = Client::connect(ClientConfig::new([given.clone()]))
+    let client = Client::connect(cluster.client_config_for(vec![given.clone()]))
         .await
         .unwrap();
     let mut learned = client.servers().to_vec();

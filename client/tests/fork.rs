@@ -66,6 +66,7 @@ fn blocking_client_used_after_fork_works_on_a_session_of_its_own() {
             "--test-threads=1",
         ])
         .env(HELPER_ENV, cluster.addrs().join(","))
+        .envs(cluster.client_env(cluster.admin_credentials().as_ref()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -84,7 +85,7 @@ fn blocking_client_used_after_fork_works_on_a_session_of_its_own() {
     }
 
     // What the children wrote is in the store, written once each.
-    let reader = BlockingClient::connect(ClientConfig::new(cluster.addrs())).unwrap();
+    let reader = BlockingClient::connect(cluster.client_config()).unwrap();
     for name in child_names() {
         for k in 0..KEYS {
             let got = reader.get(format!("{name}-key{k}")).unwrap();

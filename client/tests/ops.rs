@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use replikv_client::{Client, ClientConfig, Error, Range, Route};
+use replikv_client::{Client, Error, Range, Route};
 use replikv_lincheck::{check, Call, CheckOptions, Operation, Outcome, Verdict};
-use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::{
     pipeline_request, pipeline_response, CasRequest, CasResponse, DeleteRangeRequest,
     DeleteRangeResponse, KeyRange, PipelineRequest, RequestId, ScanRequest,
@@ -40,7 +39,8 @@ async fn start_cluster() -> LocalCluster {
 
 async fn client_of(cluster: &LocalCluster) -> Client {
     Client::connect(
-        ClientConfig::new(cluster.addrs())
+        cluster
+            .client_config()
             .with_request_timeout(Duration::from_secs(15))
             .with_route(Route::Primary),
     )
@@ -172,8 +172,11 @@ async fn scan_cas_and_range_delete_keep_their_meaning_across_a_primary_kill() {
 }
 
 /// One pipelined request straight to `addr`: its answer.
-async fn raw(addr: &str, op: pipeline_request::Op) -> pipeline_response::Result {
-    let mut stub = KvClient::connect(format!("http://{addr}")).await.unwrap();
+async fn raw(
+    (cluster, rank): (&LocalCluster, usize),
+    op: pipeline_request::Op,
+) -> pipeline_response::Result {
+    let mut stub = cluster.stub(rank, Duration::from_secs(15));
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(PipelineRequest {
         tag: 1,
@@ -192,7 +195,7 @@ async fn raw(addr: &str, op: pipeline_request::Op) -> pipeline_response::Result 
 }
 
 /// One pipelined request straight to `addr`: the gRPC code of its answer (0 for OK).
-async fn raw_code(addr: &str, op: pipeline_request::Op) -> i32 {
+async fn raw_code(addr: (&LocalCluster, usize), op: pipeline_request::Op) -> i32 {
     match raw(addr, op).await {
         pipeline_response::Result::Error(e) => e.code,
         _ => 0,
@@ -207,7 +210,7 @@ async fn a_repeated_cas_or_range_delete_returns_its_first_answer() {
         bounded(client.put(b(k), b("v"))).await.unwrap();
     }
     let (primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
-    let addr = cluster.addr(primary);
+    let addr = (&cluster, primary);
     let id = |seq| {
         Some(RequestId {
             client_id: 0x5eed,
@@ -229,7 +232,7 @@ async fn a_repeated_cas_or_range_delete_returns_its_first_answer() {
         current: Bytes::new(),
     };
     for attempt in 0..3 {
-        let r = bounded(raw(&addr, cas.clone())).await;
+        let r = bounded(raw(addr, cas.clone())).await;
         assert_eq!(
             r,
             pipeline_response::Result::Cas(first.clone()),
@@ -248,10 +251,10 @@ async fn a_repeated_cas_or_range_delete_returns_its_first_answer() {
         removed: 2,
         more: false,
     });
-    assert_eq!(bounded(raw(&addr, range.clone())).await, removed);
+    assert_eq!(bounded(raw(addr, range.clone())).await, removed);
     bounded(client.put(b("d/3"), b("after"))).await.unwrap();
     assert_eq!(
-        bounded(raw(&addr, range)).await,
+        bounded(raw(addr, range)).await,
         removed,
         "answered from the session, not applied again"
     );
@@ -271,7 +274,7 @@ async fn bad_ranges_limits_and_keys_are_invalid_arguments_and_change_nothing() {
     }
     let before = bounded(scan_all(&client, Range::Prefix(Bytes::new()), 10)).await;
     let (primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
-    let addr = cluster.addr(primary);
+    let addr = (&cluster, primary);
     let invalid = tonic::Code::InvalidArgument as i32;
     let range = |from: &str, to: &str, prefix: &str| {
         Some(KeyRange {
@@ -359,7 +362,7 @@ async fn bad_ranges_limits_and_keys_are_invalid_arguments_and_change_nothing() {
         ),
     ];
     for (what, op) in cases {
-        assert_eq!(bounded(raw_code(&addr, op)).await, invalid, "{what}");
+        assert_eq!(bounded(raw_code(addr, op)).await, invalid, "{what}");
     }
     // Through the client: refused as bad input, locally or by the server.
     for r in [
@@ -458,7 +461,7 @@ async fn a_scan_under_concurrent_writes_sees_every_acknowledged_write() {
             }
         }));
     }
-    let reader = Client::connect(ClientConfig::new(cluster.addrs()).with_route(Route::Random))
+    let reader = Client::connect(cluster.client_config().with_route(Route::Random))
         .await
         .unwrap();
     let mut scans = 0;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, ValueEnum};
+use replikv_client::config::TlsSettings;
 use replikv_client::Route;
 use replikv_server::SyncMode;
 use replikv_testkit::{ClusterOptions, LocalCluster, ServerCommand};
@@ -250,6 +251,7 @@ async fn run_with(
     };
     // Kept alive until the run is over; dropping it stops every server it started.
     let mut cluster = None;
+    let mut access = None;
     let servers = match args.spawn {
         Some(n) => {
             say(format!(
@@ -277,6 +279,12 @@ async fn run_with(
                 spawned.addrs().join(",")
             ));
             let addrs = spawned.addrs();
+            // The spawned cluster is secure like any other: its clients speak TLS and
+            // authenticate as its admin user.
+            access = Some((
+                spawned.client_ca().map(TlsSettings::new),
+                spawned.admin_credentials(),
+            ));
             cluster = Some(spawned);
             addrs
         }
@@ -288,6 +296,7 @@ async fn run_with(
     target.request_timeout = args.request_timeout;
     target.etcd_serializable = args.etcd_serializable;
     target.redis_wait = args.redis_wait;
+    target.replikv_access = access;
 
     let started_at = SystemTime::now();
     let workload_name = args.workload.as_str();

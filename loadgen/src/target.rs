@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::ValueEnum;
+use replikv_client::config::{Credentials, TlsSettings};
 use replikv_client::{Client, ClientConfig, Route};
 use serde::Serialize;
 use thiserror::Error;
@@ -52,6 +53,9 @@ pub struct TargetOptions {
     pub etcd_serializable: bool,
     /// Redis: replicas that must acknowledge each write (`WAIT <n> <timeout>`); 0 skips WAIT.
     pub redis_wait: u32,
+    /// replikv: the CA to trust and the user to speak for; `None` reads `REPLIKV_CA`,
+    /// `REPLIKV_USER` and `REPLIKV_TOKEN` (docs/security.md).
+    pub replikv_access: Option<(Option<TlsSettings>, Option<Credentials>)>,
 }
 
 impl TargetOptions {
@@ -63,6 +67,7 @@ impl TargetOptions {
             request_timeout: Duration::from_secs(10),
             etcd_serializable: false,
             redis_wait: 0,
+            replikv_access: None,
         }
     }
 }
@@ -158,9 +163,14 @@ impl Target {
         let connect = async {
             Ok(match opts.kind {
                 TargetKind::Replikv => {
-                    let config = ClientConfig::new(opts.servers.iter().cloned())
+                    let mut config = ClientConfig::new(opts.servers.iter().cloned())
                         .with_route(opts.route)
                         .with_request_timeout(opts.request_timeout);
+                    if let Some((tls, credentials)) = &opts.replikv_access {
+                        config = config
+                            .with_tls(tls.clone())
+                            .with_credentials(credentials.clone());
+                    }
                     Target::Replikv(Client::connect(config).await?)
                 }
                 TargetKind::Etcd => Target::Etcd(EtcdKv::connect(opts)?),

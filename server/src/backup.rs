@@ -158,11 +158,12 @@ impl Node {
 /// The `Backup` service on the client port.
 pub struct BackupService {
     node: Arc<Node>,
+    users: Arc<crate::auth::Users>,
 }
 
 impl BackupService {
-    pub fn new(node: Arc<Node>) -> Self {
-        BackupService { node }
+    pub fn new(node: Arc<Node>, users: Arc<crate::auth::Users>) -> Self {
+        BackupService { node, users }
     }
 }
 
@@ -174,8 +175,10 @@ impl Backup for BackupService {
 
     async fn snapshot(
         &self,
-        _req: Request<SnapshotRequest>,
+        req: Request<SnapshotRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        self.users
+            .admin(&self.node.store, req.metadata(), "a snapshot")?;
         let snap = self
             .node
             .begin_snapshot()

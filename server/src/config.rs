@@ -143,6 +143,15 @@ pub struct Opt {
     /// How many backups to keep (default 7).
     #[arg(long)]
     pub backup_keep: Option<usize>,
+    /// Serve every client as the admin user, with no credentials (docs/security.md
+    /// "Users"). Only on a loopback client address, unless --insecure.
+    #[arg(long)]
+    pub no_auth: bool,
+    /// When this server forms the cluster (--bootstrap): the admin user's token, read from
+    /// this file, or generated and written to it when it does not exist (default:
+    /// <data dir>/admin-token).
+    #[arg(long, env = "REPLIKV_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// The same options as read from a `--config` file.
@@ -176,6 +185,8 @@ struct FileConfig {
     backup_dir: Option<PathBuf>,
     backup_every: Option<String>,
     backup_keep: Option<usize>,
+    no_auth: Option<bool>,
+    admin_token_file: Option<PathBuf>,
 }
 
 /// Default lifetime of an idle client session.
@@ -213,6 +224,10 @@ pub struct Config {
     pub session_ttl: Duration,
     /// Health, metrics, restore and backups (docs/design.md §12).
     pub ops: OpsConfig,
+    /// Clients must authenticate as users (docs/design.md §13); off only with `--no-auth`.
+    pub auth: bool,
+    /// See [`Opt::admin_token_file`].
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// What the server offers its operators besides the Kv API (docs/design.md §12).
@@ -434,6 +449,14 @@ impl Opt {
                 }
             }
         }
+        let auth = !(self.no_auth || file.no_auth.unwrap_or(false));
+        if !auth && !insecure && !listen.ip().is_loopback() {
+            return Err(ConfigError(format!(
+                "refusing to serve {listen} with --no-auth: anyone who reaches it could read \
+                 and write every key as the admin user. Drop --no-auth, or add --insecure on a \
+                 trusted network"
+            )));
+        }
         let lease_ms = self.lease_ms.or(file.lease_ms).unwrap_or(500);
         if !(10..=60_000).contains(&lease_ms) {
             return Err(ConfigError(format!(
@@ -504,6 +527,8 @@ impl Opt {
             fault_injection: self.enable_fault_injection
                 || file.enable_fault_injection.unwrap_or(false),
             bootstrap: self.bootstrap || file.bootstrap.unwrap_or(false),
+            auth,
+            admin_token_file: self.admin_token_file.clone().or(file.admin_token_file),
         })
     }
 }

@@ -1,5 +1,6 @@
 //! replikv replica: a fully replicated primary-backup key-value server (see docs/design.md).
 //!
+//! - [`auth`]: users, their tokens and namespaces; the user table each server keeps.
 //! - [`config`]: flags / TOML config, validated into [`config::Config`].
 //! - [`identity`]: the cluster id, and what a data directory stores about its cluster.
 //! - [`join`]: `--join`: the configuration learned from a running cluster's client port.
@@ -34,6 +35,7 @@
 //! `--health-listen` and `--metrics-listen` add a plaintext health listener and an HTTP
 //! metrics listener (docs/design.md §12).
 
+pub mod auth;
 pub mod backup;
 pub mod clock;
 pub mod config;
@@ -172,26 +174,33 @@ pub async fn run(
         peers = ?config.peers,
         peer_addrs = ?config.peer_addrs,
         tls = tls.is_some(),
+        auth = config.auth,
         sync = config.sync.as_str(),
         "replikv server starting"
     );
 
     let max = replikv_proto::MAX_MESSAGE_BYTES;
-    let kv = KvServer::new(service::KvService::new(node.clone(), limits))
+    let users = Arc::new(auth::Users::new(config.auth));
+    let kv = KvServer::new(service::KvService::new(node.clone(), limits, users.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let members = MembersServer::new(service::MembersService::new(node.clone()));
-    let peer = PeerServer::new(service::PeerService::new(node.clone(), limits, tls.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let members = MembersServer::new(service::MembersService::new(node.clone(), users.clone()));
+    let backup_service = replikv_proto::ops::backup_server::BackupServer::new(
+        backup::BackupService::new(node.clone(), users.clone()),
+    );
+    let peer = PeerServer::new(service::PeerService::new(
+        node.clone(),
+        limits,
+        users,
+        tls.clone(),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let (health_reporter, health_service) = health::health_reporter();
     // Not ready until the replica says so: the client port must not open on SERVING.
     health_reporter
         .set_service_status(health::READINESS, tonic_health::ServingStatus::NotServing)
         .await;
-    let backup_service = replikv_proto::ops::backup_server::BackupServer::new(
-        backup::BackupService::new(node.clone()),
-    );
     let admin = config
         .fault_injection
         .then(|| AdminServer::new(service::AdminService::new(node.clone())));

@@ -17,6 +17,7 @@ use replikv_proto::peer::*;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
+use crate::auth::{self, Account, Principal, Users};
 use crate::config::Limits;
 use crate::convert as pb;
 use crate::engine::membership::Change;
@@ -37,11 +38,41 @@ const LOST_REQUEST_WAIT: Duration = Duration::from_secs(2);
 pub struct KvService {
     node: Arc<Node>,
     limits: Limits,
+    users: Arc<Users>,
+    /// Set on the copy that serves one `Pipeline` call: the user the call was opened as
+    /// (docs/design.md §13).
+    caller: Option<Arc<Principal>>,
 }
 
 impl KvService {
-    pub fn new(node: Arc<Node>, limits: Limits) -> Self {
-        KvService { node, limits }
+    pub fn new(node: Arc<Node>, limits: Limits, users: Arc<Users>) -> Self {
+        KvService {
+            node,
+            limits,
+            users,
+            caller: None,
+        }
+    }
+
+    /// Who `req` speaks for: the user of its `Pipeline` call, checked again (it may have
+    /// been removed since the call opened), else the one its metadata names.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Arc<Principal>, Status> {
+        match &self.caller {
+            Some(p) => {
+                self.users.still_valid(&self.node.store, p)?;
+                Ok(p.clone())
+            }
+            None => Ok(Arc::new(
+                self.users.authenticate(&self.node.store, req.metadata())?,
+            )),
+        }
+    }
+
+    /// [`KvService::caller`], which must be an admin.
+    fn admin<T>(&self, req: &Request<T>, what: &str) -> Result<Arc<Principal>, Status> {
+        let p = self.caller(req)?;
+        crate::auth::require_admin(&p, what)?;
+        Ok(p)
     }
 }
 
@@ -132,6 +163,7 @@ fn check_limit(limit: u32, default: u32, max: u32) -> Result<usize, Status> {
 impl KvService {
     async fn write(
         &self,
+        who: &Principal,
         key: Bytes,
         value: Option<Bytes>,
         id: Option<RequestId>,
@@ -143,7 +175,7 @@ impl KvService {
         let (r, forwarded_to) = self
             .node
             .write(WriteReq {
-                key,
+                key: who.key(&key),
                 value,
                 id: id.as_ref().map(Into::into),
             })
@@ -170,11 +202,12 @@ impl Kv for KvService {
     #[instrument(level = "debug", skip_all)]
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let _timer = self.node.metrics.op(Op::Get);
+        let who = self.caller(&req)?;
         let key = req.into_inner().key;
         check_key(&key, &self.limits).map_err(ServeError::into_status)?;
         let v = self
             .node
-            .read(&key)
+            .read(&who.key(&key))
             .await
             .map_err(ServeError::into_status)?;
         Ok(Response::new(match v {
@@ -189,8 +222,9 @@ impl Kv for KvService {
     #[instrument(level = "debug", skip_all)]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let _timer = self.node.metrics.op(Op::Put);
+        let who = self.caller(&req)?;
         let r = req.into_inner();
-        let (had_old, old_value, via) = self.write(r.key, Some(r.value), r.id).await?;
+        let (had_old, old_value, via) = self.write(&who, r.key, Some(r.value), r.id).await?;
         Ok(write_response(PutResponse { had_old, old_value }, via))
     }
 
@@ -200,31 +234,150 @@ impl Kv for KvService {
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let _timer = self.node.metrics.op(Op::Delete);
+        let who = self.caller(&req)?;
         let r = req.into_inner();
-        let (had_old, old_value, via) = self.write(r.key, None, r.id).await?;
+        let (had_old, old_value, via) = self.write(&who, r.key, None, r.id).await?;
         Ok(write_response(DeleteResponse { had_old, old_value }, via))
     }
 
     async fn status(
         &self,
-        _req: Request<StatusRequest>,
+        req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        self.admin(&req, "Status")?;
         Ok(Response::new(pb::status_to_pb(self.node.status())))
     }
 
     type PipelineStream = replikv_proto::pipeline::Answers;
 
+    /// Authenticated once, as the call opens; every operation then checks that its user
+    /// still exists (docs/design.md §13).
     async fn pipeline(
         &self,
         req: Request<Streaming<PipelineRequest>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
+        let who = Arc::new(self.users.authenticate(&self.node.store, req.metadata())?);
+        let svc = KvService {
+            caller: Some(who),
+            ..self.clone()
+        };
         Ok(Response::new(replikv_proto::pipeline::serve_with(
-            self.clone(),
-            self.clone(),
+            svc.clone(),
+            svc,
             req.into_inner(),
             self.node.stopped(),
         )))
     }
+
+    async fn members(
+        &self,
+        req: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        self.caller(&req)?;
+        Ok(Response::new(MembersResponse {
+            rank: self.node.me,
+            addresses: self.node.cfg.peers.clone(),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn add_user(
+        &self,
+        req: Request<AddUserRequest>,
+    ) -> Result<Response<AddUserResponse>, Status> {
+        self.admin(&req, "adding a user")?;
+        let r = req.into_inner();
+        auth::check_name(&r.name).map_err(invalid)?;
+        auth::check_token(&r.token).map_err(invalid)?;
+        let record = Account::new(&r.token, r.admin).encode();
+        // Put-if-absent, decided by the primary: two admins adding one name cannot both
+        // succeed; the same request sent again finds its own record and succeeds.
+        let (swapped, current) = self
+            .node
+            .cas(CasReq {
+                key: auth::account_key(&r.name),
+                expect: Expect::Absent,
+                value: Some(record.clone()),
+                id: None,
+            })
+            .await
+            .map_err(ServeError::into_status)?;
+        if !swapped && current.as_ref() != Some(&record) {
+            return Err(Status::already_exists(format!(
+                "user {:?} exists already",
+                r.name
+            )));
+        }
+        info!(user = r.name, admin = r.admin, "user added");
+        Ok(Response::new(AddUserResponse {}))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn remove_user(
+        &self,
+        req: Request<RemoveUserRequest>,
+    ) -> Result<Response<RemoveUserResponse>, Status> {
+        let who = self.admin(&req, "removing a user")?;
+        let r = req.into_inner();
+        auth::check_name(&r.name).map_err(invalid)?;
+        if *who.name == *r.name {
+            return Err(invalid("a user cannot remove itself: ask another admin"));
+        }
+        // A write like any other: committed, hence applied by every member, before it is
+        // answered, so every serving server refuses the user from then on.
+        let (r, _) = self
+            .node
+            .write(WriteReq {
+                key: auth::account_key(&r.name),
+                value: None,
+                id: None,
+            })
+            .await
+            .map_err(ServeError::into_status)?;
+        Ok(Response::new(RemoveUserResponse {
+            removed: r.old.is_some(),
+        }))
+    }
+
+    async fn list_users(
+        &self,
+        req: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
+        self.admin(&req, "listing users")?;
+        let accounts = self.users.accounts(&self.node.store)?;
+        let mut users: Vec<UserInfo> = accounts
+            .iter()
+            .map(|(name, a)| UserInfo {
+                name: name.clone(),
+                admin: a.admin,
+            })
+            .collect();
+        users.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(ListUsersResponse { users }))
+    }
+}
+
+/// A request's range of keys, within the caller's namespace (docs/design.md §13): its
+/// bounds never reach another user's keys.
+fn user_range(
+    who: &Principal,
+    r: Option<KeyRange>,
+    whole_ok: bool,
+    limits: &Limits,
+) -> Result<ItemRange, Status> {
+    let r = r.unwrap_or_default();
+    // Checked on the keys as the user gave them, so errors name the user's own sizes.
+    item_range(Some(r.clone()), whole_ok, limits)?;
+    let ns = who.namespace();
+    let everything = ItemRange::prefix(ns);
+    if !r.prefix.is_empty() {
+        return Ok(ItemRange::prefix(&who.key(&r.prefix)));
+    }
+    let mut range = ItemRange::keys(&who.key(&r.from), Some(&who.key(&r.to)));
+    if r.to.is_empty() {
+        range.end = everything.end;
+    }
+    Ok(range)
 }
 
 /// Scans, compare-and-swaps and range deletes: pipelined operations (docs/protocol.md).
@@ -233,21 +386,31 @@ impl replikv_proto::pipeline::Extra for KvService {
     #[instrument(level = "debug", skip_all)]
     async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let _timer = self.node.metrics.op(Op::Scan);
+        let who = self.caller(&req)?;
         let r = req.into_inner();
-        let mut range = item_range(r.range, true, &self.limits)?;
+        let mut range = user_range(&who, r.range, true, &self.limits)?;
         let limit = check_limit(r.limit, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT)?;
         if !r.continuation.is_empty() {
             check_range_key("the continuation", &r.continuation, &self.limits)?;
-            if !range.contains_key(&r.continuation) {
+            let stored = who.key(&r.continuation);
+            if !range.contains_key(&stored) {
                 return Err(invalid("the continuation is not a key of the range"));
             }
-            range = range.after(&r.continuation);
+            range = range.after(&stored);
         }
         let (items, more) = self
             .node
             .scan(&range, limit)
             .await
             .map_err(ServeError::into_status)?;
+        // Every key of the range is in the caller's namespace; the check costs nothing.
+        let items: Vec<(Bytes, Bytes)> = items
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let own = who.own_key(&k)?.len();
+                Some((k.slice(k.len() - own..), v))
+            })
+            .collect();
         let continuation = match items.last() {
             Some((k, _)) if more => k.clone(),
             _ if more => r.continuation,
@@ -266,6 +429,7 @@ impl replikv_proto::pipeline::Extra for KvService {
     #[instrument(level = "debug", skip_all)]
     async fn cas(&self, req: Request<CasRequest>) -> Result<Response<CasResponse>, Status> {
         let _timer = self.node.metrics.op(Op::Cas);
+        let who = self.caller(&req)?;
         let r = req.into_inner();
         check_key(&r.key, &self.limits).map_err(ServeError::into_status)?;
         check_value(&r.expected, &self.limits).map_err(ServeError::into_status)?;
@@ -286,7 +450,7 @@ impl replikv_proto::pipeline::Extra for KvService {
         let (swapped, current) = self
             .node
             .cas(CasReq {
-                key: r.key,
+                key: who.key(&r.key),
                 expect: if r.expect_absent {
                     Expect::Absent
                 } else {
@@ -310,8 +474,9 @@ impl replikv_proto::pipeline::Extra for KvService {
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         let _timer = self.node.metrics.op(Op::DeleteRange);
+        let who = self.caller(&req)?;
         let r = req.into_inner();
-        let range = item_range(r.range, false, &self.limits)?;
+        let range = user_range(&who, r.range, false, &self.limits)?;
         let max = MAX_RANGE_DELETE_KEYS as u32;
         let limit = check_limit(r.limit, max, max)?;
         let (removed, more) = self
@@ -331,11 +496,12 @@ impl replikv_proto::pipeline::Extra for KvService {
 /// admin operations (`replikv_proto::is_admin_method`).
 pub struct MembersService {
     node: Arc<Node>,
+    users: Arc<Users>,
 }
 
 impl MembersService {
-    pub fn new(node: Arc<Node>) -> Self {
-        MembersService { node }
+    pub fn new(node: Arc<Node>, users: Arc<Users>) -> Self {
+        MembersService { node, users }
     }
 }
 
@@ -343,8 +509,10 @@ impl MembersService {
 impl Members for MembersService {
     async fn list(
         &self,
-        _req: Request<MemberListRequest>,
+        req: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        self.users
+            .authenticate(&self.node.store, req.metadata())?;
         Ok(Response::new(MemberListResponse {
             view: Some((&self.node.member_view()).into()),
             cluster: self
@@ -361,6 +529,8 @@ impl Members for MembersService {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.users
+            .admin(&self.node.store, req.metadata(), "member add")?;
         let address = req.into_inner().address;
         let addr = crate::config::parse_server(&address)
             .map_err(|e| invalid(format!("address {address:?}: {e}")))?;
@@ -380,6 +550,8 @@ impl Members for MembersService {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.users
+            .admin(&self.node.store, req.metadata(), "member remove")?;
         let rank = match req.into_inner().target {
             Some(member_remove_request::Target::Rank(r)) => r,
             Some(member_remove_request::Target::Address(a)) => {
@@ -408,13 +580,24 @@ impl Members for MembersService {
 pub struct PeerService {
     node: Arc<Node>,
     limits: Limits,
+    users: Arc<Users>,
     /// `None` on a server without TLS (loopback only, or `--insecure`).
     tls: Option<Arc<NodeTls>>,
 }
 
 impl PeerService {
-    pub fn new(node: Arc<Node>, limits: Limits, tls: Option<Arc<NodeTls>>) -> Self {
-        PeerService { node, limits, tls }
+    pub fn new(
+        node: Arc<Node>,
+        limits: Limits,
+        users: Arc<Users>,
+        tls: Option<Arc<NodeTls>>,
+    ) -> Self {
+        PeerService {
+            node,
+            limits,
+            users,
+            tls,
+        }
     }
 
     /// The sender's rank (docs/design.md §10 "Peer plane"): with TLS, the rank its verified
@@ -527,8 +710,14 @@ impl Peer for PeerService {
     async fn forward(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
         let after = self.incoming(&req, None).await?;
         let r = req.into_inner();
-        // The same limits as a client's Put: a forward is no way around them.
-        check_key(&r.key, &self.limits).map_err(ServeError::into_status)?;
+        // The same limits as a client's Put: a forward is no way around them. Its key is
+        // the stored one, its namespace in front (docs/design.md §13).
+        let stored = Limits {
+            max_key_bytes: self.limits.max_key_bytes + auth::MAX_NAMESPACE_BYTES,
+            ..self.limits
+        };
+        check_key(&r.key, &stored).map_err(ServeError::into_status)?;
+        self.users.check_stored_key(&self.node.store, &r.key)?;
         if let Some(v) = &r.value {
             check_value(v, &self.limits).map_err(ServeError::into_status)?;
         }

@@ -213,6 +213,10 @@ pub fn user_item(key: &[u8]) -> Bytes {
     v.into()
 }
 
+/// Prefix of every user record's item (docs/design.md §13): the item of the key `\0a/<name>`,
+/// which no namespaced client key (`<name>\0<key>`, names never empty) can be.
+pub const ACCOUNT_ITEM_PREFIX: &[u8] = b"u\0a/";
+
 /// The items of a range of user keys (docs/design.md §6 "Scans"), both bounds as given. Only
 /// user items lie within it: session and other reserved items have other prefixes.
 #[derive(Clone, Debug, PartialEq, Eq)]

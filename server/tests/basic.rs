@@ -66,14 +66,12 @@ fn put_through_one_server_reads_back_from_every_server() {
 
 #[test]
 fn a_forwarded_write_names_the_primary_and_one_on_the_primary_does_not() {
-    use replikv_proto::kv::kv_client::KvClient;
     use replikv_proto::kv::PutRequest;
     common::run(async {
         let (cluster, primary) = common::start_healthy(3, &[]).await;
         let put = |rank: usize, key: &'static str| {
-            let addr = format!("http://{}", cluster.addr(rank));
+            let mut stub = cluster.stub(rank, std::time::Duration::from_secs(10));
             async move {
-                let mut stub = KvClient::connect(addr).await.unwrap();
                 stub.put(PutRequest {
                     key: bytes(key),
                     value: bytes("v"),

@@ -8,23 +8,17 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::{DeleteRequest, PutRequest, RequestId};
+use replikv_testkit::status::KvStub;
 use replikv_testkit::LocalCluster;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 /// How long a raw request is retried while the server answers UNAVAILABLE
 /// (e.g. a backup still acquiring its lease).
 const RAW_RETRY_FOR: Duration = Duration::from_secs(5);
 
-fn raw(cluster: &LocalCluster, rank: usize) -> KvClient<Channel> {
-    let channel = Endpoint::from_shared(format!("http://{}", cluster.addr(rank)))
-        .expect("valid uri")
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy();
-    KvClient::new(channel)
+fn raw(cluster: &LocalCluster, rank: usize) -> KvStub {
+    cluster.stub(rank, Duration::from_secs(5))
 }
 
 fn id(client_id: u64, seq: u64, first_unfinished: u64) -> Option<RequestId> {
@@ -54,7 +48,7 @@ fn retryable(status: &Status) -> bool {
 
 /// Sends `req` to one server, repeating it (same id) while the server says
 /// UNAVAILABLE; returns the old value the put reported.
-async fn put(stub: &mut KvClient<Channel>, req: PutRequest) -> Option<String> {
+async fn put(stub: &mut KvStub, req: PutRequest) -> Option<String> {
     let deadline = Instant::now() + RAW_RETRY_FOR;
     loop {
         match stub.put(req.clone()).await {
@@ -72,7 +66,7 @@ async fn put(stub: &mut KvClient<Channel>, req: PutRequest) -> Option<String> {
     }
 }
 
-async fn delete(stub: &mut KvClient<Channel>, req: DeleteRequest) -> Option<String> {
+async fn delete(stub: &mut KvStub, req: DeleteRequest) -> Option<String> {
     let deadline = Instant::now() + RAW_RETRY_FOR;
     loop {
         match stub.delete(req.clone()).await {

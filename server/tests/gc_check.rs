@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use replikv_client::{Client, ClientConfig, Route};
+use replikv_client::{Client, Route};
 use replikv_testkit::{ClusterOptions, LocalCluster, ServerCommand};
 
 /// Writers in flight at once (each request waits for its own answer).
@@ -241,7 +241,8 @@ fn the_data_directories_shrink_back_after_a_write_then_delete_run() {
         // expires: a short TTL lets it be collected too, as the kept keys' share is.
         let (mut cluster, _) = common::start_healthy(3, &["--session-ttl", "3s"]).await;
         let client = Client::connect(
-            ClientConfig::new(cluster.addrs())
+            cluster
+                .client_config()
                 .with_route(Route::Primary)
                 .with_request_timeout(Duration::from_secs(10)),
         )
@@ -356,7 +357,7 @@ fn writing_then_deleting_many_keys_leaves_memory_and_disk_where_they_were() {
                 .await
                 .expect("the cluster serves");
             let client = Client::connect(
-                ClientConfig::new(cluster.addrs())
+                cluster.client_config()
                     .with_route(Route::Primary)
                     .with_request_timeout(Duration::from_secs(30)),
             )

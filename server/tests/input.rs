@@ -11,22 +11,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::bytes;
 use replikv_client::Error;
-use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::{DeleteRequest, GetRequest, PutRequest, RequestId};
-use tonic::transport::{Channel, Endpoint};
+use replikv_testkit::status::KvStub;
 use tonic::Code;
 
 const MAX_KEY: usize = replikv_proto::DEFAULT_MAX_KEY_BYTES;
 /// Kept small so that an oversized value is cheap to send.
 const MAX_VALUE: usize = 1024;
 
-fn raw(addr: &str) -> KvClient<Channel> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .expect("valid uri")
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy();
-    KvClient::new(channel)
+fn raw(cluster: &common::LocalCluster, rank: usize) -> KvStub {
+    cluster.stub(rank, Duration::from_secs(5))
 }
 
 /// A well-formed request id, so that only the key or value can be at fault.
@@ -73,7 +67,7 @@ fn oversized_or_empty_input_is_refused_and_changes_nothing() {
         let limit_key = MAX_KEY.to_string();
         // Both the primary and a backup (which would forward) must check.
         for rank in [primary, (primary + 1) % cluster.len()] {
-            let mut stub = raw(&cluster.addr(rank));
+            let mut stub = raw(&cluster, rank);
             let at = |what: &str| format!("{what} at server {rank}");
             // Distinct ids per server, so no request looks like a retry of another.
             let seq = |n: u64| some_id(rank as u64 * 10 + n);

@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::{GetRequest, PutRequest, RequestId};
+use replikv_testkit::status::KvStub;
 use replikv_testkit::LocalCluster;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 /// How long a raw request is retried while the servers answer UNAVAILABLE.
@@ -28,7 +27,7 @@ const LATER_WRITES: u64 = 10_000;
 const CONCURRENCY: usize = 32;
 
 /// Kills the primary and returns a client of the primary that takes over.
-async fn crash_primary(cluster: &mut LocalCluster, primary: usize) -> KvClient<Channel> {
+async fn crash_primary(cluster: &mut LocalCluster, primary: usize) -> KvStub {
     cluster.kill(primary).unwrap();
     let (new_primary, _) = cluster
         .wait_for_primary(Duration::from_secs(5))
@@ -37,17 +36,13 @@ async fn crash_primary(cluster: &mut LocalCluster, primary: usize) -> KvClient<C
     raw(cluster, new_primary)
 }
 
-fn raw(cluster: &LocalCluster, rank: usize) -> KvClient<Channel> {
+fn raw(cluster: &LocalCluster, rank: usize) -> KvStub {
     raw_with_timeout(cluster, rank, Duration::from_secs(5))
 }
 
-fn raw_with_timeout(cluster: &LocalCluster, rank: usize, timeout: Duration) -> KvClient<Channel> {
-    let channel = Endpoint::from_shared(format!("http://{}", cluster.addr(rank)))
-        .expect("valid uri")
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(timeout)
-        .connect_lazy();
-    KvClient::new(channel)
+fn raw_with_timeout(cluster: &LocalCluster, rank: usize, timeout: Duration) -> KvStub {
+    cluster
+        .stub(rank, timeout)
         .max_decoding_message_size(replikv_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(replikv_proto::MAX_MESSAGE_BYTES)
 }
@@ -87,12 +82,12 @@ fn retryable(status: &Status) -> bool {
 
 /// Sends `req`, repeating it (same id) while the servers say it may be retried; returns the
 /// old value the put reported, or the status that ended it.
-async fn try_put(stub: &KvClient<Channel>, req: PutRequest) -> Result<Option<Bytes>, Status> {
+async fn try_put(stub: &KvStub, req: PutRequest) -> Result<Option<Bytes>, Status> {
     try_put_for(stub, req, RAW_RETRY_FOR).await
 }
 
 async fn try_put_for(
-    stub: &KvClient<Channel>,
+    stub: &KvStub,
     req: PutRequest,
     retry_for: Duration,
 ) -> Result<Option<Bytes>, Status> {
@@ -112,14 +107,14 @@ async fn try_put_for(
     }
 }
 
-async fn put(stub: &KvClient<Channel>, req: PutRequest) -> Option<Bytes> {
+async fn put(stub: &KvStub, req: PutRequest) -> Option<Bytes> {
     let key = req.key.clone();
     try_put(stub, req)
         .await
         .unwrap_or_else(|s| panic!("put {key:?} failed: {s}"))
 }
 
-async fn get(stub: &KvClient<Channel>, key: &str) -> Option<Bytes> {
+async fn get(stub: &KvStub, key: &str) -> Option<Bytes> {
     let mut stub = stub.clone();
     let deadline = Instant::now() + RAW_RETRY_FOR;
     loop {
@@ -161,7 +156,7 @@ fn assert_result_unknown(r: Result<Option<Bytes>, Status>, what: &str) {
 /// Makes writes `seqs` on `session` (to keys spread over 64 names, `CONCURRENCY` at a time),
 /// each declaring `first_unfinished`; returns every write's reported old value.
 async fn many_writes(
-    stub: &KvClient<Channel>,
+    stub: &KvStub,
     session: Session,
     seqs: std::ops::RangeInclusive<u64>,
     first_unfinished: u64,

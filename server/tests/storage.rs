@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{bytes, Expected};
-use replikv_client::{Client, ClientConfig};
+use replikv_client::Client;
 use replikv_server::storage::SEGMENT_BYTES_ENV;
 use replikv_testkit::{ClusterOptions, LocalCluster, ServerCommand};
 
@@ -107,9 +107,13 @@ fn run_server_until_exit(
 /// A client whose requests give up after 2 s: its writer must not outlive a killed server
 /// by long.
 async fn impatient_client(cluster: &LocalCluster) -> Client {
-    Client::connect(ClientConfig::new(cluster.addrs()).with_request_timeout(Duration::from_secs(2)))
-        .await
-        .expect("client config is valid")
+    Client::connect(
+        cluster
+            .client_config()
+            .with_request_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .expect("client config is valid")
 }
 
 /// Puts fresh keys until aborted; the acknowledged ones go to `acked`.

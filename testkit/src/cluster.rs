@@ -22,7 +22,12 @@ use std::time::{Duration, Instant};
 use replikv_proto::kv::StatusResponse;
 
 use crate::process::{profile_dir, ChildGuard};
-use crate::status::{epoch, probe_tls};
+use crate::status::{epoch, probe_as, Access, KvStub};
+use replikv_client::config::{ClientConfig, Credentials, TlsSettings};
+use replikv_proto::ADMIN_USER;
+
+/// The admin token of a cluster with users, in its base directory.
+const ADMIN_TOKEN_FILE: &str = "admin-token";
 
 /// Deadline of one `Status` probe, connection included.
 const STATUS_DEADLINE: Duration = Duration::from_millis(500);
@@ -135,9 +140,15 @@ pub struct ClusterOptions {
     /// certificate made into `<base>/certs` (docs/security.md). Off: `--insecure`-free
     /// plaintext on loopback.
     pub secure: bool,
-    /// TLS on the client port too (needs `secure`); clients then need
-    /// [`LocalCluster::ca_path`].
+    /// TLS on the client port too (default; needs `secure`); clients then need
+    /// [`LocalCluster::ca_path`], which [`LocalCluster::client_config`] holds. Off: the
+    /// client port in the clear (`--no-client-tls`), for tests that need plaintext.
     pub client_tls: bool,
+    /// Clients authenticate as users (default): the admin token is made into
+    /// `<base>/admin-token` and handed to rank 0 (`--admin-token-file`), which creates the
+    /// admin user as it forms the cluster; [`LocalCluster::client_config`] speaks as that
+    /// user. Off: `--no-auth`.
+    pub auth: bool,
 }
 
 impl Default for ClusterOptions {
@@ -151,7 +162,8 @@ impl Default for ClusterOptions {
             command: None,
             base_dir: None,
             secure: true,
-            client_tls: false,
+            client_tls: true,
+            auth: true,
         }
     }
 }
@@ -214,6 +226,11 @@ impl LocalCluster {
         let ports = all;
         if opts.secure {
             make_certs(&base.join("certs"), opts.servers)?;
+        }
+        let admin_token = base.join(ADMIN_TOKEN_FILE);
+        if opts.auth && !admin_token.exists() {
+            let token = replikv_client::config::generate_token().map_err(io::Error::other)?;
+            std::fs::write(&admin_token, format!("{token}\n"))?;
         }
         let mut cluster = LocalCluster {
             peer_ports,
@@ -343,8 +360,8 @@ impl LocalCluster {
             .map_err(|e| format!("{addr}: {e}"))
     }
 
-    /// The flags every server gets besides its rank and data directory: `--peers` and,
-    /// on a secure cluster, its TLS settings.
+    /// The flags every server gets besides its rank and data directory: `--peers`, on a
+    /// secure cluster its TLS settings, and the admin token file (or `--no-auth`).
     pub fn common_args(&self) -> Vec<String> {
         let mut args = vec!["--peers".to_string(), self.peers_arg()];
         if let Some(dir) = self.certs_dir() {
@@ -354,7 +371,75 @@ impl LocalCluster {
                 args.push("--no-client-tls".into());
             }
         }
+        if self.opts.auth {
+            args.push("--admin-token-file".into());
+            args.push(self.base.join(ADMIN_TOKEN_FILE).display().to_string());
+        } else {
+            args.push("--no-auth".into());
+        }
         args
+    }
+
+    /// The admin user's credentials; `None` on a cluster without auth.
+    pub fn admin_credentials(&self) -> Option<Credentials> {
+        if !self.opts.auth {
+            return None;
+        }
+        let token = std::fs::read_to_string(self.base.join(ADMIN_TOKEN_FILE)).ok()?;
+        Some(Credentials::new(ADMIN_USER, token.trim()))
+    }
+
+    /// The CA a client of this cluster trusts: `None` when the client port is in the clear.
+    pub fn client_ca(&self) -> Option<PathBuf> {
+        self.opts.client_tls.then(|| self.ca_path()).flatten()
+    }
+
+    /// How a client reaches this cluster: its CA (when the client port speaks TLS) and the
+    /// admin user's credentials (when users are on).
+    pub fn access(&self) -> Access {
+        Access {
+            ca: self.client_ca(),
+            credentials: self.admin_credentials(),
+        }
+    }
+
+    /// A raw Kv stub to `rank` speaking as the admin user over the cluster's TLS; each call
+    /// is bounded by `timeout`.
+    pub fn stub(&self, rank: usize, timeout: Duration) -> KvStub {
+        self.access().stub(&self.addr(rank), timeout)
+    }
+
+    /// A client configuration for every server of this cluster, speaking as the admin user
+    /// over TLS as the cluster requires (nothing is read from the environment).
+    pub fn client_config(&self) -> ClientConfig {
+        self.client_config_for(self.addrs())
+    }
+
+    /// [`LocalCluster::client_config`] for the given addresses only.
+    pub fn client_config_for(&self, addrs: Vec<String>) -> ClientConfig {
+        ClientConfig::new(addrs)
+            .with_tls(self.client_ca().map(TlsSettings::new))
+            .with_credentials(self.admin_credentials())
+    }
+
+    /// The variables a child process (the CLI, a C driver) reads to reach this cluster as
+    /// `credentials`: `REPLIKV_CA` and `REPLIKV_USER`/`REPLIKV_TOKEN`, each empty when not
+    /// needed (an empty variable counts as unset).
+    pub fn client_env(&self, credentials: Option<&Credentials>) -> Vec<(String, String)> {
+        let ca = self.client_ca().map(|p| p.display().to_string());
+        vec![
+            ("REPLIKV_CA".into(), ca.unwrap_or_default()),
+            ("REPLIKV_CERT".into(), String::new()),
+            ("REPLIKV_KEY".into(), String::new()),
+            (
+                "REPLIKV_USER".into(),
+                credentials.map(|c| c.user.clone()).unwrap_or_default(),
+            ),
+            (
+                "REPLIKV_TOKEN".into(),
+                credentials.map(|c| c.token.clone()).unwrap_or_default(),
+            ),
+        ]
     }
 
     /// The directory that holds every data directory and log.
@@ -483,8 +568,7 @@ impl LocalCluster {
         if rank >= self.len() {
             return None;
         }
-        let ca = self.opts.client_tls.then(|| self.ca_path()).flatten();
-        probe_tls(&self.addr(rank), ca.as_deref(), STATUS_DEADLINE).await
+        probe_as(&self.addr(rank), &self.access(), STATUS_DEADLINE).await
     }
 
     /// Polls `Status` on every running server until one reports role

@@ -10,8 +10,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use replikv_proto::kv::kv_server::{Kv, KvServer};
 use replikv_proto::kv::{
-    DeleteRequest, DeleteResponse, GetRequest, GetResponse, PipelineRequest, PutRequest,
-    PutResponse, RequestId, StatusRequest, StatusResponse, View,
+    AddUserRequest, AddUserResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
+    ListUsersRequest, ListUsersResponse, MembersRequest, MembersResponse, PipelineRequest,
+    PutRequest, PutResponse, RemoveUserRequest, RemoveUserResponse, RequestId, StatusRequest,
+    StatusResponse, View,
 };
 use replikv_proto::{OUTCOME_HEADER, OUTCOME_NONE, OUTCOME_UNKNOWN, PRIMARY_ADDR_HEADER};
 use tokio::net::TcpListener;
@@ -304,5 +306,37 @@ impl Kv for FakeKv {
             serving: true,
             ..Default::default()
         }))
+    }
+
+    async fn members(
+        &self,
+        _request: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        self.admit("members", &Bytes::new(), None).await?;
+        Ok(Response::new(MembersResponse {
+            rank: self.index as u32,
+            addresses: self.shared.addrs.clone(),
+        }))
+    }
+
+    async fn add_user(
+        &self,
+        _request: Request<AddUserRequest>,
+    ) -> Result<Response<AddUserResponse>, Status> {
+        Err(Status::unimplemented("the fake server keeps no users"))
+    }
+
+    async fn remove_user(
+        &self,
+        _request: Request<RemoveUserRequest>,
+    ) -> Result<Response<RemoveUserResponse>, Status> {
+        Err(Status::unimplemented("the fake server keeps no users"))
+    }
+
+    async fn list_users(
+        &self,
+        _request: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
+        Err(Status::unimplemented("the fake server keeps no users"))
     }
 }

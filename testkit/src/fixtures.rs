@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use replikv_client::{Client, ClientConfig, Error, Route};
+use replikv_client::{Client, Error, Route};
 use replikv_proto::kv::StatusResponse;
 use replikv_proto::peer::FaultRequest;
 
@@ -122,7 +122,8 @@ pub async fn admin(cluster: &LocalCluster, rank: usize, req: FaultRequest) {
 /// A client of the whole cluster (random routing, as the classic client).
 pub async fn client(cluster: &LocalCluster) -> Client {
     Client::connect(
-        ClientConfig::new(cluster.addrs())
+        cluster
+            .client_config()
             .with_request_timeout(REQUEST_TIMEOUT)
             .with_route(Route::Random),
     )
@@ -137,7 +138,8 @@ pub async fn client(cluster: &LocalCluster) -> Client {
 /// client's attempt timeout instead.
 pub async fn primary_routed_client(cluster: &LocalCluster) -> Client {
     let client = Client::connect(
-        ClientConfig::new(cluster.addrs())
+        cluster
+            .client_config()
             .with_request_timeout(REQUEST_TIMEOUT)
             .with_route(Route::Primary),
     )
@@ -156,9 +158,13 @@ pub async fn primary_routed_client(cluster: &LocalCluster) -> Client {
 
 /// A client that only ever talks to `rank`: what it reads is that server's state.
 pub async fn pinned(cluster: &LocalCluster, rank: usize) -> Client {
-    Client::connect(ClientConfig::new([cluster.addr(rank)]).with_request_timeout(REQUEST_TIMEOUT))
-        .await
-        .expect("client config is valid")
+    Client::connect(
+        cluster
+            .client_config_for(vec![cluster.addr(rank)])
+            .with_request_timeout(REQUEST_TIMEOUT),
+    )
+    .await
+    .expect("client config is valid")
 }
 
 /// Status of `rank`, which must answer.

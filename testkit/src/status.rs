@@ -2,26 +2,28 @@
 //! see it. A server that does not answer in time (dead, paused, cut off) is `None`, never
 //! an error to handle: for a watcher a silent server is an observation like any other.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use replikv_client::config::Credentials;
 use replikv_proto::kv::kv_client::KvClient;
 use replikv_proto::kv::{StatusRequest, StatusResponse};
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-/// One `Status` RPC to `addr` on a fresh connection; `None` unless it answered within
-/// `deadline`, connection included.
-pub async fn probe(addr: &str, deadline: Duration) -> Option<StatusResponse> {
-    probe_tls(addr, None, deadline).await
+/// How a probe reaches a cluster's client port: the CA to trust (TLS when given) and the
+/// user to speak for (an admin: `Status` needs one, docs/security.md "Users").
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    pub ca: Option<PathBuf>,
+    pub credentials: Option<Credentials>,
 }
 
-/// [`probe`] over TLS, trusting the CA certificate `ca`, when `ca` is given.
-pub async fn probe_tls(
-    addr: &str,
-    ca: Option<&std::path::Path>,
-    deadline: Duration,
-) -> Option<StatusResponse> {
-    let call = async {
-        let endpoint = match ca {
+impl Access {
+    /// A channel to `addr`, connecting lazily, with these settings; `None` if the address
+    /// or the CA file is unusable.
+    fn endpoint(&self, addr: &str, deadline: Duration) -> Option<Endpoint> {
+        let endpoint = match &self.ca {
             None => Endpoint::from_shared(format!("http://{addr}")).ok()?,
             Some(ca) => {
                 let pem = std::fs::read(ca).ok()?;
@@ -34,13 +36,88 @@ pub async fn probe_tls(
                     .ok()?
             }
         };
-        let channel = endpoint
-            .connect_timeout(deadline)
-            .timeout(deadline)
-            .connect()
-            .await
-            .ok()?;
-        let response = KvClient::new(channel).status(StatusRequest {}).await.ok()?;
+        Some(endpoint.connect_timeout(deadline).timeout(deadline))
+    }
+
+    /// A stub of the Kv API on `addr` (connecting lazily) that sends the credentials with
+    /// every call; `timeout` bounds each call.
+    pub fn stub(&self, addr: &str, timeout: Duration) -> KvStub {
+        let endpoint = self
+            .endpoint(addr, timeout)
+            .unwrap_or_else(|| panic!("cannot reach {addr} with {self:?}"));
+        KvClient::with_interceptor(endpoint.connect_lazy(), AsUser::new(&self.credentials))
+    }
+
+    /// A `Status` request carrying the credentials.
+    fn request(&self) -> tonic::Request<StatusRequest> {
+        let mut req = tonic::Request::new(StatusRequest {});
+        if let Some(c) = &self.credentials {
+            let md = req.metadata_mut();
+            if let (Ok(user), Ok(token)) = (
+                c.user.parse::<AsciiMetadataValue>(),
+                format!("Bearer {}", c.token).parse::<AsciiMetadataValue>(),
+            ) {
+                md.insert(replikv_proto::USER_HEADER, user);
+                md.insert(replikv_proto::AUTHORIZATION_HEADER, token);
+            }
+        }
+        req
+    }
+}
+
+/// Adds a user's credentials to every call of a stub.
+#[derive(Clone, Debug)]
+pub struct AsUser(Option<(AsciiMetadataValue, AsciiMetadataValue)>);
+
+impl AsUser {
+    pub fn new(credentials: &Option<Credentials>) -> AsUser {
+        AsUser(credentials.as_ref().and_then(|c| {
+            Some((
+                c.user.parse().ok()?,
+                format!("Bearer {}", c.token).parse().ok()?,
+            ))
+        }))
+    }
+}
+
+impl tonic::service::Interceptor for AsUser {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some((user, token)) = &self.0 {
+            let md = req.metadata_mut();
+            md.insert(replikv_proto::USER_HEADER, user.clone());
+            md.insert(replikv_proto::AUTHORIZATION_HEADER, token.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A raw Kv stub speaking as a user (see [`Access::stub`]).
+pub type KvStub = KvClient<tonic::service::interceptor::InterceptedService<Channel, AsUser>>;
+
+/// One `Status` RPC to `addr` on a fresh connection; `None` unless it answered within
+/// `deadline`, connection included.
+pub async fn probe(addr: &str, deadline: Duration) -> Option<StatusResponse> {
+    probe_as(addr, &Access::default(), deadline).await
+}
+
+/// [`probe`] over TLS, trusting the CA certificate `ca`, when `ca` is given.
+pub async fn probe_tls(
+    addr: &str,
+    ca: Option<&std::path::Path>,
+    deadline: Duration,
+) -> Option<StatusResponse> {
+    let access = Access {
+        ca: ca.map(Into::into),
+        credentials: None,
+    };
+    probe_as(addr, &access, deadline).await
+}
+
+/// [`probe`] with `access`'s TLS settings and credentials.
+pub async fn probe_as(addr: &str, access: &Access, deadline: Duration) -> Option<StatusResponse> {
+    let call = async {
+        let channel = access.endpoint(addr, deadline)?.connect().await.ok()?;
+        let response = KvClient::new(channel).status(access.request()).await.ok()?;
         Some(response.into_inner())
     };
     tokio::time::timeout(deadline, call).await.ok().flatten()
@@ -56,6 +133,7 @@ pub fn epoch(status: &StatusResponse) -> u64 {
 #[derive(Clone)]
 pub struct StatusProbe {
     clients: Vec<Option<KvClient<Channel>>>,
+    access: Access,
     deadline: Duration,
 }
 
@@ -63,23 +141,33 @@ impl StatusProbe {
     /// One channel per address; no I/O yet. A malformed address is a server that never
     /// answers.
     pub fn new(addrs: &[String], deadline: Duration) -> Self {
+        Self::with_access(addrs, Access::default(), deadline)
+    }
+
+    /// [`StatusProbe::new`] with `access`'s TLS settings and credentials.
+    pub fn with_access(addrs: &[String], access: Access, deadline: Duration) -> Self {
         let clients = addrs
             .iter()
             .map(|addr| {
-                Endpoint::from_shared(format!("http://{addr}"))
-                    .ok()
-                    .map(|e| KvClient::new(e.connect_timeout(deadline).connect_lazy()))
+                access
+                    .endpoint(addr, deadline)
+                    .map(|e| KvClient::new(e.connect_lazy()))
             })
             .collect();
-        StatusProbe { clients, deadline }
+        StatusProbe {
+            clients,
+            access,
+            deadline,
+        }
     }
 
     /// Every server's `Status`, probed concurrently, by rank.
     pub async fn all(&self) -> Vec<Option<StatusResponse>> {
         let deadline = self.deadline;
+        let access = &self.access;
         let probes = self.clients.iter().map(|client| async move {
             let mut client = client.clone()?;
-            let reply = tokio::time::timeout(deadline, client.status(StatusRequest {})).await;
+            let reply = tokio::time::timeout(deadline, client.status(access.request())).await;
             reply.ok()?.ok().map(tonic::Response::into_inner)
         });
         futures::future::join_all(probes).await

@@ -12,8 +12,8 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_program_passed, compile_test_program, have_python3, lib_dir, line_channel, program,
-    run_bounded, scratch, ChildGuard, Fixture,
+    assert_program_passed, compile_test_program, have_python3, lib_dir, line_channel, run_bounded,
+    scratch, ChildGuard, Fixture,
 };
 
 /// Generous bound for a C test program: every call inside has its own 10 s deadline.
@@ -33,7 +33,7 @@ fn return_codes_old_values_and_rejected_arguments() {
         .put(&b"foreign-binary"[..], &b"\x00\x01\xff"[..])
         .expect("store a value kv739 may not hold");
 
-    let output = run_bounded(program(&exe).args(fixture.addrs()), PROGRAM_TIMEOUT);
+    let output = run_bounded(fixture.command(&exe).args(fixture.addrs()), PROGRAM_TIMEOUT);
     assert_program_passed("api", &output);
 
     // Puts that kv739 rejected must not have reached the store under any name; kv739 itself
@@ -72,7 +72,7 @@ fn eight_threads_read_back_their_own_keys_and_survive_shutdown() {
     let exe = compile_test_program("threads", dir.path());
 
     let output = run_bounded(
-        program(&exe).arg("100").args(fixture.addrs()),
+        fixture.command(&exe).arg("100").args(fixture.addrs()),
         PROGRAM_TIMEOUT,
     );
     assert_program_passed("threads", &output);
@@ -101,7 +101,8 @@ fn every_server_down_fails_within_the_deadline() {
     let exe = compile_test_program("deadline", dir.path());
 
     let mut child = ChildGuard::new(
-        program(&exe)
+        fixture
+            .command(&exe)
             .args(fixture.addrs())
             .env("KV739_TIMEOUT_MS", TIMEOUT_MS.to_string())
             .env("KV739_INIT_TIMEOUT_MS", INIT_TIMEOUT_MS.to_string())
@@ -170,7 +171,8 @@ fn python_ctypes_loads_the_library() {
     let fixture = Fixture::start(3);
     let script = common::crate_dir().join("tests/py/ctypes_api.py");
     let output = run_bounded(
-        program("python3")
+        fixture
+            .command("python3")
             .arg(script)
             .arg(lib_dir().join("libkv739.so"))
             .args(fixture.addrs()),

@@ -150,7 +150,10 @@ fn driver_output_matches_the_store() {
     let driver = compile_driver(dir.path());
     let out = dir.path().join("output.txt");
 
-    let result = run_bounded(program(&driver).arg(&input).arg(&out), DRIVER_TIMEOUT);
+    let result = run_bounded(
+        fixture.command(&driver).arg(&input).arg(&out),
+        DRIVER_TIMEOUT,
+    );
     assert!(
         result.status.success(),
         "driver failed: {}",
@@ -177,7 +180,10 @@ fn driver_output_matches_the_store() {
         .to_string();
     let input = dir.path().join("base-port.txt");
     std::fs::write(&input, format!("init,{port},1\nget,{key}\nshutdown\n")).expect("write");
-    let result = run_bounded(program(&driver).arg(&input).arg(&out), DRIVER_TIMEOUT);
+    let result = run_bounded(
+        fixture.command(&driver).arg(&input).arg(&out),
+        DRIVER_TIMEOUT,
+    );
     assert!(result.status.success());
     let output = std::fs::read_to_string(&out).expect("output");
     let lines: Vec<&str> = output.lines().collect();
@@ -214,7 +220,8 @@ fn killing_the_primary_mid_run_costs_only_latency() {
     let driver = compile_driver(dir.path());
     let out = dir.path().join("output.txt");
     let mut child = ChildGuard::new(
-        program(&driver)
+        fixture
+            .command(&driver)
             .arg(&input)
             .arg(&out)
             .stdout(Stdio::null())

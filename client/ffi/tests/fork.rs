@@ -19,8 +19,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::{
-    assert_program_passed, compile_test_program, have_python3, lib_dir, program, run_bounded,
-    scratch, Fixture,
+    assert_program_passed, compile_test_program, have_python3, lib_dir, run_bounded, scratch,
+    Fixture,
 };
 
 /// Per-call deadline inside the programs: short, so a call that waits out its deadline
@@ -43,12 +43,17 @@ fn run(command: &mut Command) -> Output {
 
 fn c_program(dir: &Path, mode: &str, tag: &str, fixture: &Fixture) -> Output {
     let exe = compile_test_program("fork", dir);
-    run(program(exe).arg(mode).arg(tag).args(fixture.addrs()))
+    run(fixture
+        .command(exe)
+        .arg(mode)
+        .arg(tag)
+        .args(fixture.addrs()))
 }
 
 fn python_program(mode: &str, tag: &str, fixture: &Fixture) -> Output {
     let script = common::crate_dir().join("tests/py/fork.py");
-    run(program("python3")
+    run(fixture
+        .command("python3")
         .arg(script)
         .arg(mode)
         .arg(lib_dir().join("libkv739.so"))

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{compile_cxx, crate_dir, line_channel, program, scratch, ChildGuard, Fixture};
+use common::{compile_cxx, crate_dir, line_channel, scratch, ChildGuard, Fixture};
 
 #[test]
 fn a_cxx_driver_given_one_server_survives_its_death() {
@@ -30,7 +30,8 @@ fn a_cxx_driver_given_one_server_survives_its_death() {
         // cluster through a view change.
         let primary = fixture.wait_for_primary();
         let mut child = ChildGuard::new(
-            program(&exe)
+            fixture
+                .command(&exe)
                 .arg(&fixture.addrs()[primary])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())

@@ -12,11 +12,13 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::{Node, OrFailStop, Reason};
+use crate::auth;
 use crate::engine::monitor::{self, Rejoin};
 use crate::error::StorageError;
 use crate::identity::{ClusterId, Membership};
 use crate::message::{Discover, DiscoverReply, Join, Refused};
-use crate::types::{Rank, View};
+use crate::storage::Position;
+use crate::types::{user_item, Item, Rank, Record, View};
 
 const DISCOVER_TIMEOUT: Duration = Duration::from_millis(300);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -90,10 +92,36 @@ impl Node {
             cluster: id,
             amnesiac_until: None,
         };
+        // The admin user is the new history's first record, logged in the one batch that
+        // also holds the id and the view (docs/design.md §13): a cluster never exists
+        // without it.
+        let (token, file) =
+            match auth::admin_token(self.cfg.admin_token_file.as_deref(), &self.cfg.data_dir) {
+                Ok(t) => t,
+                Err(e) => self.fail_stop(StorageError::Io(std::io::Error::other(e))),
+            };
+        let admin = Record {
+            lsn: 1,
+            epoch: view.epoch,
+            items: vec![Item {
+                key: user_item(&auth::account_key(auth::ADMIN_USER)),
+                value: Some(auth::Account::new(&token, true).encode()),
+            }],
+        };
+        let pos = Position {
+            applied: 1,
+            committed: 1,
+            last_epoch: view.epoch,
+        };
+        self.store
+            .apply_records(std::slice::from_ref(&admin), pos)
+            .or_fail_stop(self);
+        self.st().pos = pos;
         self.store
             .save_membership(&membership, Some(&view))
             .await
             .or_fail_stop(self);
+        info!(user = auth::ADMIN_USER, token_file = %file.display(), "created the admin user");
         self.identity.set(id);
         info!(cluster = %id, "formed a new cluster: every peer answered that it holds no state");
         let now = self.clock.steady_now();

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::SyncMode;
 use crate::error::StorageError;
 use crate::identity::Membership;
-use crate::types::{Entry, Rank, Record, SyncEntry, View};
+use crate::types::{Entry, Rank, Record, SyncEntry, View, ACCOUNT_ITEM_PREFIX};
 
 use durable::Durable;
 pub use gc::TransferPin;
@@ -183,6 +183,9 @@ pub struct Store {
     pub flushes: AtomicU64,
     /// Flush latency and group-commit histograms (docs/design.md §12 "Metrics").
     pub flush_metrics: crate::metrics::FlushMetrics,
+    /// Raised by every change that may touch a user record (docs/design.md §13): the user
+    /// table in memory is loaded again when it moved.
+    accounts_version: AtomicU64,
 }
 
 impl Drop for Store {
@@ -315,6 +318,7 @@ impl Store {
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             flush_metrics: Default::default(),
+            accounts_version: AtomicU64::new(1),
         })
     }
 
@@ -341,6 +345,12 @@ impl Store {
         Ok(m)
     }
 
+    /// See [`Store::accounts_version`]'s field: starts at 1, raised after every change that
+    /// may have touched a user record.
+    pub fn accounts_version(&self) -> u64 {
+        self.accounts_version.load(Ordering::SeqCst)
+    }
+
     pub fn get(&self, item: &[u8]) -> Result<Option<Entry>, StorageError> {
         compact::release_on_this_thread();
         if let Some(staged) = self.staged().items.get(item) {
@@ -363,12 +373,14 @@ impl Store {
             }
         }
         let mut index = self.index();
+        let mut accounts = false;
         for r in records {
             for item in &r.items {
                 let e = Entry {
                     lsn: r.lsn,
                     value: item.value.clone(),
                 };
+                accounts |= item.key.starts_with(ACCOUNT_ITEM_PREFIX);
                 staged.items.insert(item.key.clone(), Some(e));
                 index.set(&item.key, Some((r.lsn, item.value.is_none())));
             }
@@ -376,6 +388,9 @@ impl Store {
         staged.position = Some(pos);
         drop(index);
         drop(staged);
+        if accounts {
+            self.accounts_version.fetch_add(1, Ordering::SeqCst);
+        }
         self.writes
             .fetch_add(records.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -395,7 +410,9 @@ impl Store {
                 self.preserve(&staged, &se.key)?;
             }
             let mut index = self.index();
+            let mut accounts = false;
             for se in entries {
+                accounts |= se.key.starts_with(ACCOUNT_ITEM_PREFIX);
                 staged.items.insert(se.key.clone(), se.entry.clone());
                 index.set(
                     &se.key,
@@ -405,12 +422,20 @@ impl Store {
             if pos.is_some() {
                 staged.position = pos;
             }
+            if accounts {
+                self.accounts_version.fetch_add(1, Ordering::SeqCst);
+            }
         }
         self.write_staged()
     }
 
     /// Hands everything staged to the log as one batch (not yet durable).
     pub(crate) fn write_staged(&self) -> Result<(), StorageError> {
+        self.write_staged_with(Vec::new())
+    }
+
+    /// [`Store::write_staged`], with `extra` operations in the same log batch.
+    fn write_staged_with(&self, extra: Vec<Op>) -> Result<(), StorageError> {
         let _writing = self
             .durable
             .writing
@@ -418,7 +443,11 @@ impl Store {
             .expect("store writer lock poisoned");
         let (items, position, gc_horizon) = {
             let mut staged = self.staged();
-            if staged.items.is_empty() && staged.position.is_none() && staged.gc_horizon.is_none() {
+            if staged.items.is_empty()
+                && staged.position.is_none()
+                && staged.gc_horizon.is_none()
+                && extra.is_empty()
+            {
                 return Ok(());
             }
             let items: Vec<(Bytes, Option<Entry>)> = staged
@@ -453,6 +482,7 @@ impl Store {
             });
             gc = Some(g);
         }
+        ops.extend(extra);
         self.durable.log_locked(ops)?;
         drop(gc);
         // Drop what the log now has, unless it was staged again meanwhile.
@@ -508,7 +538,8 @@ impl Store {
     }
 
     /// Persists the cluster membership, and with it `view` when given, durably (whatever
-    /// the sync mode) and atomically: one log batch.
+    /// the sync mode) and atomically: one log batch, which also holds whatever data is
+    /// staged (a forming cluster's first record, docs/design.md §13).
     pub async fn save_membership(
         &self,
         m: &Membership,
@@ -524,8 +555,13 @@ impl Store {
                 value: Some(json(v)),
             });
         }
-        self.durable.log(ops)?;
-        self.flush_always().await
+        if self.fail_next_flush.swap(false, Ordering::SeqCst) {
+            return Err(StorageError::Injected);
+        }
+        self.write_staged_with(ops)?;
+        self.durable.wal.sync().await?;
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Writes applied data to sled and makes it durable as the sync mode requires before it
@@ -667,6 +703,7 @@ impl Store {
         staged.gc_horizon = Some(staged.gc_horizon.unwrap_or(0).max(source_horizon));
         drop(index);
         drop(staged);
+        self.accounts_version.fetch_add(1, Ordering::SeqCst);
         tracing::info!(
             removed,
             horizon = source_horizon,

@@ -60,10 +60,23 @@ impl Fixture {
         self.cluster.addrs()
     }
 
+    /// [`program`] with the environment a client of this cluster needs: `REPLIKV_CA`, and
+    /// the admin user in `REPLIKV_USER` and `REPLIKV_TOKEN` (docs/security.md).
+    pub fn command(&self, path: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = program(path);
+        command.envs(
+            self.cluster
+                .client_env(self.cluster.admin_credentials().as_ref()),
+        );
+        command
+    }
+
     /// A plain Rust client on the same cluster, to look at the store from outside kv739.
     pub fn client(&self) -> BlockingClient {
         let client = BlockingClient::connect(
-            ClientConfig::new(self.addrs()).with_request_timeout(Duration::from_secs(10)),
+            self.cluster
+                .client_config()
+                .with_request_timeout(Duration::from_secs(10)),
         )
         .expect("build a client");
         client
