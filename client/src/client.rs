@@ -22,7 +22,7 @@ use replikv_proto::kv::{
 };
 use replikv_proto::MAX_MESSAGE_BYTES;
 use tokio::time::Instant;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tracing::debug;
 
 use crate::backoff::Backoff;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use replikv_client::snapshot::{self as ops, Servers};
-use replikv_client::{Client, ClientConfig};
+use replikv_client::Client;
 use replikv_proto::snapshot as file;
 use replikv_testkit::cluster::free_ports;
 use replikv_testkit::fixtures::{run, run_for, server_command, BOOT_TIMEOUT};
@@ -40,14 +40,28 @@ async fn cluster(
 
 async fn client(cluster: &LocalCluster) -> Client {
     Client::connect(
-        ClientConfig::new(cluster.addrs()).with_request_timeout(Duration::from_secs(10)),
+        cluster
+            .client_config()
+            .with_request_timeout(Duration::from_secs(10)),
     )
     .await
     .expect("client")
 }
 
 fn plain(addrs: Vec<String>) -> Servers {
-    Servers::new(addrs, None, PROBE).expect("addresses")
+    Servers::new(addrs, None, PROBE, None).expect("addresses")
+}
+
+/// Every server of `cluster`, spoken to as its clients are: TLS and the admin user.
+fn servers_of(cluster: &LocalCluster) -> Servers {
+    let config = cluster.client_config();
+    Servers::new(
+        cluster.addrs(),
+        config.tls.as_ref(),
+        PROBE,
+        config.credentials.as_ref(),
+    )
+    .expect("addresses")
 }
 
 /// Polls `addr`'s health until `want(ready, live)` holds; panics after `limit`.
@@ -82,7 +96,7 @@ fn health_follows_a_killed_primary_and_a_wiped_rejoining_member() {
             .map(|r| vec!["--health-listen".to_string(), health_addr(r)])
             .collect();
         let mut cluster = cluster(3, args, None).await;
-        let kv = plain(cluster.addrs());
+        let kv = servers_of(&cluster);
         let probes = plain(
             (0..3)
                 .map(|r| format!("http://{}", health_addr(r)))
@@ -386,7 +400,7 @@ fn a_snapshot_under_writes_restores_exactly_its_commit_point_into_a_new_cluster(
         }
         tokio::time::sleep(Duration::from_millis(800)).await;
         let snap = base.path().join("backup.snap");
-        let servers = plain(live.addrs());
+        let servers = servers_of(&live);
         *phase.lock().unwrap() = 1;
         let (header, keys) = ops::save(&servers, &snap, Duration::from_secs(60))
             .await
@@ -490,7 +504,7 @@ fn a_snapshot_under_writes_restores_exactly_its_commit_point_into_a_new_cluster(
             Some(&b"yes"[..])
         );
         let again = base.path().join("again.snap");
-        let (h2, _) = ops::save(&plain(restored.addrs()), &again, Duration::from_secs(60))
+        let (h2, _) = ops::save(&servers_of(&restored), &again, Duration::from_secs(60))
             .await
             .unwrap();
         assert_ne!(
@@ -514,7 +528,7 @@ fn a_damaged_snapshot_is_refused_and_changes_nothing() {
             c.put(format!("k{i}"), "v").await.unwrap();
         }
         let good = base.path().join("good.snap");
-        ops::save(&plain(live.addrs()), &good, Duration::from_secs(30))
+        ops::save(&servers_of(&live), &good, Duration::from_secs(30))
             .await
             .unwrap();
         drop(live);
