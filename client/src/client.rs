@@ -700,7 +700,7 @@ impl Client {
                 // Only reads feed the latency averages (`Route::Nearest`
                 // routes reads only); a write refused mid view change says
                 // nothing about how close the server is.
-                Next::Retry if spec.kind == OpKind::Read => inner
+                Next::Retry if spec.kind == OpKind::Read && !failure.overloaded => inner
                     .router
                     .record_failure(server, inner.config.attempt_timeout),
                 Next::Retry => {}
@@ -729,7 +729,14 @@ impl Client {
                     )));
                 }
             }
-            self.follow_redirect(server, &failure, &mut plan);
+            if failure.overloaded {
+                // An overloaded server refused the request before doing anything
+                // (docs/design.md §6): it is alive and still where it was, so wait and try it
+                // again rather than fail over and forget which server is the primary.
+                plan.put_first(server);
+            } else {
+                self.follow_redirect(server, &failure, &mut plan);
+            }
 
             let now = Instant::now();
             if now >= deadline {

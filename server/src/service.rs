@@ -2,6 +2,7 @@
 //! service. They validate input, apply incoming fault rules and call the replica; no
 //! protocol decisions are made here.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use crate::engine::sequencer::{Expect, MAX_RANGE_DELETE_KEYS};
 use crate::error::{PrimaryHint, ServeError};
 use crate::fault::{Action, CrashPoint};
 use crate::identity::CLUSTER_HEADER;
+use crate::limits::{Admitted, InFlight};
 use crate::network::FROM_HEADER;
 use crate::replica::{CasReq, Node, RangeDeleteReq, WriteReq};
 use crate::tls::{self, NodeTls};
@@ -34,11 +36,34 @@ const LOST_REQUEST_WAIT: Duration = Duration::from_secs(2);
 pub struct KvService {
     node: Arc<Node>,
     limits: Limits,
+    in_flight: InFlight,
+    /// The client connection of the `Pipeline` call this copy serves (its requests carry
+    /// no connection of their own).
+    origin: Option<SocketAddr>,
 }
 
 impl KvService {
-    pub fn new(node: Arc<Node>, limits: Limits) -> Self {
-        KvService { node, limits }
+    pub fn new(node: Arc<Node>, limits: Limits, in_flight: InFlight) -> Self {
+        KvService {
+            node,
+            limits,
+            in_flight,
+            origin: None,
+        }
+    }
+
+    /// The client connection a request came on.
+    fn origin<T>(&self, req: &Request<T>) -> Option<SocketAddr> {
+        req.remote_addr().or(self.origin)
+    }
+
+    /// A place for one request among the server's `--max-in-flight`, held until it is
+    /// answered; over the limit (or its connection's share of it) the request is refused
+    /// before it does anything (RESOURCE_EXHAUSTED, docs/design.md §6).
+    fn admit(&self, origin: Option<SocketAddr>) -> Result<Admitted, Status> {
+        self.in_flight
+            .admit(origin)
+            .map_err(ServeError::into_status)
     }
 }
 
@@ -129,6 +154,7 @@ fn check_limit(limit: u32, default: u32, max: u32) -> Result<usize, Status> {
 impl KvService {
     async fn write(
         &self,
+        origin: Option<SocketAddr>,
         key: Bytes,
         value: Option<Bytes>,
         id: Option<RequestId>,
@@ -137,6 +163,7 @@ impl KvService {
         if let Some(v) = &value {
             check_value(v, &self.limits).map_err(ServeError::into_status)?;
         }
+        let _admitted = self.admit(origin)?;
         let (r, forwarded_to) = self
             .node
             .write(WriteReq {
@@ -166,8 +193,10 @@ fn write_response<T>(body: T, forwarded_to: Option<PrimaryHint>) -> Response<T> 
 impl Kv for KvService {
     #[instrument(level = "debug", skip_all)]
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let origin = self.origin(&req);
         let key = req.into_inner().key;
         check_key(&key, &self.limits).map_err(ServeError::into_status)?;
+        let _admitted = self.admit(origin)?;
         let v = self
             .node
             .read(&key)
@@ -184,8 +213,9 @@ impl Kv for KvService {
 
     #[instrument(level = "debug", skip_all)]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let origin = self.origin(&req);
         let r = req.into_inner();
-        let (had_old, old_value, via) = self.write(r.key, Some(r.value), r.id).await?;
+        let (had_old, old_value, via) = self.write(origin, r.key, Some(r.value), r.id).await?;
         Ok(write_response(PutResponse { had_old, old_value }, via))
     }
 
@@ -194,8 +224,9 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
+        let origin = self.origin(&req);
         let r = req.into_inner();
-        let (had_old, old_value, via) = self.write(r.key, None, r.id).await?;
+        let (had_old, old_value, via) = self.write(origin, r.key, None, r.id).await?;
         Ok(write_response(DeleteResponse { had_old, old_value }, via))
     }
 
@@ -212,9 +243,13 @@ impl Kv for KvService {
         &self,
         req: Request<Streaming<PipelineRequest>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
+        let call = KvService {
+            origin: req.remote_addr(),
+            ..self.clone()
+        };
         Ok(Response::new(replikv_proto::pipeline::serve_with(
-            self.clone(),
-            self.clone(),
+            call.clone(),
+            call,
             req.into_inner(),
             self.node.stopped(),
         )))
@@ -226,6 +261,7 @@ impl Kv for KvService {
 impl replikv_proto::pipeline::Extra for KvService {
     #[instrument(level = "debug", skip_all)]
     async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let origin = self.origin(&req);
         let r = req.into_inner();
         let mut range = item_range(r.range, true, &self.limits)?;
         let limit = check_limit(r.limit, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT)?;
@@ -236,6 +272,7 @@ impl replikv_proto::pipeline::Extra for KvService {
             }
             range = range.after(&r.continuation);
         }
+        let _admitted = self.admit(origin)?;
         let (items, more) = self
             .node
             .scan(&range, limit)
@@ -258,6 +295,7 @@ impl replikv_proto::pipeline::Extra for KvService {
 
     #[instrument(level = "debug", skip_all)]
     async fn cas(&self, req: Request<CasRequest>) -> Result<Response<CasResponse>, Status> {
+        let origin = self.origin(&req);
         let r = req.into_inner();
         check_key(&r.key, &self.limits).map_err(ServeError::into_status)?;
         check_value(&r.expected, &self.limits).map_err(ServeError::into_status)?;
@@ -275,6 +313,7 @@ impl replikv_proto::pipeline::Extra for KvService {
                 "deleting a key expected to be absent changes nothing",
             ));
         }
+        let _admitted = self.admit(origin)?;
         let (swapped, current) = self
             .node
             .cas(CasReq {
@@ -301,10 +340,12 @@ impl replikv_proto::pipeline::Extra for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let origin = self.origin(&req);
         let r = req.into_inner();
         let range = item_range(r.range, false, &self.limits)?;
         let max = MAX_RANGE_DELETE_KEYS as u32;
         let limit = check_limit(r.limit, max, max)?;
+        let _admitted = self.admit(origin)?;
         let (removed, more) = self
             .node
             .delete_range(RangeDeleteReq {
