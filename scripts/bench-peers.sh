@@ -31,9 +31,10 @@
 #                  way in both modes, and leaves Redis out (the load generator's Redis
 #                  client speaks no TLS). TLS=1: certificates from `replikv cert`; replikv
 #                  with --tls-dir (TLS on the client port, mutual TLS between servers) and
-#                  clients trusting the CA (REPLIKV_CA); etcd with TLS on client and peer
-#                  URLs (--cert-file/--key-file/--trusted-ca-file and the --peer-* ones) and
-#                  clients trusting the CA (ETCDCTL_CACERT). TLS=0: both in the clear.
+#                  clients trusting the CA (REPLIKV_CA); etcd with TLS on client URLs
+#                  (--cert-file/--key-file), mutual TLS on peer URLs (the --peer-* flags)
+#                  and clients trusting the CA (ETCDCTL_CACERT). Clients present no
+#                  certificate to either. TLS=0: both in the clear.
 #
 # Installs etcd-server and redis-server from Debian's packages when they are missing.
 # Everything it starts is stopped when it exits, however it exits.
@@ -104,9 +105,10 @@ start_etcd() {
         local tls_flags=()
         if [ "$TLS" = 1 ]; then
             # The replikv node certificates serve etcd too: same CA, loopback SANs, and
-            # both server and client use (an etcd member dials its peers with it).
+            # both server and client use (an etcd member dials its peers with it). Clients
+            # present no certificate, as replikv's do not (etcd would require one with
+            # --trusted-ca-file); peers do, mutual TLS on both.
             tls_flags=(--cert-file "$CERTS/node-$i.pem" --key-file "$CERTS/node-$i-key.pem"
-                --trusted-ca-file "$CERTS/ca.pem"
                 --peer-cert-file "$CERTS/node-$i.pem" --peer-key-file "$CERTS/node-$i-key.pem"
                 --peer-trusted-ca-file "$CERTS/ca.pem" --peer-client-cert-auth)
         fi
@@ -320,7 +322,7 @@ if [ -s "$SUMMARY" ]; then
                 "appendfsync always, WAIT 2 after every write, reads on the $REDIS_ROUTE route."
             echo "replikv: 3 servers, --sync always, linearizable reads from any member."
         else
-            echo "TLS=$TLS: $([ "$TLS" = 1 ] && echo "TLS on every client and peer connection of replikv and etcd (replikv --tls-dir, etcd --cert-file and --peer-cert-file, one CA from \`replikv cert\`)" || echo "replikv and etcd in the clear"); Redis left out (the load generator's Redis client speaks no TLS)."
+            echo "TLS=$TLS: $([ "$TLS" = 1 ] && echo "TLS on every client and peer connection of replikv and etcd (replikv --tls-dir, etcd --cert-file and --peer-cert-file, one CA from \`replikv cert\`; mutual between servers, clients present no certificate)" || echo "replikv and etcd in the clear"); Redis left out (the load generator's Redis client speaks no TLS)."
             echo "replikv: 3 servers started by the script, --sync always, linearizable reads from any member."
         fi
         echo "Clients: replikv's and etcd's share $CONNS connection sets (\`--conns $CONNS\`);" \

@@ -50,9 +50,10 @@ PY
     echo "Made by \`scripts/bench-tls.sh\` (DURATION=${DURATION:-5s}) on $(date -u +%Y-%m-%dT%H:%M:%SZ) at commit" \
         "\`$(git rev-parse --short HEAD 2>/dev/null || echo unknown)\`: \`scripts/bench-peers.sh\` with"
     echo "TLS=0 (everything in the clear), then with TLS=1 (TLS on every client and peer connection"
-    echo "of replikv and etcd: replikv \`--tls-dir\` with clients trusting the CA, etcd \`--cert-file\`,"
-    echo "\`--trusted-ca-file\` and the \`--peer-*\` flags, one CA made by \`replikv cert\`). Redis is left"
-    echo "out: the load generator's Redis client speaks no TLS."
+    echo "of replikv and etcd: replikv \`--tls-dir\` with clients trusting the CA, etcd \`--cert-file\`"
+    echo "and the \`--peer-*\` flags, one CA made by \`replikv cert\`; mutual TLS between servers, clients"
+    echo "present no certificate). Redis is left out: Debian's redis-server 7.0 is built with TLS"
+    echo "(\`--tls-port\`), but the load generator's Redis client is built without it."
     echo
     echo "Machine: $(nproc) CPUs, \`$(uname -a)\`; everything on loopback."
     echo
