@@ -101,7 +101,12 @@ pub fn serve_with<S: Kv + Clone, E: Extra + Clone>(
         let unread = reader_unread;
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         loop {
-            unread.below(MAX_UNREAD_BYTES).await;
+            // A call whose answers are no longer taken (the client went away, the server
+            // stops) ends here rather than wait for ever.
+            tokio::select! {
+                () = unread.below(MAX_UNREAD_BYTES) => {}
+                () = tx.closed() => break,
+            }
             let Ok(Some(r)) = requests.message().await else {
                 break;
             };
