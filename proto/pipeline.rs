@@ -5,9 +5,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use prost::Message;
+use tokio::sync::Notify;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -21,6 +24,10 @@ use crate::kv::{
 
 /// Most requests of one call served at once; further ones wait to be read.
 pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// Most bytes of answers one call holds that its client has not taken yet: past it, no
+/// further request of the call is read until the client reads answers.
+pub const MAX_UNREAD_BYTES: usize = 4 << 20;
 
 /// The answers of a `Pipeline` call.
 pub type Answers = Pin<Box<dyn Stream<Item = Result<PipelineResponse, Status>> + Send>>;
@@ -81,25 +88,82 @@ pub fn serve_with<S: Kv + Clone, E: Extra + Clone>(
     mut requests: Streaming<PipelineRequest>,
     until: impl Future<Output = ()> + Send + 'static,
 ) -> Answers {
-    // Bounded: a client that sends and never reads fills this queue, then the permits, then
-    // stops being read from (HTTP/2 flow control holds it back); it cannot make the server
-    // buffer answers without limit.
+    // Bounded by count and by bytes: a client that sends and never reads fills the answer
+    // queue up to MAX_UNREAD_BYTES (or MAX_IN_FLIGHT answers), after which no further
+    // request is read and HTTP/2 flow control holds the client back. What the call holds is
+    // then at most MAX_UNREAD_BYTES plus the answers of the requests that were being served
+    // when it crossed that mark (never more than MAX_IN_FLIGHT answers in all); it cannot
+    // make the server buffer answers without limit.
     let (tx, rx) = tokio::sync::mpsc::channel(MAX_IN_FLIGHT);
+    let unread = Arc::new(Unread::default());
+    let reader_unread = unread.clone();
     tokio::spawn(async move {
+        let unread = reader_unread;
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-        while let Ok(Some(r)) = requests.message().await {
+        loop {
+            // A call whose answers are no longer taken (the client went away, the server
+            // stops) ends here rather than wait for ever.
+            tokio::select! {
+                () = unread.below(MAX_UNREAD_BYTES) => {}
+                () = tx.closed() => break,
+            }
+            let Ok(Some(r)) = requests.message().await else {
+                break;
+            };
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
-            let (svc, extra, tx) = (svc.clone(), extra.clone(), tx.clone());
+            let (svc, extra, tx, unread) = (svc.clone(), extra.clone(), tx.clone(), unread.clone());
             tokio::spawn(async move {
-                // The permit is held until the answer is queued.
-                let _ = tx.send(Ok(serve_one(&svc, &extra, r).await)).await;
-                drop(permit);
+                // The permit is held until the answer is taken: served and unread answers
+                // together are at most MAX_IN_FLIGHT.
+                let answer = serve_one(&svc, &extra, r).await;
+                let bytes = answer.encoded_len();
+                unread.add(bytes);
+                if tx.send((answer, bytes, permit)).await.is_err() {
+                    unread.taken(bytes);
+                }
             });
         }
     });
-    Box::pin(ReceiverStream::new(rx).take_until(until))
+    let answers = ReceiverStream::new(rx).map(move |(answer, bytes, _permit)| {
+        unread.taken(bytes);
+        Ok(answer)
+    });
+    Box::pin(answers.take_until(until))
+}
+
+/// Bytes of answers queued for a call and not yet taken by its response stream.
+#[derive(Default)]
+struct Unread {
+    bytes: AtomicUsize,
+    taken: Notify,
+}
+
+impl Unread {
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn taken(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        self.taken.notify_waiters();
+    }
+
+    /// Completes once fewer than `limit` bytes are unread.
+    async fn below(&self, limit: usize) {
+        loop {
+            let taken = self.taken.notified();
+            tokio::pin!(taken);
+            // Registered before the check, so a `taken` between the check and the wait
+            // still wakes it.
+            taken.as_mut().enable();
+            if self.bytes.load(Ordering::Acquire) < limit {
+                return;
+            }
+            taken.await;
+        }
+    }
 }
 
 async fn serve_one<S: Kv, E: Extra>(svc: &S, extra: &E, req: PipelineRequest) -> PipelineResponse {

@@ -25,6 +25,16 @@
 #   BASELINE_BIN   a replikv-loadgen binary of an earlier commit: every replikv run is made
 #                  with it too, right before the current one, into $OUT/peers-baseline.csv,
 #                  and $OUT/peers.md gets a table of both and their ratio
+#   TLS            unset: as described above (replikv spawned by the load generator).
+#                  0 or 1: the cost-of-TLS comparison (scripts/bench-tls.sh runs both back
+#                  to back). This script then starts the 3 replikv servers itself, the same
+#                  way in both modes, and leaves Redis out (the load generator's Redis
+#                  client speaks no TLS). TLS=1: certificates from `replikv cert`; replikv
+#                  with --tls-dir (TLS on the client port, mutual TLS between servers) and
+#                  clients trusting the CA (REPLIKV_CA); etcd with TLS on client URLs
+#                  (--cert-file/--key-file), mutual TLS on peer URLs (the --peer-* flags)
+#                  and clients trusting the CA (ETCDCTL_CACERT). Clients present no
+#                  certificate to either. TLS=0: both in the clear.
 #
 # Installs etcd-server and redis-server from Debian's packages when they are missing.
 # Everything it starts is stopped when it exits, however it exits.
@@ -45,6 +55,8 @@ VALUE_SIZE=256
 # stopped; a waiting loop gives up after READY_LIMIT.
 RUN_LIMIT="${RUN_LIMIT:-150}"
 READY_LIMIT=60
+TLS="${TLS:-}"
+case "$TLS" in "" | 0 | 1) ;; *) echo "bench-peers: TLS must be 0, 1 or unset" >&2; exit 2 ;; esac
 
 log() { echo "bench-peers: $*" >&2; }
 
@@ -87,16 +99,26 @@ start_etcd() {
         client_ports+=("$FREE_PORT")
         free_port
         peer_ports+=("$FREE_PORT")
-        cluster="${cluster:+$cluster,}m$i=http://127.0.0.1:${peer_ports[$i]}"
+        cluster="${cluster:+$cluster,}m$i=$SCHEME://127.0.0.1:${peer_ports[$i]}"
     done
     for i in 0 1 2; do
+        local tls_flags=()
+        if [ "$TLS" = 1 ]; then
+            # The replikv node certificates serve etcd too: same CA, loopback SANs, and
+            # both server and client use (an etcd member dials its peers with it). Clients
+            # present no certificate, as replikv's do not (etcd would require one with
+            # --trusted-ca-file); peers do, mutual TLS on both.
+            tls_flags=(--cert-file "$CERTS/node-$i.pem" --key-file "$CERTS/node-$i-key.pem"
+                --peer-cert-file "$CERTS/node-$i.pem" --peer-key-file "$CERTS/node-$i-key.pem"
+                --peer-trusted-ca-file "$CERTS/ca.pem" --peer-client-cert-auth)
+        fi
         etcd --name "m$i" --data-dir "$TMP/etcd$i" \
-            --listen-client-urls "http://127.0.0.1:${client_ports[$i]}" \
-            --advertise-client-urls "http://127.0.0.1:${client_ports[$i]}" \
-            --listen-peer-urls "http://127.0.0.1:${peer_ports[$i]}" \
-            --initial-advertise-peer-urls "http://127.0.0.1:${peer_ports[$i]}" \
+            --listen-client-urls "$SCHEME://127.0.0.1:${client_ports[$i]}" \
+            --advertise-client-urls "$SCHEME://127.0.0.1:${client_ports[$i]}" \
+            --listen-peer-urls "$SCHEME://127.0.0.1:${peer_ports[$i]}" \
+            --initial-advertise-peer-urls "$SCHEME://127.0.0.1:${peer_ports[$i]}" \
             --initial-cluster "$cluster" --initial-cluster-state new \
-            --initial-cluster-token replikv-bench --log-level warn \
+            --initial-cluster-token replikv-bench --log-level warn "${tls_flags[@]}" \
             >"$TMP/etcd$i.log" 2>&1 &
         PIDS+=("$!")
         ETCD_ADDRS="${ETCD_ADDRS:+$ETCD_ADDRS,}127.0.0.1:${client_ports[$i]}"
@@ -110,6 +132,10 @@ start_etcd() {
 # /health answers {"health":"true"} once the member has a leader.
 etcd_healthy() {
     local reply
+    if [ "$TLS" = 1 ]; then
+        reply=$(timeout 2 curl -s --cacert "$CERTS/ca.pem" "https://127.0.0.1:$1/health") || return 1
+        case "$reply" in *'"health":"true"'*) return 0 ;; *) return 1 ;; esac
+    fi
     exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
     printf 'GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
     reply=$(timeout 2 cat <&3)
@@ -144,6 +170,56 @@ redis_replicas_online() {
     [ "$(redis-cli -p "$1" INFO replication | grep -c '^slave[0-9]*:.*state=online')" -eq 2 ]
 }
 
+# --- replikv started by this script (TLS=0|1) ---------------------------------------------
+
+SCHEME=http
+[ "$TLS" = 1 ] && SCHEME=https
+CERTS="$TMP/certs"
+
+# The CA and node certificates of ranks 0-2 for 127.0.0.1, from `replikv cert`.
+make_certs() {
+    log "building replikv (the CLI, for its cert command)"
+    cargo build -q -p replikv-client --bin replikv >&2
+    local cli="${CARGO_TARGET_DIR:-$ROOT/target}/debug/replikv" i
+    "$cli" cert ca --dir "$CERTS" --cluster bench >/dev/null
+    for i in 0 1 2; do
+        "$cli" cert node --dir "$CERTS" --rank "$i" --hosts 127.0.0.1 >/dev/null
+    done
+}
+
+REPLIKV_ADDRS=""
+start_replikv() {
+    local peers="" ports=() pports=() i
+    for i in 0 1 2; do
+        free_port
+        ports+=("$FREE_PORT")
+        free_port
+        pports+=("$FREE_PORT")
+        peers="${peers:+$peers,}127.0.0.1:${ports[$i]}/${pports[$i]}"
+    done
+    for i in 0 1 2; do
+        local flags=(--rank "$i" --peers "$peers" --data-dir "$TMP/replikv$i" --sync always)
+        [ "$i" -eq 0 ] && flags+=(--bootstrap)
+        [ "$TLS" = 1 ] && flags+=(--tls-dir "$CERTS")
+        # A thread per core each, as the load generator's --spawn gives 3 servers on
+        # this machine: cores / (servers + 1), at least one.
+        TOKIO_WORKER_THREADS=$(( $(nproc) / 4 > 0 ? $(nproc) / 4 : 1 )) \
+            "$BIN" server "${flags[@]}" >"$TMP/replikv$i.log" 2>&1 &
+        PIDS+=("$!")
+        REPLIKV_ADDRS="${REPLIKV_ADDRS:+$REPLIKV_ADDRS,}127.0.0.1:${ports[$i]}"
+    done
+    wait_until "replikv servers" replikv_ready
+    log "replikv up: $REPLIKV_ADDRS (TLS=$TLS)"
+}
+
+# Every server is a member of a 3-member view.
+replikv_ready() {
+    local cli="${CARGO_TARGET_DIR:-$ROOT/target}/debug/replikv" members
+    members=$(REPLIKV_SERVERS="$REPLIKV_ADDRS" timeout 5 "$cli" status 2>/dev/null \
+        | grep -cw up) || return 1
+    [ "$members" -eq 3 ]
+}
+
 # --- runs -------------------------------------------------------------------------------
 
 install_missing
@@ -152,8 +228,16 @@ log "building replikv-loadgen (release)"
 cargo build --release -p replikv-loadgen >&2
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/replikv-loadgen"
 
+if [ -n "$TLS" ]; then
+    make_certs
+    if [ "$TLS" = 1 ]; then
+        export REPLIKV_CA="$CERTS/ca.pem" ETCDCTL_CACERT="$CERTS/ca.pem"
+    fi
+    start_replikv
+else
+    start_redis
+fi
 start_etcd
-start_redis
 
 mkdir -p "$OUT/peers"
 SUMMARY="$OUT/peers.csv"
@@ -208,12 +292,18 @@ for clients in 64 1; do
             RUN_BIN="$BASELINE_BIN" RUN_SUMMARY="$BASELINE_SUMMARY" \
                 run "$label" replikv --spawn 3 --sync always "${common[@]}"
         fi
-        run "$label" replikv --spawn 3 --sync always "${common[@]}"
+        if [ -n "$TLS" ]; then
+            run "$label" replikv --servers "$REPLIKV_ADDRS" "${common[@]}"
+        else
+            run "$label" replikv --spawn 3 --sync always "${common[@]}"
+        fi
         # etcd's own client spreads requests over the members; followers forward writes
         # to the leader inside the cluster.
         run "$label" etcd --servers "$ETCD_ADDRS" --route random "${etcd_flags[@]}" "${common[@]}"
-        run "$label" redis --servers "$REDIS_ADDRS" --redis-wait 2 --route "$REDIS_ROUTE" \
-            "${common[@]}"
+        if [ -z "$TLS" ]; then
+            run "$label" redis --servers "$REDIS_ADDRS" --redis-wait 2 --route "$REDIS_ROUTE" \
+                "${common[@]}"
+        fi
     done
 done
 
@@ -227,9 +317,14 @@ if [ -s "$SUMMARY" ]; then
         echo "$KEYS keys, $VALUE_SIZE-byte values, $DURATION measured after $WARMUP warm-up."
         echo "etcd $(etcd --version 2>/dev/null | head -n 1 | awk '{print $3}'): 3 members," \
             "default fsync, $([ "$ETCD_SERIALIZABLE" = 1 ] && echo serializable || echo linearizable) reads."
-        echo "Redis $(redis-server --version | awk '{print $3}' | cut -d= -f2): primary + 2 replicas," \
-            "appendfsync always, WAIT 2 after every write, reads on the $REDIS_ROUTE route."
-        echo "replikv: 3 servers, --sync always, linearizable reads from any member."
+        if [ -z "$TLS" ]; then
+            echo "Redis $(redis-server --version | awk '{print $3}' | cut -d= -f2): primary + 2 replicas," \
+                "appendfsync always, WAIT 2 after every write, reads on the $REDIS_ROUTE route."
+            echo "replikv: 3 servers, --sync always, linearizable reads from any member."
+        else
+            echo "TLS=$TLS: $([ "$TLS" = 1 ] && echo "TLS on every client and peer connection of replikv and etcd (replikv --tls-dir, etcd --cert-file and --peer-cert-file, one CA from \`replikv cert\`; mutual between servers, clients present no certificate)" || echo "replikv and etcd in the clear"); Redis left out (the load generator's Redis client speaks no TLS)."
+            echo "replikv: 3 servers started by the script, --sync always, linearizable reads from any member."
+        fi
         echo "Clients: replikv's and etcd's share $CONNS connection sets (\`--conns $CONNS\`);" \
             "each Redis client has its own connection."
         echo

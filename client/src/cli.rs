@@ -381,10 +381,25 @@ async fn execute(opt: Opt, out: &mut impl Write) -> Result<u8, Error> {
     match &opt.command {
         Command::Health { addr } => {
             let addrs = addr.clone().map_or(opt.servers.clone(), |a| vec![a]);
-            return health(addrs, tls.as_ref(), opt.attempt_timeout, creds.as_ref(), out).await;
+            return health(
+                addrs,
+                tls.as_ref(),
+                opt.attempt_timeout,
+                creds.as_ref(),
+                out,
+            )
+            .await;
         }
         Command::Snapshot(c) => {
-            return snapshot(c, opt.servers.clone(), tls.as_ref(), creds.as_ref(), &opt, out).await;
+            return snapshot(
+                c,
+                opt.servers.clone(),
+                tls.as_ref(),
+                creds.as_ref(),
+                &opt,
+                out,
+            )
+            .await;
         }
         _ => {}
     }

@@ -634,7 +634,10 @@ impl Client {
     /// naming the primary, which is tried next. Bad input and refusals are not retried.
     async fn members_call<R, F, Fut>(&self, op: &str, call: F) -> Result<R, Error>
     where
-        F: Fn(MembersClient<tonic::service::interceptor::InterceptedService<Channel, AddCredentials>>, Duration) -> Fut,
+        F: Fn(
+            MembersClient<tonic::service::interceptor::InterceptedService<Channel, AddCredentials>>,
+            Duration,
+        ) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
         let deadline = Instant::now() + self.inner.config.request_timeout;
@@ -911,7 +914,7 @@ impl Client {
                 // Only reads feed the latency averages (`Route::Nearest`
                 // routes reads only); a write refused mid view change says
                 // nothing about how close the server is.
-                Next::Retry if spec.kind == OpKind::Read => inner
+                Next::Retry if spec.kind == OpKind::Read && !failure.overloaded => inner
                     .router
                     .record_failure(server, inner.config.attempt_timeout),
                 Next::Retry => {}
@@ -947,7 +950,14 @@ impl Client {
                     )));
                 }
             }
-            self.follow_redirect(server, &failure, &mut plan);
+            if failure.overloaded {
+                // An overloaded server refused the request before doing anything
+                // (docs/design.md §6): it is alive and still where it was, so wait and try it
+                // again rather than fail over and forget which server is the primary.
+                plan.put_first(server);
+            } else {
+                self.follow_redirect(server, &failure, &mut plan);
+            }
 
             let now = Instant::now();
             if now >= deadline {

@@ -186,7 +186,7 @@ fn partial_path(path: &Path) -> PathBuf {
 async fn save_from(servers: &Servers, addr: &str, partial: &Path) -> Result<(), Error> {
     let mut client =
         BackupClient::with_interceptor(servers.channel(addr)?, servers.credentials.clone())
-        .max_decoding_message_size(replikv_proto::MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(replikv_proto::MAX_MESSAGE_BYTES);
     let unavailable = |s: tonic::Status| crate::client::one_attempt_error(addr, &s);
     let mut stream = client
         .snapshot(SnapshotRequest {})

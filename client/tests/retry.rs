@@ -255,6 +255,31 @@ async fn invalid_input_is_not_retried() {
 }
 
 #[tokio::test]
+async fn an_overloaded_server_is_tried_again_after_a_backoff_not_failed_over() {
+    static PUTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let fakes = FakeCluster::start(2, |call: &Call, _: &[String]| {
+        if call.method == "put" && PUTS.fetch_add(1, Ordering::SeqCst) < 2 {
+            Reply::Fail(Status::resource_exhausted("too many requests"))
+        } else {
+            Reply::Serve
+        }
+    })
+    .await;
+    let client = Client::connect(config(fakes.addrs())).await.unwrap();
+    let started = Instant::now();
+    bounded(client.put("k", "v")).await.unwrap();
+    let puts = fakes.calls_of("put");
+    assert_eq!(puts.len(), 3, "two refusals, then served: {puts:?}");
+    assert!(
+        puts.iter().all(|c| c.server == puts[0].server),
+        "every attempt went to the server that said it is overloaded: {puts:?}"
+    );
+    assert_eq!(puts[1].id, puts[0].id, "the retry reuses the request id");
+    // Two backoffs (from 2.5 ms, doubling) separate the three attempts.
+    assert!(started.elapsed() >= Duration::from_millis(5));
+}
+
+#[tokio::test]
 async fn persistent_overload_is_reported_as_overloaded() {
     let fakes = FakeCluster::start(2, |_: &Call, _: &[String]| {
         Reply::Fail(Status::resource_exhausted("too many requests"))

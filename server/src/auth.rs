@@ -363,6 +363,17 @@ fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Refuses `what` unless `p` is an admin user.
+pub fn require_admin(p: &Principal, what: &str) -> Result<(), Status> {
+    if p.admin {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "{what} needs the admin user; {:?} is not one",
+        p.name
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,15 +415,4 @@ mod tests {
         assert!(!a.token_sha256.contains(&token));
         assert_eq!(Account::decode(&a.encode()), Some(a));
     }
-}
-
-/// Refuses `what` unless `p` is an admin user.
-pub fn require_admin(p: &Principal, what: &str) -> Result<(), Status> {
-    if p.admin {
-        return Ok(());
-    }
-    Err(Status::permission_denied(format!(
-        "{what} needs the admin user; {:?} is not one",
-        p.name
-    )))
 }

@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::error::ConfigError;
+use crate::limits::Capacity;
 use crate::tls::TlsFiles;
 use crate::types::{Configuration, ServerAddr};
 
@@ -115,6 +116,23 @@ pub struct Opt {
     /// Largest value in bytes.
     #[arg(long)]
     pub max_value_bytes: Option<usize>,
+    /// Most open connections on the client port; further ones are closed as they are
+    /// accepted (docs/security.md "Limits"). Default 1024.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Most open connections on the peer port. Default 128.
+    #[arg(long)]
+    pub max_peer_connections: Option<usize>,
+    /// Most concurrent calls (HTTP/2 streams) on one client connection. Default 256.
+    #[arg(long)]
+    pub max_client_streams: Option<u32>,
+    /// Most client requests served at once; further ones are refused with
+    /// RESOURCE_EXHAUSTED (nothing applied). Default 4096.
+    #[arg(long)]
+    pub max_in_flight: Option<usize>,
+    /// Most catch-up state transfers served at once to rejoining servers. Default 2.
+    #[arg(long)]
+    pub max_transfers: Option<usize>,
     /// Serve the Admin fault-injection service (tests only).
     #[arg(long)]
     pub enable_fault_injection: bool,
@@ -177,6 +195,11 @@ struct FileConfig {
     rank_from_hostname: Option<bool>,
     max_key_bytes: Option<usize>,
     max_value_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    max_peer_connections: Option<usize>,
+    max_client_streams: Option<u32>,
+    max_in_flight: Option<usize>,
+    max_transfers: Option<usize>,
     enable_fault_injection: Option<bool>,
     session_ttl: Option<String>,
     health_listen: Option<SocketAddr>,
@@ -217,6 +240,8 @@ pub struct Config {
     pub sync: SyncMode,
     pub timing: Timing,
     pub limits: Limits,
+    /// Connections, streams, requests and transfers served at once.
+    pub capacity: Capacity,
     pub fault_injection: bool,
     /// May form a new cluster (see [`Opt::bootstrap`]).
     pub bootstrap: bool,
@@ -324,6 +349,7 @@ impl Opt {
             }
             None => FileConfig::default(),
         };
+        let capacity = self.capacity(&file)?;
         let ops = self.resolve_ops(&file)?;
         let from_hostname = self.rank_from_hostname || file.rank_from_hostname.unwrap_or(false);
         let rank = match (self.rank.or(file.rank), from_hostname) {
@@ -524,6 +550,7 @@ impl Opt {
                 ack_timeout: std::time::Duration::from_millis(ack_timeout_ms),
             },
             limits,
+            capacity,
             fault_injection: self.enable_fault_injection
                 || file.enable_fault_injection.unwrap_or(false),
             bootstrap: self.bootstrap || file.bootstrap.unwrap_or(false),
@@ -578,6 +605,52 @@ impl Opt {
             restore: self.restore.clone().or(file.restore.clone()),
             backups,
         })
+    }
+}
+
+impl Opt {
+    /// The capacity limits, each at least 1.
+    fn capacity(&self, file: &FileConfig) -> Result<Capacity, ConfigError> {
+        let d = Capacity::default();
+        let capacity = Capacity {
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            max_peer_connections: self
+                .max_peer_connections
+                .or(file.max_peer_connections)
+                .unwrap_or(d.max_peer_connections),
+            max_client_streams: self
+                .max_client_streams
+                .or(file.max_client_streams)
+                .unwrap_or(d.max_client_streams),
+            max_in_flight: self
+                .max_in_flight
+                .or(file.max_in_flight)
+                .unwrap_or(d.max_in_flight),
+            max_transfers: self
+                .max_transfers
+                .or(file.max_transfers)
+                .unwrap_or(d.max_transfers),
+        };
+        let checks = [
+            ("--max-connections", capacity.max_connections),
+            ("--max-peer-connections", capacity.max_peer_connections),
+            ("--max-client-streams", capacity.max_client_streams as usize),
+            ("--max-in-flight", capacity.max_in_flight),
+            ("--max-transfers", capacity.max_transfers),
+        ];
+        for (flag, value) in checks {
+            // Beyond this a tokio semaphore panics; far beyond any sane setting anyway.
+            if value == 0 || value > 1 << 24 {
+                return Err(ConfigError(format!(
+                    "{flag} {value} must be within 1..={}",
+                    1 << 24
+                )));
+            }
+        }
+        Ok(capacity)
     }
 }
 
@@ -676,6 +749,41 @@ mod tests {
         assert_eq!(c.peers, ["127.0.0.1:1", "127.0.0.1:2"]);
         assert_eq!(c.peer_addrs, ["127.0.0.1:2", "127.0.0.1:3"]);
         assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn capacity_flags_resolve_and_zero_is_refused() {
+        let base = [
+            "--rank",
+            "0",
+            "--peers",
+            "127.0.0.1:1",
+            "--data-dir",
+            "/tmp/x",
+        ];
+        let c = opt(&base).resolve().unwrap();
+        assert_eq!(c.capacity, Capacity::default());
+        let mut args = base.to_vec();
+        args.extend(["--max-connections", "8", "--max-in-flight", "16"]);
+        args.extend(["--max-transfers", "1", "--max-client-streams", "4"]);
+        args.extend(["--max-peer-connections", "9"]);
+        let c = opt(&args).resolve().unwrap();
+        assert_eq!(
+            c.capacity,
+            Capacity {
+                max_connections: 8,
+                max_peer_connections: 9,
+                max_client_streams: 4,
+                max_in_flight: 16,
+                max_transfers: 1,
+            }
+        );
+        for flag in ["--max-connections", "--max-in-flight", "--max-transfers"] {
+            let mut args = base.to_vec();
+            args.extend([flag, "0"]);
+            let e = opt(&args).resolve().unwrap_err();
+            assert!(e.0.contains(flag), "{e:?}");
+        }
     }
 
     #[test]

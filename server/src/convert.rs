@@ -571,6 +571,7 @@ pub fn sync_error_to_status(e: msg::SyncError) -> tonic::Status {
     match e {
         msg::SyncError::Refused(r) => tonic::Status::failed_precondition(r.to_string()),
         msg::SyncError::Storage(m) => tonic::Status::internal(m),
+        msg::SyncError::Busy(m) => tonic::Status::resource_exhausted(m),
     }
 }
 

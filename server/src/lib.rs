@@ -22,6 +22,8 @@
 //! - [`replica`]: the async replica, one file per protocol step (write path, read path, the
 //!   append stream, view change, state transfer, monitor), executing the engine's decisions;
 //!   one owner of its background tasks.
+//! - [`limits`]: limits against abusive clients and heavy work: connections per listener,
+//!   client requests in flight, concurrent catch-up transfers.
 //! - [`tls`]: TLS settings for both listeners and the rank a verified peer certificate names.
 //! - [`service`]: the gRPC services: Kv (client listener), Peer and Admin (peer listener).
 //! - [`health`]: the standard gRPC health service: readiness and liveness.
@@ -46,6 +48,7 @@ pub mod fault;
 pub mod health;
 pub mod identity;
 pub mod join;
+pub mod limits;
 pub mod message;
 pub mod metrics;
 pub mod network;
@@ -73,9 +76,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long a shutdown waits for open calls to finish.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Concurrent HTTP/2 streams (calls) per client connection; `Pipeline` multiplexes many
-/// requests over one.
-pub const MAX_CLIENT_STREAMS: u32 = 256;
+/// Concurrent HTTP/2 streams (calls) per client connection by default (`--max-client-streams`);
+/// `Pipeline` multiplexes many requests over one.
+pub const MAX_CLIENT_STREAMS: u32 = limits::DEFAULT_MAX_CLIENT_STREAMS;
 
 /// Exit status of a server that stopped itself (fail-stop): a storage failure or a panic.
 pub const FAIL_STOP_EXIT: i32 = 70;
@@ -165,6 +168,7 @@ pub async fn run(
     let node = replica::Node::open(config.clone(), store, net, faults, identity)
         .map_err(|e| format!("cannot open data dir {}: {e}", config.data_dir.display()))?;
     let limits = config.limits;
+    let capacity = config.capacity;
     let addr = listeners.client.local_addr()?;
     let peer_addr = listeners.peer.local_addr()?;
     info!(
@@ -176,14 +180,21 @@ pub async fn run(
         tls = tls.is_some(),
         auth = config.auth,
         sync = config.sync.as_str(),
+        ?capacity,
         "replikv server starting"
     );
 
     let max = replikv_proto::MAX_MESSAGE_BYTES;
     let users = Arc::new(auth::Users::new(config.auth));
-    let kv = KvServer::new(service::KvService::new(node.clone(), limits, users.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let in_flight = limits::InFlight::new(capacity.max_in_flight);
+    let kv = KvServer::new(service::KvService::new(
+        node.clone(),
+        limits,
+        users.clone(),
+        in_flight,
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let members = MembersServer::new(service::MembersService::new(node.clone(), users.clone()));
     let backup_service = replikv_proto::ops::backup_server::BackupServer::new(
         backup::BackupService::new(node.clone(), users.clone()),
@@ -222,22 +233,38 @@ pub async fn run(
     };
     let client_server = client_builder
         .tcp_nodelay(true)
-        // An abusive client opens at most this many calls at once on one connection.
-        .max_concurrent_streams(Some(MAX_CLIENT_STREAMS))
+        // An abusive client opens at most this many calls at once on one connection, and
+        // has at most as many served at once.
+        .max_concurrent_streams(Some(capacity.max_client_streams))
+        .concurrency_limit_per_connection(capacity.max_client_streams as usize)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .add_service(kv)
         .add_service(members)
         .add_service(health_service.clone())
         .add_service(backup_service)
-        .serve_with_incoming_shutdown(incoming(listeners.client), stopping());
+        .serve_with_incoming_shutdown(
+            limits::limit_connections(
+                incoming(listeners.client),
+                capacity.max_connections,
+                "client",
+            ),
+            stopping(),
+        );
     let peer_server = peer_builder
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .add_service(peer)
         .add_optional_service(admin)
-        .serve_with_incoming_shutdown(incoming(listeners.peer), stopping());
+        .serve_with_incoming_shutdown(
+            limits::limit_connections(
+                incoming(listeners.peer),
+                capacity.max_peer_connections,
+                "peer",
+            ),
+            stopping(),
+        );
     let server = {
         let node = node.clone();
         async move {

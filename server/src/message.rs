@@ -151,6 +151,10 @@ pub enum SyncError {
     Refused(#[from] TransferRefusal),
     #[error("storage: {0}")]
     Storage(String),
+    /// The source serves its limit of catch-up transfers already (`--max-transfers`); the
+    /// receiver tries again later.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 /// Ask the primary to join its view (§7).

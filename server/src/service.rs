@@ -2,6 +2,7 @@
 //! the fault-injection `Admin` service. They validate input, apply incoming fault rules and call the replica; no
 //! protocol decisions are made here.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use crate::engine::sequencer::{Expect, MAX_RANGE_DELETE_KEYS};
 use crate::error::{PrimaryHint, ServeError};
 use crate::fault::{Action, CrashPoint};
 use crate::identity::CLUSTER_HEADER;
+use crate::limits::{Admitted, InFlight};
 use crate::metrics::Op;
 use crate::network::FROM_HEADER;
 use crate::replica::{CasReq, Node, RangeDeleteReq, WriteReq};
@@ -42,15 +44,21 @@ pub struct KvService {
     /// Set on the copy that serves one `Pipeline` call: the user the call was opened as
     /// (docs/design.md §13).
     caller: Option<Arc<Principal>>,
+    in_flight: InFlight,
+    /// The client connection of the `Pipeline` call this copy serves (its requests carry
+    /// no connection of their own).
+    origin: Option<SocketAddr>,
 }
 
 impl KvService {
-    pub fn new(node: Arc<Node>, limits: Limits, users: Arc<Users>) -> Self {
+    pub fn new(node: Arc<Node>, limits: Limits, users: Arc<Users>, in_flight: InFlight) -> Self {
         KvService {
             node,
             limits,
             users,
             caller: None,
+            in_flight,
+            origin: None,
         }
     }
 
@@ -73,6 +81,20 @@ impl KvService {
         let p = self.caller(req)?;
         crate::auth::require_admin(&p, what)?;
         Ok(p)
+    }
+
+    /// The client connection a request came on.
+    fn origin<T>(&self, req: &Request<T>) -> Option<SocketAddr> {
+        req.remote_addr().or(self.origin)
+    }
+
+    /// A place for one request among the server's `--max-in-flight`, held until it is
+    /// answered; over the limit (or its connection's share of it) the request is refused
+    /// before it does anything (RESOURCE_EXHAUSTED, docs/design.md §6).
+    fn admit(&self, origin: Option<SocketAddr>) -> Result<Admitted, Status> {
+        self.in_flight
+            .admit(origin)
+            .map_err(ServeError::into_status)
     }
 }
 
@@ -164,6 +186,7 @@ impl KvService {
     async fn write(
         &self,
         who: &Principal,
+        origin: Option<SocketAddr>,
         key: Bytes,
         value: Option<Bytes>,
         id: Option<RequestId>,
@@ -172,6 +195,7 @@ impl KvService {
         if let Some(v) = &value {
             check_value(v, &self.limits).map_err(ServeError::into_status)?;
         }
+        let _admitted = self.admit(origin)?;
         let (r, forwarded_to) = self
             .node
             .write(WriteReq {
@@ -203,8 +227,10 @@ impl Kv for KvService {
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let _timer = self.node.metrics.op(Op::Get);
         let who = self.caller(&req)?;
+        let origin = self.origin(&req);
         let key = req.into_inner().key;
         check_key(&key, &self.limits).map_err(ServeError::into_status)?;
+        let _admitted = self.admit(origin)?;
         let v = self
             .node
             .read(&who.key(&key))
@@ -223,8 +249,10 @@ impl Kv for KvService {
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let _timer = self.node.metrics.op(Op::Put);
         let who = self.caller(&req)?;
+        let origin = self.origin(&req);
         let r = req.into_inner();
-        let (had_old, old_value, via) = self.write(&who, r.key, Some(r.value), r.id).await?;
+        let (had_old, old_value, via) =
+            self.write(&who, origin, r.key, Some(r.value), r.id).await?;
         Ok(write_response(PutResponse { had_old, old_value }, via))
     }
 
@@ -235,8 +263,9 @@ impl Kv for KvService {
     ) -> Result<Response<DeleteResponse>, Status> {
         let _timer = self.node.metrics.op(Op::Delete);
         let who = self.caller(&req)?;
+        let origin = self.origin(&req);
         let r = req.into_inner();
-        let (had_old, old_value, via) = self.write(&who, r.key, None, r.id).await?;
+        let (had_old, old_value, via) = self.write(&who, origin, r.key, None, r.id).await?;
         Ok(write_response(DeleteResponse { had_old, old_value }, via))
     }
 
@@ -257,13 +286,14 @@ impl Kv for KvService {
         req: Request<Streaming<PipelineRequest>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
         let who = Arc::new(self.users.authenticate(&self.node.store, req.metadata())?);
-        let svc = KvService {
+        let call = KvService {
             caller: Some(who),
+            origin: req.remote_addr(),
             ..self.clone()
         };
         Ok(Response::new(replikv_proto::pipeline::serve_with(
-            svc.clone(),
-            svc,
+            call.clone(),
+            call,
             req.into_inner(),
             self.node.stopped(),
         )))
@@ -387,6 +417,7 @@ impl replikv_proto::pipeline::Extra for KvService {
     async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let _timer = self.node.metrics.op(Op::Scan);
         let who = self.caller(&req)?;
+        let origin = self.origin(&req);
         let r = req.into_inner();
         let mut range = user_range(&who, r.range, true, &self.limits)?;
         let limit = check_limit(r.limit, DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT)?;
@@ -398,6 +429,7 @@ impl replikv_proto::pipeline::Extra for KvService {
             }
             range = range.after(&stored);
         }
+        let _admitted = self.admit(origin)?;
         let (items, more) = self
             .node
             .scan(&range, limit)
@@ -430,6 +462,7 @@ impl replikv_proto::pipeline::Extra for KvService {
     async fn cas(&self, req: Request<CasRequest>) -> Result<Response<CasResponse>, Status> {
         let _timer = self.node.metrics.op(Op::Cas);
         let who = self.caller(&req)?;
+        let origin = self.origin(&req);
         let r = req.into_inner();
         check_key(&r.key, &self.limits).map_err(ServeError::into_status)?;
         check_value(&r.expected, &self.limits).map_err(ServeError::into_status)?;
@@ -447,6 +480,7 @@ impl replikv_proto::pipeline::Extra for KvService {
                 "deleting a key expected to be absent changes nothing",
             ));
         }
+        let _admitted = self.admit(origin)?;
         let (swapped, current) = self
             .node
             .cas(CasReq {
@@ -475,10 +509,12 @@ impl replikv_proto::pipeline::Extra for KvService {
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         let _timer = self.node.metrics.op(Op::DeleteRange);
         let who = self.caller(&req)?;
+        let origin = self.origin(&req);
         let r = req.into_inner();
         let range = user_range(&who, r.range, false, &self.limits)?;
         let max = MAX_RANGE_DELETE_KEYS as u32;
         let limit = check_limit(r.limit, max, max)?;
+        let _admitted = self.admit(origin)?;
         let (removed, more) = self
             .node
             .delete_range(RangeDeleteReq {
@@ -511,8 +547,7 @@ impl Members for MembersService {
         &self,
         req: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
-        self.users
-            .authenticate(&self.node.store, req.metadata())?;
+        self.users.authenticate(&self.node.store, req.metadata())?;
         Ok(Response::new(MemberListResponse {
             view: Some((&self.node.member_view()).into()),
             cluster: self

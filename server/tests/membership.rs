@@ -125,12 +125,10 @@ fn a_removed_backup_is_refused_stops_serving_and_never_leads() {
 
         // Its clients are sent elsewhere (a raw call: the client library would learn the
         // other servers from it and go there).
-        let mut kv = replikv_proto::kv::kv_client::KvClient::connect(format!(
-            "http://{}",
-            cluster.addr(1)
-        ))
-        .await
-        .expect("connect to the removed server");
+        let mut kv =
+            replikv_proto::kv::kv_client::KvClient::connect(format!("http://{}", cluster.addr(1)))
+                .await
+                .expect("connect to the removed server");
         let read = kv
             .get(replikv_proto::kv::GetRequest {
                 key: "w-000000".into(),

@@ -544,6 +544,11 @@ impl LocalCluster {
         std::fs::create_dir_all(dir)
     }
 
+    /// The process id of a running server (to read its memory use in /proc, say).
+    pub fn pid(&self, rank: usize) -> Option<u32> {
+        self.slots.get(rank)?.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is alive (paused counts as alive). A server that
     /// exited by itself is reaped here.
     pub fn is_running(&mut self, rank: usize) -> bool {

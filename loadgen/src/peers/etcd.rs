@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use replikv_client::Route;
 use tonic::client::Grpc;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_prost::ProstCodec;
 
 use crate::target::{TargetError, TargetOptions, TargetStats};
@@ -107,6 +107,26 @@ pub struct KeyValue {
     pub lease: i64,
 }
 
+/// The CA etcd's members are trusted by, as etcdctl takes it (`ETCDCTL_CACERT`, the
+/// environment form of `--cacert`): with it the members are spoken to over TLS.
+pub const CACERT_ENV: &str = "ETCDCTL_CACERT";
+
+/// TLS settings from [`CACERT_ENV`]; `None` (plaintext) when it is unset or empty.
+fn etcd_tls() -> Result<Option<ClientTlsConfig>, TargetError> {
+    let Some(path) = std::env::var_os(CACERT_ENV).filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(&path).map_err(|e| {
+        TargetError::Config(format!(
+            "{CACERT_ENV}={}: {e}",
+            std::path::Path::new(&path).display()
+        ))
+    })?;
+    Ok(Some(
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+    ))
+}
+
 /// One session to an etcd cluster: a channel per member.
 pub struct EtcdKv {
     members: Vec<Grpc<Channel>>,
@@ -121,18 +141,24 @@ impl EtcdKv {
     /// Prepares a channel to every member. Channels connect on first use, so a member that
     /// is down fails only the requests sent to it, as a dead replikv server does.
     pub fn connect(opts: &TargetOptions) -> Result<Self, TargetError> {
+        let tls = etcd_tls()?;
         let members = opts
             .servers
             .iter()
             .map(|addr| {
-                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|source| TargetError::Connect {
-                        addr: addr.clone(),
-                        source,
-                    })?
+                let connect_error = |source| TargetError::Connect {
+                    addr: addr.clone(),
+                    source,
+                };
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+                    .map_err(connect_error)?
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
                     .timeout(opts.request_timeout);
+                if let Some(tls) = &tls {
+                    endpoint = endpoint.tls_config(tls.clone()).map_err(connect_error)?;
+                }
                 Ok(Grpc::new(endpoint.connect_lazy()))
             })
             .collect::<Result<Vec<_>, TargetError>>()?;

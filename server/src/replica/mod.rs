@@ -47,6 +47,7 @@ use crate::engine::Time;
 use crate::error::{PrimaryHint, StorageError};
 use crate::fault::Faults;
 use crate::identity::{Identity, Membership};
+use crate::limits::TransferPool;
 use crate::network::PeerNetwork;
 use crate::storage::Store;
 use crate::types::{Configuration, Rank, Record, View};
@@ -136,6 +137,8 @@ pub struct Node {
     write_tx: mpsc::Sender<WriteOp>,
     write_rx: Mutex<Option<mpsc::Receiver<WriteOp>>>,
     write_permits: Arc<Semaphore>,
+    /// Catch-up transfers this server serves at once (`--max-transfers`).
+    pub(crate) transfers: TransferPool,
     /// Every background task; stopped together on shutdown.
     tasks: tasks::Tasks,
     /// The clocks handed to the engine.
@@ -229,6 +232,7 @@ impl Node {
             write_tx,
             write_rx: Mutex::new(Some(write_rx)),
             write_permits: Arc::new(Semaphore::new(MAX_WRITES_IN_FLIGHT)),
+            transfers: TransferPool::new(cfg.capacity.max_transfers),
             max_ballot: max_ballot.into(),
             identity,
             paxos_io: tokio::sync::Mutex::new(()),

@@ -111,6 +111,20 @@ impl Node {
         req: SyncRequest,
     ) -> Result<mpsc::Receiver<Result<SyncChunk, SyncError>>, SyncError> {
         let pos = installing::transfer_source(&self.st(), self.me, req.epoch, req.since)?;
+        // A catch-up transfer (epoch 0, §7) runs in the bounded pool: a few rejoining servers
+        // cannot take the disk and the blocking threads the log's flushes need. A transfer
+        // of a view change (reconcile, epoch > 0) is not held back: at most one per member
+        // runs per view change, and writes wait for it anyway.
+        let slot = match req.epoch {
+            0 => Some(self.transfers.try_start().ok_or_else(|| {
+                SyncError::Busy(format!(
+                    "this server is serving its limit of {} catch-up transfers \
+                     (--max-transfers); try again later",
+                    self.transfers.max()
+                ))
+            })?),
+            _ => None,
+        };
         // Held until the last chunk is built: no tombstone the transfer should carry is
         // collected meanwhile.
         let pin = self
@@ -122,6 +136,7 @@ impl Node {
         let node = self.clone();
         self.tasks.spawn_blocking(move || {
             let _pin = pin;
+            let _slot = slot;
             let send = |c: SyncChunk| tx.blocking_send(Ok(c)).is_ok();
             let mut entries = Vec::new();
             let mut bytes = 0usize;

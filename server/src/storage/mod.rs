@@ -918,6 +918,7 @@ mod tests {
     }
 
     /// A step of a server's life for the Paxos ordering test.
+    #[allow(clippy::large_enum_variant)] // a test's script of steps, built once
     enum Step {
         /// `save_paxos(view, promise, accepted)`.
         Save(Option<View>, Option<Promise>, Option<Option<Accepted>>),
