@@ -105,12 +105,19 @@ make_certs() {
         # key from the host's other users.
         chmod 0644 "$dir/replikv-$r/node-$r-key.pem"
     done
+    # The admin user's token: replikv-0 forms the cluster with it (--admin-token-file);
+    # `env` points the host's CLI at the same file.
+    if [[ ! -f "$dir/admin-token" ]]; then
+        (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$dir/admin-token")
+    fi
+    cp "$dir/admin-token" "$dir/replikv-0/admin-token"
+    chmod 0644 "$dir/replikv-0/admin-token"
 }
 
 # Prints `replikv status` as seen from inside replikv-0.
 cluster_status() {
     compose exec -T replikv-0 /usr/local/bin/replikv --servers 127.0.0.1:7000 \
-        --ca /certs/ca.pem --timeout 3s status
+        --ca /certs/ca.pem --user admin --token-file /certs/admin-token --timeout 3s status
 }
 
 cmd_up() {
@@ -146,6 +153,8 @@ cmd_env() {
     echo "export REPLIKV_CA=$STATE_DIR/certs/ca.pem"
     echo "export REPLIKV_CERT=$STATE_DIR/certs/client-admin.pem"
     echo "export REPLIKV_KEY=$STATE_DIR/certs/client-admin-key.pem"
+    echo "export REPLIKV_USER=admin"
+    echo "export REPLIKV_TOKEN_FILE=$STATE_DIR/certs/admin-token"
 }
 
 cmd_status() {

@@ -190,9 +190,10 @@ async fn a_write_after_the_session_expired_runs_under_a_new_session() {
     assert_eq!(bounded(client.get("k")).await.unwrap(), None);
 }
 
-async fn replikv(servers: &str, args: &[&str]) -> Output {
+async fn replikv(cluster: &LocalCluster, servers: &str, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_replikv"));
     cmd.env("REPLIKV_SERVERS", servers)
+        .envs(cluster.client_env(cluster.admin_credentials().as_ref()))
         .env_remove("RUST_LOG")
         .args(args)
         .kill_on_drop(true);
@@ -205,41 +206,42 @@ async fn cli_scan_cas_and_delete_range() {
     let servers = cluster.addrs().join(",");
     let text = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
     for (k, v) in [("u/2", "b"), ("u/1", "a"), ("u/3", "c"), ("v", "x")] {
-        let out = replikv(&servers, &["put", k, v]).await;
+        let out = replikv(&cluster, &servers, &["put", k, v]).await;
         assert_eq!(out.status.code(), Some(0));
     }
-    let out = replikv(&servers, &["scan", "--prefix", "u/"]).await;
+    let out = replikv(&cluster, &servers, &["scan", "--prefix", "u/"]).await;
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(text(&out), "u/1\ta\nu/2\tb\nu/3\tc\n");
-    let out = replikv(&servers, &["scan", "u/2", "v", "--limit", "2"]).await;
+    let out = replikv(&cluster, &servers, &["scan", "u/2", "v", "--limit", "2"]).await;
     assert_eq!(text(&out), "u/2\tb\nu/3\tc\n");
-    let out = replikv(&servers, &["scan", "v", "u"]).await;
+    let out = replikv(&cluster, &servers, &["scan", "v", "u"]).await;
     assert_eq!(out.status.code(), Some(2), "an inverted range is bad usage");
 
-    let out = replikv(&servers, &["cas", "u/1", "a", "A"]).await;
+    let out = replikv(&cluster, &servers, &["cas", "u/1", "a", "A"]).await;
     assert_eq!(
         (out.status.code(), text(&out)),
         (Some(0), "swapped\na\n".into())
     );
-    let out = replikv(&servers, &["cas", "u/1", "a", "B"]).await;
+    let out = replikv(&cluster, &servers, &["cas", "u/1", "a", "B"]).await;
     assert_eq!(
         (out.status.code(), text(&out)),
         (Some(4), "mismatch\nA\n".into())
     );
-    let out = replikv(&servers, &["cas", "--absent", "new", "n"]).await;
+    let out = replikv(&cluster, &servers, &["cas", "--absent", "new", "n"]).await;
     assert_eq!(
         (out.status.code(), text(&out)),
         (Some(0), "swapped\n(none)\n".into())
     );
-    let out = replikv(&servers, &["cas", "--delete", "new", "n"]).await;
+    let out = replikv(&cluster, &servers, &["cas", "--delete", "new", "n"]).await;
     assert_eq!(
         (out.status.code(), text(&out)),
         (Some(0), "swapped\nn\n".into())
     );
-    let out = replikv(&servers, &["cas", "--absent", "u/1", "x", "y"]).await;
+    let out = replikv(&cluster, &servers, &["cas", "--absent", "u/1", "x", "y"]).await;
     assert_eq!(out.status.code(), Some(2), "--absent takes KEY NEW");
 
     let out = replikv(
+        &cluster,
         &servers,
         &["delete-range", "--prefix", "u/", "--limit", "2"],
     )
@@ -248,12 +250,17 @@ async fn cli_scan_cas_and_delete_range() {
         (out.status.code(), text(&out)),
         (Some(0), "removed 2\nmore remain\n".into())
     );
-    let out = replikv(&servers, &["delete-range", "--prefix", "u/", "--all"]).await;
+    let out = replikv(
+        &cluster,
+        &servers,
+        &["delete-range", "--prefix", "u/", "--all"],
+    )
+    .await;
     assert_eq!(
         (out.status.code(), text(&out)),
         (Some(0), "removed 1\n".into())
     );
-    let out = replikv(&servers, &["scan"]).await;
+    let out = replikv(&cluster, &servers, &["scan"]).await;
     assert_eq!(text(&out), "v\tx\n");
 }
 
@@ -262,7 +269,7 @@ async fn cli_put_get_and_status() {
     let mut cluster = start_cluster().await;
     let servers = cluster.addrs().join(",");
 
-    let out = replikv(&servers, &["put", "planet", "mars"]).await;
+    let out = replikv(&cluster, &servers, &["put", "planet", "mars"]).await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -270,7 +277,7 @@ async fn cli_put_get_and_status() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "(none)\n");
-    let out = replikv(&servers, &["get", "planet"]).await;
+    let out = replikv(&cluster, &servers, &["get", "planet"]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "mars\n");
 
     let (primary, _) = bounded(cluster.wait_for_primary(STEP)).await.unwrap();
@@ -283,7 +290,7 @@ async fn cli_put_get_and_status() {
     let addrs = cluster.addrs();
     let mut text = String::new();
     for _ in 0..40 {
-        let out = replikv(&servers, &["status"]).await;
+        let out = replikv(&cluster, &servers, &["status"]).await;
         assert_eq!(out.status.code(), Some(0));
         text = String::from_utf8_lossy(&out.stdout).into_owned();
         let rows: Vec<Vec<&str>> = text
@@ -338,12 +345,12 @@ async fn a_client_given_one_server_learns_the_others_and_survives_its_death() {
     // The CLI given that dead server alone has nothing to learn from; given a live one
     // alone, it shows the whole cluster.
     let survivor = cluster.addrs()[(primary + 1) % cluster.len()].clone();
-    let out = replikv(&survivor, &["get", "one-address"]).await;
+    let out = replikv(&cluster, &survivor, &["get", "one-address"]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "after\n");
-    let out = replikv(&survivor, &["status"]).await;
+    let out = replikv(&cluster, &survivor, &["status"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().skip(1).count(), 3, "{text}");
-    let out = replikv(&given, &["get", "one-address"]).await;
+    let out = replikv(&cluster, &given, &["get", "one-address"]).await;
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -382,6 +389,7 @@ async fn shell_answers_a_scripted_session_exactly() {
                   GET nut\n";
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replikv"))
         .env("REPLIKV_SERVERS", cluster.addrs().join(","))
+        .envs(cluster.client_env(cluster.admin_credentials().as_ref()))
         .env_remove("RUST_LOG")
         .arg("shell")
         .stdin(std::process::Stdio::piped())

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use replikv_client::config::TlsSettings;
+use replikv_client::config::{Credentials, TlsSettings};
 use replikv_client::{Client, ClientConfig, Route, StatusResponse};
 
 use crate::docker::{check, docker, repo_dir, run_quietly, DOCKER_TIMEOUT};
@@ -105,6 +105,13 @@ impl ComposeCluster {
         format!("127.0.0.1:{}", self.base_port + rank as u16)
     }
 
+    /// The admin user, with the token `compose.sh env` names.
+    fn credentials(&self) -> Option<Credentials> {
+        let token = std::fs::read_to_string(&self.env["REPLIKV_TOKEN_FILE"])
+            .expect("compose.sh up wrote the admin token");
+        Some(Credentials::new(&self.env["REPLIKV_USER"], token.trim()))
+    }
+
     fn tls(&self) -> TlsSettings {
         TlsSettings::new(&self.env["REPLIKV_CA"])
             .with_identity(&self.env["REPLIKV_CERT"], &self.env["REPLIKV_KEY"])
@@ -121,6 +128,7 @@ impl ComposeCluster {
         Client::connect(
             ClientConfig::new(servers)
                 .with_tls(Some(self.tls()))
+                .with_credentials(self.credentials())
                 .with_route(Route::Primary)
                 .with_request_timeout(REQUEST_TIMEOUT),
         )
@@ -136,6 +144,7 @@ impl ComposeCluster {
         Client::connect(
             ClientConfig::new([format!("127.0.0.1:{port}"), format!("localhost:{port}")])
                 .with_tls(Some(self.tls()))
+                .with_credentials(self.credentials())
                 .with_route(Route::Random)
                 .with_request_timeout(REQUEST_TIMEOUT),
         )

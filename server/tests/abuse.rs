@@ -17,7 +17,8 @@ use replikv_proto::kv::pipeline_request::Op;
 use replikv_proto::kv::{GetRequest, PipelineRequest, PutRequest};
 use replikv_proto::peer::peer_client::PeerClient;
 use replikv_proto::peer::{DiscoverRequest, SyncRequest};
-use replikv_testkit::LocalCluster;
+use replikv_testkit::fixtures::{server_command, BOOT_TIMEOUT};
+use replikv_testkit::{ClusterOptions, LocalCluster};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -47,6 +48,29 @@ async fn kv_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 }
 
 /// Opens a connection to `addr` and gets a key through it: whether the server serves it.
+/// `servers` servers whose client port speaks plain gRPC with no users: these tests open
+/// raw connections and streams, and the limits they try are the same with TLS and users.
+async fn start_plain(servers: usize, extra_args: &[&str]) -> (LocalCluster, usize) {
+    let cluster = LocalCluster::start(ClusterOptions {
+        servers,
+        extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        command: Some(server_command()),
+        client_tls: false,
+        auth: false,
+        ..ClusterOptions::default()
+    })
+    .expect("start the cluster");
+    cluster
+        .wait_converged(BOOT_TIMEOUT)
+        .await
+        .expect("every server serves after start");
+    let (primary, _) = cluster
+        .wait_for_primary(BOOT_TIMEOUT)
+        .await
+        .expect("a primary after start");
+    (cluster, primary)
+}
+
 async fn served_connection(addr: &str) -> Option<KvClient<Channel>> {
     let mut kv = KvClient::new(kv_channel(addr).await.ok()?);
     let get = kv.get(GetRequest { key: bytes("k") });
@@ -65,7 +89,7 @@ fn a_pipeline_whose_answers_are_never_read_holds_bounded_memory() {
     const VALUE: usize = 256 * 1024;
     const GETS: u64 = 8000;
     common::run(async {
-        let (cluster, primary) = common::start_healthy(1, &[]).await;
+        let (cluster, primary) = start_plain(1, &[]).await;
         let pid = cluster.pid(primary).expect("the server runs");
         let client = common::client(&cluster).await;
         client
@@ -130,7 +154,7 @@ fn a_pipeline_whose_answers_are_never_read_holds_bounded_memory() {
 #[test]
 fn connections_past_the_limit_are_refused_and_open_ones_keep_working() {
     common::run(async {
-        let (cluster, primary) = common::start_healthy(
+        let (cluster, primary) = start_plain(
             1,
             &["--max-connections", "8", "--max-peer-connections", "2"],
         )
@@ -230,7 +254,7 @@ fn a_flood_gets_resource_exhausted_and_a_steady_writer_keeps_going() {
     const CONNECTIONS: usize = 8;
     const PER_CONNECTION: usize = 32;
     common::run_for(Duration::from_secs(120), async {
-        let (cluster, primary) = common::start_healthy(3, &["--max-in-flight", "64"]).await;
+        let (cluster, primary) = start_plain(3, &["--max-in-flight", "64"]).await;
         let addr = cluster.addr(primary);
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
@@ -403,7 +427,7 @@ async fn measure_puts(
 fn transfers_run_in_a_bounded_pool_and_writes_stay_fast_meanwhile() {
     const KEYS: usize = 48_000;
     common::run_for(Duration::from_secs(300), async {
-        let (mut cluster, primary) = common::start_healthy(3, &["--max-transfers", "1"]).await;
+        let (mut cluster, primary) = start_plain(3, &["--max-transfers", "1"]).await;
         let client = common::primary_routed_client(&cluster).await;
         let value = Bytes::from(vec![5u8; 1024]);
         let loaded = futures::stream::iter(0..KEYS)

@@ -423,14 +423,12 @@ impl LocalCluster {
     }
 
     /// The variables a child process (the CLI, a C driver) reads to reach this cluster as
-    /// `credentials`: `REPLIKV_CA` and `REPLIKV_USER`/`REPLIKV_TOKEN`, each empty when not
-    /// needed (an empty variable counts as unset).
+    /// `credentials`: `REPLIKV_CA` and `REPLIKV_USER`/`REPLIKV_TOKEN`, each left out when
+    /// not needed.
     pub fn client_env(&self, credentials: Option<&Credentials>) -> Vec<(String, String)> {
         let ca = self.client_ca().map(|p| p.display().to_string());
-        vec![
+        let vars: Vec<(String, String)> = vec![
             ("REPLIKV_CA".into(), ca.unwrap_or_default()),
-            ("REPLIKV_CERT".into(), String::new()),
-            ("REPLIKV_KEY".into(), String::new()),
             (
                 "REPLIKV_USER".into(),
                 credentials.map(|c| c.user.clone()).unwrap_or_default(),
@@ -439,7 +437,8 @@ impl LocalCluster {
                 "REPLIKV_TOKEN".into(),
                 credentials.map(|c| c.token.clone()).unwrap_or_default(),
             ),
-        ]
+        ];
+        vars.into_iter().filter(|(_, v)| !v.is_empty()).collect()
     }
 
     /// The directory that holds every data directory and log.
