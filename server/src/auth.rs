@@ -249,6 +249,14 @@ impl Users {
             ));
         };
         let accounts = self.accounts(store)?;
+        if accounts.is_empty() {
+            // Every formed cluster holds the admin user: this server has not found its
+            // cluster's data yet (forming, or catching up after a lost disk). Another server,
+            // or this one a little later, can answer.
+            return Err(Status::unavailable(
+                "this server holds no users yet: its cluster is forming or it is catching up",
+            ));
+        }
         match accounts.get(name) {
             // A digest of a digest: comparing them leaks nothing usable about the token.
             Some(a) if a.token_sha256 == hex(&sha256(token)) => Ok(Principal::new(name, a)),
@@ -256,6 +264,11 @@ impl Users {
                 "unknown user {name:?} or wrong token"
             ))),
         }
+    }
+
+    /// Whether this server holds no user table yet (no cluster data at all).
+    pub fn holds_none(&self, store: &Store) -> bool {
+        self.enabled && self.accounts(store).is_ok_and(|a| a.is_empty())
     }
 
     /// The user a call's metadata names, who must be an admin: `what` names the call in
