@@ -559,6 +559,25 @@ impl Client {
     /// its status: one attempt, no retry. A server that says it is the
     /// primary is remembered as such.
     pub async fn status(&self, server: usize) -> Result<StatusResponse, Error> {
+        let started = Instant::now();
+        let reply = self
+            .one_attempt(server, |mut stub, t| async move {
+                stub.status(with_timeout(StatusRequest {}, t)).await
+            })
+            .await?;
+        self.inner.router.record_latency(server, started.elapsed());
+        if reply.role == "primary" {
+            self.inner.router.set_primary(server);
+        }
+        Ok(reply)
+    }
+
+    /// One call to server number `server`, bounded by the attempt timeout: no retry.
+    async fn one_attempt<R, F, Fut>(&self, server: usize, call: F) -> Result<R, Error>
+    where
+        F: FnOnce(Stub, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
         let Some(stub) = self.inner.stubs.get(server) else {
             return Err(Error::InvalidArgument(format!(
                 "no server number {server}; there are {}",
@@ -567,22 +586,8 @@ impl Client {
         };
         let addr = &self.inner.servers[server];
         let timeout = self.inner.config.attempt_timeout;
-        let mut stub = stub.clone();
-        let started = Instant::now();
-        let outcome = tokio::time::timeout(
-            timeout,
-            stub.status(with_timeout(StatusRequest {}, timeout)),
-        )
-        .await;
-        match outcome {
-            Ok(Ok(reply)) => {
-                let reply = reply.into_inner();
-                self.inner.router.record_latency(server, started.elapsed());
-                if reply.role == "primary" {
-                    self.inner.router.set_primary(server);
-                }
-                Ok(reply)
-            }
+        match tokio::time::timeout(timeout, call(stub.clone(), timeout)).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
             Ok(Err(status)) => Err(one_attempt_error(addr, &status)),
             Err(_) => Err(Error::Unavailable(format!(
                 "{addr}: {}",
@@ -693,28 +698,10 @@ impl Client {
     /// Asks server number `server` for the client addresses of every server, by rank, and
     /// its own rank: one attempt, no retry. Any user may ask.
     pub async fn addresses(&self, server: usize) -> Result<MembersResponse, Error> {
-        let Some(stub) = self.inner.stubs.get(server) else {
-            return Err(Error::InvalidArgument(format!(
-                "no server number {server}; there are {}",
-                self.inner.servers.len()
-            )));
-        };
-        let addr = &self.inner.servers[server];
-        let timeout = self.inner.config.attempt_timeout;
-        let mut stub = stub.clone();
-        match tokio::time::timeout(
-            timeout,
-            stub.members(with_timeout(MembersRequest {}, timeout)),
-        )
+        self.one_attempt(server, |mut stub, t| async move {
+            stub.members(with_timeout(MembersRequest {}, t)).await
+        })
         .await
-        {
-            Ok(Ok(reply)) => Ok(reply.into_inner()),
-            Ok(Err(status)) => Err(one_attempt_error(addr, &status)),
-            Err(_) => Err(Error::Unavailable(format!(
-                "{addr}: {}",
-                AttemptFailure::timed_out(timeout).detail
-            ))),
-        }
     }
 
     /// Adds user `name` with `token` (docs/security.md "Users"); `admin` lets it manage

@@ -17,7 +17,6 @@ use replikv_proto::kv::pipeline_request::Op;
 use replikv_proto::kv::{GetRequest, PipelineRequest, PutRequest};
 use replikv_proto::peer::peer_client::PeerClient;
 use replikv_proto::peer::{DiscoverRequest, SyncRequest};
-use replikv_testkit::fixtures::{server_command, BOOT_TIMEOUT};
 use replikv_testkit::{ClusterOptions, LocalCluster};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -51,24 +50,14 @@ async fn kv_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 /// `servers` servers whose client port speaks plain gRPC with no users: these tests open
 /// raw connections and streams, and the limits they try are the same with TLS and users.
 async fn start_plain(servers: usize, extra_args: &[&str]) -> (LocalCluster, usize) {
-    let cluster = LocalCluster::start(ClusterOptions {
+    common::start_healthy_with(ClusterOptions {
         servers,
         extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-        command: Some(server_command()),
         client_tls: false,
         auth: false,
         ..ClusterOptions::default()
     })
-    .expect("start the cluster");
-    cluster
-        .wait_converged(BOOT_TIMEOUT)
-        .await
-        .expect("every server serves after start");
-    let (primary, _) = cluster
-        .wait_for_primary(BOOT_TIMEOUT)
-        .await
-        .expect("a primary after start");
-    (cluster, primary)
+    .await
 }
 
 async fn served_connection(addr: &str) -> Option<KvClient<Channel>> {

@@ -80,7 +80,22 @@ pub fn start(servers: usize, extra_args: &[&str]) -> LocalCluster {
 /// Starts a cluster and waits until every server is a serving member of one
 /// view; returns the cluster and the primary's rank.
 pub async fn start_healthy(servers: usize, extra_args: &[&str]) -> (LocalCluster, usize) {
-    let cluster = start(servers, extra_args);
+    wait_healthy(start(servers, extra_args)).await
+}
+
+/// [`start_healthy`] with the options given.
+pub async fn start_healthy_with(options: ClusterOptions) -> (LocalCluster, usize) {
+    let cluster = LocalCluster::start(ClusterOptions {
+        command: Some(server_command()),
+        ..options
+    })
+    .expect("start the cluster");
+    wait_healthy(cluster).await
+}
+
+/// Waits until every server of `cluster` is a serving member of one view; returns the
+/// cluster and the primary's rank.
+async fn wait_healthy(cluster: LocalCluster) -> (LocalCluster, usize) {
     cluster
         .wait_converged(BOOT_TIMEOUT)
         .await
