@@ -125,10 +125,7 @@ fn a_removed_backup_is_refused_stops_serving_and_never_leads() {
 
         // Its clients are sent elsewhere (a raw call: the client library would learn the
         // other servers from it and go there).
-        let mut kv =
-            replikv_proto::kv::kv_client::KvClient::connect(format!("http://{}", cluster.addr(1)))
-                .await
-                .expect("connect to the removed server");
+        let mut kv = cluster.stub(1, Duration::from_secs(5));
         let read = kv
             .get(replikv_proto::kv::GetRequest {
                 key: "w-000000".into(),
@@ -153,7 +150,8 @@ fn a_removed_backup_is_refused_stops_serving_and_never_leads() {
         eprintln!("writer: {}", log.summary());
         log.assert_no_anomalies();
         let reader = Client::connect(
-            replikv_client::ClientConfig::new([cluster.addr(2), cluster.addr(3)])
+            cluster
+                .client_config_for(vec![cluster.addr(2), cluster.addr(3)])
                 .with_request_timeout(Duration::from_secs(10)),
         )
         .await
