@@ -100,8 +100,11 @@ impl Node {
                 Ok(t) => t,
                 Err(e) => self.fail_stop(StorageError::Io(std::io::Error::other(e))),
             };
+        // After a restore the admin record follows the snapshot's commit point; the old
+        // cluster's other users come back with their keys, its admin gets the new token.
+        let lsn = self.st().pos.applied + 1;
         let admin = Record {
-            lsn: 1,
+            lsn,
             epoch: view.epoch,
             items: vec![Item {
                 key: user_item(&auth::account_key(auth::ADMIN_USER)),
@@ -109,8 +112,8 @@ impl Node {
             }],
         };
         let pos = Position {
-            applied: 1,
-            committed: 1,
+            applied: lsn,
+            committed: lsn,
             last_epoch: view.epoch,
         };
         self.store
