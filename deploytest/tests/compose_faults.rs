@@ -11,7 +11,7 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use replikv_deploytest::compose::{ComposeCluster, NODES};
+use replikv_deploytest::compose::{ComposeCluster, NODES, REQUEST_TIMEOUT};
 use replikv_deploytest::docker;
 use replikv_deploytest::results::{self, Row};
 use replikv_testkit::fixtures::{assert_reads, run_for, WriteLog, Writer};
@@ -56,6 +56,16 @@ async fn check_writes(cluster: &ComposeCluster, log: &WriteLog, recovered: Insta
         "{} acknowledged writes read back from all {NODES} servers",
         expected.len()
     );
+}
+
+/// Lets the writer run on after the cluster `recovered`: until it has written for
+/// [`STEADY`], and at least until a write is acknowledged after `recovered` (bounded by one
+/// request's deadline, which a request begun during the fault may still be retrying to).
+async fn go_on(writer: &Writer, recovered: Instant) {
+    tokio::time::sleep(STEADY).await;
+    writer
+        .wait_for_ack_after(recovered, REQUEST_TIMEOUT + STEADY)
+        .await;
 }
 
 fn row(event: &str, rank: usize, log: &WriteLog, from: Instant, to: Instant) -> Row {
@@ -106,7 +116,7 @@ fn a_killed_container_started_again_is_found_at_its_new_address_and_catches_up()
         cluster.wait_serving(&[0, 1, 2], RECOVER).await;
         let recovered = Instant::now();
         let ip_after = blocking(|| cluster.ip(primary));
-        tokio::time::sleep(STEADY).await;
+        go_on(&writer, recovered).await;
         let log = writer.stop().await;
         check_writes(&cluster, &log, recovered).await;
         // The others found it by name although its address changed: peers are resolved
@@ -145,7 +155,7 @@ fn the_primary_cut_off_the_network_rejoins_when_connected_again() {
         cluster.wait_serving(&[0, 1, 2], RECOVER).await;
         let recovered = Instant::now();
         let ip_after = blocking(|| cluster.ip(primary));
-        tokio::time::sleep(STEADY).await;
+        go_on(&writer, recovered).await;
         let log = writer.stop().await;
         check_writes(&cluster, &log, recovered).await;
         assert_eq!(held, ip_before, "the cut-off server's address was taken");
@@ -183,7 +193,7 @@ fn all_three_restarted_one_at_a_time_lose_no_acknowledged_write() {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         let recovered = events.last().expect("three restarts").2;
-        tokio::time::sleep(STEADY).await;
+        go_on(&writer, recovered).await;
         let log = writer.stop().await;
         check_writes(&cluster, &log, recovered).await;
         let rows: Vec<Row> = events

@@ -263,8 +263,9 @@ pub struct Acked {
 pub struct WriteLog {
     /// Acknowledged writes, in order.
     pub acked: Vec<Acked>,
-    /// Keys whose write failed with an unknown outcome: they may or may not exist.
-    pub unknown: Vec<String>,
+    /// Writes that failed with an unknown outcome (they may or may not exist), with the
+    /// error.
+    pub unknown: Vec<(String, Error)>,
     /// Writes that definitely failed.
     pub failed: Vec<(String, Error)>,
     /// Keys whose put returned an old value although the key was new: a write
@@ -311,12 +312,21 @@ impl WriteLog {
         );
     }
 
+    /// Counts, and the last error of each kind (what a failed test needs to be read).
     pub fn summary(&self) -> String {
+        let last = |errors: &[(String, Error)]| {
+            errors
+                .last()
+                .map(|(key, e)| format!(" (last: {key}: {e})"))
+                .unwrap_or_default()
+        };
         format!(
-            "{} acked, {} unknown, {} failed",
+            "{} acked, {} unknown{}, {} failed{}",
             self.acked.len(),
             self.unknown.len(),
-            self.failed.len()
+            last(&self.unknown),
+            self.failed.len(),
+            last(&self.failed)
         )
     }
 }
@@ -325,15 +335,19 @@ impl WriteLog {
 /// when each was acknowledged: the tests measure availability from the gaps.
 pub struct Writer {
     stop: Arc<AtomicBool>,
+    /// When the newest acknowledgement came.
+    last_ack: Arc<Mutex<Option<Instant>>>,
     task: tokio::task::JoinHandle<WriteLog>,
 }
 
 impl Writer {
     pub fn start(client: Client, prefix: &str) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
+        let last_ack = Arc::new(Mutex::new(None));
         let prefix = prefix.to_string();
         let task = tokio::spawn({
             let stop = Arc::clone(&stop);
+            let last_ack = Arc::clone(&last_ack);
             async move {
                 let mut log = WriteLog::default();
                 let mut i = 0u64;
@@ -342,20 +356,41 @@ impl Writer {
                     let value = format!("{prefix}-value-{i}");
                     i += 1;
                     match client.put(bytes(&key), bytes(&value)).await {
-                        Ok(None) => log.acked.push(Acked {
-                            at: Instant::now(),
-                            key,
-                            value,
-                        }),
+                        Ok(None) => {
+                            let at = Instant::now();
+                            *last_ack.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+                            log.acked.push(Acked { at, key, value });
+                        }
                         Ok(Some(old)) => log.anomalies.push((key, old)),
-                        Err(e) if e.is_outcome_unknown() => log.unknown.push(key),
+                        Err(e) if e.is_outcome_unknown() => log.unknown.push((key, e)),
                         Err(e) => log.failed.push((key, e)),
                     }
                 }
                 log
             }
         });
-        Writer { stop, task }
+        Writer {
+            stop,
+            last_ack,
+            task,
+        }
+    }
+
+    /// Waits until a write is acknowledged after `since`, for at most `timeout`; whether
+    /// one was. A fault can leave one request retrying to its deadline after the cluster
+    /// serves again: this waits for the writer to be seen going on, not a fixed time.
+    pub async fn wait_for_ack_after(&self, since: Instant, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = *self.last_ack.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| at > since) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Stops after the write in flight and returns the log.
