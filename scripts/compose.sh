@@ -22,6 +22,10 @@ Commands:
            eval "\$($(basename "$0") env)" && replikv put k v
   status   every server's view, role and lag (replikv status, run inside a container)
   logs     the last 50 log lines of every server
+  add      add a server: its certificate, 'replikv member add', and a container
+           replikv-R (R the rank the cluster gives it) that joins with --join and is
+           published on 127.0.0.1 at the base port + R; waits until it serves
+  remove R remove the server of rank R: 'replikv member remove R', then its container
   down     remove the containers, the network, the data volumes and the certificates
 
 Environment:
@@ -97,13 +101,7 @@ make_certs() {
     [[ -f "$dir/client-admin.pem" ]] ||
         image_cli cert client --dir /state/certs --name admin >/dev/null
     for ((r = 0; r < NODE_COUNT; r++)); do
-        [[ -f "$dir/node-$r.pem" ]] || image_cli cert node --dir /state/certs --rank "$r" \
-            --hosts "replikv-$r,127.0.0.1,localhost" >/dev/null
-        mkdir -p "$dir/replikv-$r"
-        cp "$dir/ca.pem" "$dir/node-$r.pem" "$dir/node-$r-key.pem" "$dir/replikv-$r/"
-        # The server runs as another uid than the files' owner; STATE_DIR (0700) keeps the
-        # key from the host's other users.
-        chmod 0644 "$dir/replikv-$r/node-$r-key.pem"
+        node_cert "$r"
     done
     # The admin user's token: replikv-0 forms the cluster with it (--admin-token-file);
     # `env` points the host's CLI at the same file.
@@ -114,10 +112,41 @@ make_certs() {
     chmod 0644 "$dir/replikv-0/admin-token"
 }
 
-# Prints `replikv status` as seen from inside replikv-0.
+# Ranks of the servers added by `add` (containers outside compose.yaml), one per line.
+added_ranks() {
+    docker ps -a --filter "label=com.docker.compose.project=$PROJECT" \
+        --filter "label=replikv.added" --format '{{.Label "replikv.rank"}}' | sort -n
+}
+
+# The replikv CLI of the image as the admin user, on the cluster's network, given every
+# server by its DNS name.
+cluster_cli() {
+    local r servers=""
+    for r in $(seq 0 $((NODE_COUNT - 1))) $(added_ranks); do
+        servers+="${servers:+,}replikv-$r:7000"
+    done
+    docker run --rm --user "$(id -u):$(id -g)" --network "${PROJECT}_replikv" \
+        -v "$STATE_DIR/certs:/state/certs:ro" \
+        --entrypoint /usr/local/bin/replikv "$IMAGE_REF" --servers "$servers" \
+        --ca /state/certs/ca.pem --user admin --token-file /state/certs/admin-token "$@"
+}
+
+# Prints `replikv status` as seen from the cluster's network.
 cluster_status() {
-    compose exec -T replikv-0 /usr/local/bin/replikv --servers 127.0.0.1:7000 \
-        --ca /certs/ca.pem --user admin --token-file /certs/admin-token --timeout 3s status
+    cluster_cli --timeout 3s status
+}
+
+# A node certificate for rank $1 (DNS name replikv-$1, and 127.0.0.1 for the published
+# port) in a directory of its own, as make_certs does for the servers of compose.yaml.
+node_cert() {
+    local r="$1" dir="$STATE_DIR/certs"
+    [[ -f "$dir/node-$r.pem" ]] || image_cli cert node --dir /state/certs --rank "$r" \
+        --hosts "replikv-$r,127.0.0.1,localhost" >/dev/null
+    mkdir -p "$dir/replikv-$r"
+    cp "$dir/ca.pem" "$dir/node-$r.pem" "$dir/node-$r-key.pem" "$dir/replikv-$r/"
+    # The server runs as another uid than the files' owner; STATE_DIR (0700) keeps the
+    # key from the host's other users.
+    chmod 0644 "$dir/replikv-$r/node-$r-key.pem"
 }
 
 cmd_up() {
@@ -126,27 +155,19 @@ cmd_up() {
     export_settings
     make_certs
     compose up -d
-    local deadline=$((SECONDS + TIMEOUT)) up=0 table=""
-    while ((SECONDS < deadline)); do
-        table="$(cluster_status 2>/dev/null || true)"
-        up="$(awk 'NR > 1 && $3 == "up"' <<<"$table" | wc -l)"
-        if ((up == NODE_COUNT)); then
-            echo "$table"
-            echo "compose.sh: $NODE_COUNT servers serve; eval \"\$($0 env)\" to use them"
-            return 0
-        fi
-        sleep 1
-    done
-    echo "$table" >&2
+    if wait_up "$NODE_COUNT"; then
+        echo "compose.sh: $NODE_COUNT servers serve; eval \"\$($0 env)\" to use them"
+        return 0
+    fi
     compose logs --tail 20 >&2 || true
-    die "only $up of $NODE_COUNT servers serve after ${TIMEOUT}s"
+    die "not all $NODE_COUNT servers serve after ${TIMEOUT}s"
 }
 
 cmd_env() {
     [[ -f "$STATE_DIR/certs/ca.pem" ]] || die "no cluster in $STATE_DIR; run: $0 up"
     export_settings
     local r servers=""
-    for ((r = 0; r < NODE_COUNT; r++)); do
+    for r in $(seq 0 $((NODE_COUNT - 1))) $(added_ranks); do
         servers+="${servers:+,}127.0.0.1:$((BASE_PORT + r))"
     done
     echo "export REPLIKV_SERVERS=$servers"
@@ -165,10 +186,80 @@ cmd_status() {
 cmd_logs() {
     export_settings
     compose logs --no-color --tail 50
+    local r
+    for r in $(added_ranks); do
+        echo "--- replikv-$r ---"
+        docker logs --tail 50 "${PROJECT}-replikv-$r" 2>&1
+    done
+}
+
+# Waits (at most TIMEOUT s) until `replikv status` shows $1 servers up.
+wait_up() {
+    local want="$1" deadline=$((SECONDS + TIMEOUT)) up=0 table=""
+    while ((SECONDS < deadline)); do
+        table="$(cluster_status 2>/dev/null || true)"
+        up="$(awk 'NR > 1 && $3 == "up"' <<<"$table" | wc -l)"
+        if ((up == want)); then
+            echo "$table"
+            return 0
+        fi
+        sleep 1
+    done
+    echo "$table" >&2
+    return 1
+}
+
+cmd_add() {
+    export_settings
+    [[ -f "$STATE_DIR/certs/ca.pem" ]] || die "no cluster in $STATE_DIR; run: $0 up"
+    local list next join rank members
+    list="$(cluster_cli member list)" || die "the cluster does not answer 'member list'"
+    next="$(awk '$1 == "next" && $2 == "rank" {print $3}' <<<"$list")"
+    [[ -n "$next" ]] || die "no next rank in: $list"
+    # Any member's client address serves --join.
+    join="$(awk -F'\t' '$3 == "primary" || $3 == "member" {split($2, a, "/"); print a[1]; exit}' <<<"$list")"
+    [[ -n "$join" ]] || die "no member to join in: $list"
+    members="$(awk -F'\t' '$3 == "primary" || $3 == "member"' <<<"$list" | wc -l)"
+    node_cert "$next"
+    rank="$(cluster_cli member add "replikv-$next:7000/7100")" || die "member add refused"
+    [[ "$rank" == "$next" ]] || die "the cluster gave rank $rank, not $next; remove it: $0 remove $rank"
+    docker run --detach --name "${PROJECT}-replikv-$rank" --hostname "replikv-$rank" \
+        --network "${PROJECT}_replikv" --network-alias "replikv-$rank" \
+        --label "com.docker.compose.project=$PROJECT" --label replikv.added=true \
+        --label "replikv.rank=$rank" --restart unless-stopped \
+        -v "$STATE_DIR/certs/replikv-$rank:/certs:ro" -v /data \
+        -p "127.0.0.1:$((BASE_PORT + rank)):7000" \
+        -e REPLIKV_LISTEN=0.0.0.0:7000 -e REPLIKV_PEER_LISTEN=0.0.0.0:7100 \
+        -e REPLIKV_DATA_DIR=/data -e REPLIKV_TLS_DIR=/certs -e "RUST_LOG=${RUST_LOG:-info}" \
+        -e REPLIKV_HEALTH_LISTEN=0.0.0.0:7200 -e REPLIKV_METRICS_LISTEN=0.0.0.0:9100 \
+        "$IMAGE_REF" --rank-from-hostname --join "$join" >/dev/null
+    wait_up $((members + 1)) ||
+        die "replikv-$rank does not serve after ${TIMEOUT}s; see: docker logs ${PROJECT}-replikv-$rank"
+    echo "compose.sh: replikv-$rank (rank $rank) serves on 127.0.0.1:$((BASE_PORT + rank))"
+}
+
+cmd_remove() {
+    local rank="$1" id
+    [[ "$rank" =~ ^[0-9]+$ ]] || die "remove takes a rank, e.g.: $0 remove 2"
+    export_settings
+    cluster_cli member remove "$rank" >/dev/null || die "member remove $rank refused"
+    id="$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" \
+        --filter "label=replikv.rank=$rank")"
+    if [[ -n "$id" ]]; then
+        docker rm --force --volumes "$id" >/dev/null
+    elif ((rank < NODE_COUNT)); then
+        # A server of compose.yaml: its volume stays until `down`.
+        compose rm --stop --force "replikv-$rank" >/dev/null
+    fi
+    echo "compose.sh: removed rank $rank and its container"
 }
 
 cmd_down() {
     export REPLIKV_CERTS="$STATE_DIR/certs"
+    local added
+    added="$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" \
+        --filter "label=replikv.added")"
+    [[ -z "$added" ]] || docker rm --force --volumes $added >/dev/null
     compose down --volumes --remove-orphans
     if [[ -d "$STATE_DIR" ]]; then
         # Only remove what looks like this script's state, never an arbitrary path.
@@ -181,8 +272,14 @@ cmd_down() {
 main() {
     local cmd="${1:-}"
     [[ $# -gt 0 ]] && shift
+    if [[ "$cmd" == remove ]]; then
+        [[ $# -eq 1 ]] || die "usage: $0 remove RANK"
+        cmd_remove "$1"
+        return
+    fi
     [[ $# -eq 0 ]] || die "'$cmd' takes no arguments"
     case "$cmd" in
+        add) cmd_add ;;
         up) cmd_up ;;
         env) cmd_env ;;
         status) cmd_status ;;

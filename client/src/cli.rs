@@ -588,7 +588,8 @@ async fn execute(opt: Opt, out: &mut impl Write) -> Result<u8, Error> {
     }
 }
 
-/// `replikv member list`: a line per server of the configuration, then the epoch.
+/// `replikv member list`: a line per server of the configuration, then the epoch and the
+/// rank the next added server gets.
 pub fn render_members(view: Option<&replikv_proto::kv::View>) -> String {
     let Some(view) = view else {
         return "(no view)\n".into();
@@ -613,6 +614,7 @@ pub fn render_members(view: Option<&replikv_proto::kv::View>) -> String {
         ));
     }
     text.push_str(&format!("epoch {}\n", view.epoch));
+    text.push_str(&format!("next rank {}\n", config.next_rank));
     text
 }
 
@@ -931,7 +933,7 @@ mod tests {
             render_members(Some(&view)),
             "0\t127.0.0.1:7000/7100\tmember\n2\t127.0.0.1:7002/7102\tprimary\n\
              3\t127.0.0.1:7003/7103\tout of the view\n4\t127.0.0.1:7004/7104\tjoining\n\
-             epoch 9\n"
+             epoch 9\nnext rank 5\n"
         );
         assert_eq!(exit_code(&Error::Refused("busy".into())), EXIT_USAGE);
     }

@@ -17,6 +17,8 @@ use crate::docker::{check, docker, repo_dir, run_quietly, DOCKER_TIMEOUT};
 
 /// Servers in deploy/compose.yaml.
 pub const NODES: usize = 3;
+/// Host ports kept free beyond the servers' for servers `compose.sh add` starts.
+const SPARE_PORTS: usize = 1;
 /// How long `compose.sh up` may take, image and certificates included.
 const UP_TIMEOUT: Duration = Duration::from_secs(240);
 /// What `compose.sh up` itself waits for the servers to serve.
@@ -53,7 +55,7 @@ impl ComposeCluster {
                 .prefix("replikv-compose-")
                 .tempdir()
                 .expect("state directory"),
-            base_port: free_ports(NODES as u16),
+            base_port: free_ports((NODES + SPARE_PORTS) as u16),
             image: image.to_owned(),
             env: HashMap::new(),
             extra: Mutex::new(Vec::new()),
@@ -152,16 +154,23 @@ impl ComposeCluster {
         .expect("client config is valid")
     }
 
-    /// The container of server `rank`.
+    /// The container of server `rank`: a service of compose.yaml, or one `compose.sh add`
+    /// started.
     pub fn container(&self, rank: usize) -> String {
-        let id = docker(&[
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=com.docker.compose.project={}", self.project),
-            "--filter",
-            &format!("label=com.docker.compose.service=replikv-{rank}"),
-        ]);
+        let find = |label: String| {
+            docker(&[
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=com.docker.compose.project={}", self.project),
+                "--filter",
+                &label,
+            ])
+        };
+        let mut id = find(format!("label=com.docker.compose.service=replikv-{rank}"));
+        if id.is_empty() {
+            id = find(format!("label=replikv.rank={rank}"));
+        }
         assert!(
             !id.is_empty() && !id.contains('\n'),
             "one container for replikv-{rank}, found {id:?}"
@@ -254,17 +263,45 @@ impl ComposeCluster {
         ])
     }
 
+    /// `compose.sh add`: a new server, with its certificate, added to the configuration
+    /// and started in a container of its own; returns its rank once it serves.
+    pub fn add_node(&self) -> usize {
+        let out = check(&mut self.script("add"), UP_TIMEOUT);
+        let rank = out
+            .lines()
+            .find_map(|l| l.split("(rank ").nth(1)?.split(')').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("compose.sh add names no rank: {out}"));
+        assert!(
+            rank < NODES + SPARE_PORTS,
+            "rank {rank} has no port reserved"
+        );
+        rank
+    }
+
+    /// `compose.sh remove RANK`: out of the configuration, container removed.
+    pub fn remove_node(&self, rank: usize) {
+        check(
+            self.script("remove").arg(rank.to_string()),
+            DOCKER_TIMEOUT + Duration::from_secs(30),
+        );
+    }
+
     /// Every server's Status, by rank, through a fresh pinned client each.
     pub async fn statuses(&self) -> Vec<Option<StatusResponse>> {
-        let mut all = Vec::new();
-        for rank in 0..NODES {
+        self.statuses_of(&(0..NODES).collect::<Vec<_>>()).await
+    }
+
+    /// The Status of the servers of `ranks`, at their rank's index (`None` where a server
+    /// does not answer within 3 s, and at the ranks not asked).
+    pub async fn statuses_of(&self, ranks: &[usize]) -> Vec<Option<StatusResponse>> {
+        let len = ranks.iter().max().map_or(0, |&r| r + 1);
+        let mut all = vec![None; len];
+        for &rank in ranks {
             let client = self.pinned(rank).await;
-            all.push(
-                tokio::time::timeout(Duration::from_secs(3), client.status(0))
-                    .await
-                    .ok()
-                    .and_then(Result::ok),
-            );
+            all[rank] = tokio::time::timeout(Duration::from_secs(3), client.status(0))
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
         all
     }
@@ -274,7 +311,7 @@ impl ComposeCluster {
     pub async fn wait_serving(&self, ranks: &[usize], timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
         loop {
-            let statuses = self.statuses().await;
+            let statuses = self.statuses_of(ranks).await;
             if let Some(primary) = serving_view(&statuses, ranks) {
                 return primary;
             }

@@ -1,8 +1,8 @@
 //! The compose cluster (deploy/compose.yaml, started by scripts/compose.sh from the image of
 //! this test build) under the faults a container platform deals out, while a writer on the
 //! host records every acknowledged write: a container killed and started again, the
-//! primary's container cut off the network and connected again, and all three restarted
-//! one at a time. After each, every acknowledged write is read back from every server, and
+//! primary's container cut off the network and connected again, all three restarted one
+//! at a time, and a dead server replaced by a new one under another name. After each, every acknowledged write is read back from every server, and
 //! the longest stretch without an acknowledged write is printed and written to
 //! results/deploy/unavailability.csv.
 //!
@@ -41,6 +41,16 @@ fn others(rank: usize) -> Vec<usize> {
 /// Every acknowledged write of `log` is read back from every server, no write applied
 /// twice, and writes were acknowledged after `recovered`.
 async fn check_writes(cluster: &ComposeCluster, log: &WriteLog, recovered: Instant) {
+    check_writes_on(cluster, &[0, 1, 2], log, recovered).await;
+}
+
+/// As [`check_writes`], reading back from the servers of `ranks`.
+async fn check_writes_on(
+    cluster: &ComposeCluster,
+    ranks: &[usize],
+    log: &WriteLog,
+    recovered: Instant,
+) {
     log.assert_no_anomalies();
     assert!(
         log.acked.iter().any(|a| a.at > recovered),
@@ -48,12 +58,12 @@ async fn check_writes(cluster: &ComposeCluster, log: &WriteLog, recovered: Insta
         log.summary()
     );
     let expected = log.all_acked();
-    for rank in 0..NODES {
+    for &rank in ranks {
         let client = cluster.pinned(rank).await;
         assert_reads(&client, &expected, &format!("replikv-{rank}")).await;
     }
     println!(
-        "{} acknowledged writes read back from all {NODES} servers",
+        "{} acknowledged writes read back from servers {ranks:?}",
         expected.len()
     );
 }
@@ -211,5 +221,61 @@ fn all_three_restarted_one_at_a_time_lose_no_acknowledged_write() {
             })
             .collect();
         results::record(&rows);
+    });
+}
+
+#[test]
+fn a_dead_node_replaced_by_a_new_container_under_another_name_loses_nothing() {
+    if !docker::available() {
+        return;
+    }
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(PoisonError::into_inner);
+    run_for(TEST_LIMIT, async {
+        let (cluster, primary) = start().await;
+        let writer = Writer::start(cluster.client().await, "replace");
+        tokio::time::sleep(STEADY).await;
+        // The machine of a backup dies for good; the operator removes it from the
+        // configuration and adds a new server, which takes the next rank and its own name.
+        let dead = *others(primary).last().expect("two backups");
+        let fault = Instant::now();
+        blocking(|| cluster.kill(dead));
+        let left = others(dead);
+        cluster.wait_serving(&left, RECOVER).await;
+        blocking(|| cluster.remove_node(dead));
+        let added = blocking(|| cluster.add_node());
+        assert_eq!(
+            added, NODES,
+            "ranks are never reused: the new server is rank {NODES}"
+        );
+        let now: Vec<usize> = left.iter().copied().chain([added]).collect();
+        cluster.wait_serving(&now, RECOVER).await;
+        let recovered = Instant::now();
+        let members = cluster.client().await.members().await.expect("member list");
+        let view = members.view.expect("a view");
+        let mut ranks: Vec<u32> = view.members.clone();
+        ranks.sort_unstable();
+        assert_eq!(
+            ranks,
+            now.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            "the view holds the two servers left and the new one"
+        );
+        assert!(
+            view.config
+                .expect("a configuration")
+                .servers
+                .iter()
+                .all(|s| s.rank as usize != dead),
+            "the dead server is out of the configuration"
+        );
+        go_on(&writer, recovered).await;
+        let log = writer.stop().await;
+        check_writes_on(&cluster, &now, &log, recovered).await;
+        results::record(&[row(
+            &format!("replace-by-replikv-{added}"),
+            dead,
+            &log,
+            fault,
+            recovered,
+        )]);
     });
 }
