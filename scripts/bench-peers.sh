@@ -208,6 +208,9 @@ start_replikv() {
         PIDS+=("$!")
         REPLIKV_ADDRS="${REPLIKV_ADDRS:+$REPLIKV_ADDRS,}127.0.0.1:${ports[$i]}"
     done
+    # Rank 0 formed the cluster with an admin user whose token it wrote into its data
+    # directory; the CLI and the load generator speak as that user.
+    export REPLIKV_USER=admin REPLIKV_TOKEN_FILE="$TMP/replikv0/admin-token"
     wait_until "replikv servers" replikv_ready
     log "replikv up: $REPLIKV_ADDRS (TLS=$TLS)"
 }
