@@ -636,7 +636,8 @@ impl Client {
 
     /// One `Members` call, tried on each server in turn (the known primary first) until one
     /// answers or the request deadline passes. A backup answers a change `UNAVAILABLE`
-    /// naming the primary, which is tried next. Bad input and refusals are not retried.
+    /// naming the primary, which is tried next. Bad input, refusals and a user that may not
+    /// make the call are not retried.
     async fn members_call<R, F, Fut>(&self, op: &str, call: F) -> Result<R, Error>
     where
         F: Fn(
@@ -674,6 +675,13 @@ impl Client {
                     }
                     tonic::Code::FailedPrecondition => {
                         return Err(Error::Refused(s.message().to_string()))
+                    }
+                    // Every server holds the same users: another answers the same.
+                    tonic::Code::PermissionDenied => {
+                        return Err(Error::PermissionDenied(format!("{op}: {}", s.message())))
+                    }
+                    tonic::Code::Unauthenticated => {
+                        return Err(Error::Unauthenticated(format!("{op}: {}", s.message())))
                     }
                     _ => {
                         last = format!("{addr}: {}", s.message());

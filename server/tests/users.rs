@@ -1,7 +1,8 @@
 //! Users and namespaces (docs/design.md §13, docs/security.md "Users"), against real server
 //! processes: no credentials or a wrong token get nothing; each user's keys are its own; a
 //! removed user is refused by every server within one lease; only the admin manages users
-//! and reads Status; the user table survives a failover and a wiped disk.
+//! and reads Status (nor changes members or takes snapshots); the user table survives a
+//! failover and a wiped disk.
 
 mod common;
 
@@ -327,6 +328,37 @@ fn only_the_admin_manages_users_and_reads_status() {
             s.status(StatusRequest {}).await,
             Code::PermissionDenied,
             "status as alice",
+        );
+        // Nor change the membership, nor take a snapshot of everyone's keys.
+        match alice.member_add("127.0.0.1:1/2").await {
+            Err(Error::PermissionDenied(_)) => {}
+            other => panic!("a user added a member: {other:?}"),
+        }
+        let target = replikv_proto::kv::member_remove_request::Target::Rank(2);
+        match alice.member_remove(target).await {
+            Err(Error::PermissionDenied(_)) => {}
+            other => panic!("a user removed a member: {other:?}"),
+        }
+        let snap = tempfile::tempdir().unwrap();
+        let config = cluster.client_config();
+        let servers = replikv_client::snapshot::Servers::new(
+            cluster.addrs(),
+            config.tls.as_ref(),
+            std::time::Duration::from_secs(2),
+            Some(&alice_creds),
+        )
+        .unwrap();
+        let path = snap.path().join("all.snap");
+        match replikv_client::snapshot::save(&servers, &path, std::time::Duration::from_secs(10))
+            .await
+        {
+            Err(Error::PermissionDenied(_)) => assert!(!path.exists()),
+            other => panic!("a user took a snapshot of every key: {other:?}"),
+        }
+        assert_eq!(
+            admin.members().await.unwrap().view.unwrap().members.len(),
+            3,
+            "the view is unchanged"
         );
         // Any user may learn the servers' addresses.
         let members = alice.addresses(0).await.unwrap();
