@@ -4,7 +4,7 @@
 //! - [`peer`]: the server-to-server protocol and the fault-injection admin
 //!   service (`replikv.peer.v1`, `proto/peer.proto`).
 //! - [`ops`]: the operations API on the client port (`replikv.ops.v1`, `proto/ops.proto`):
-//!   backups; every call of it is an admin operation ([`is_admin_op`]).
+//!   backups; every call of it is an admin operation.
 //! - [`snapshot`]: the snapshot file: its layout, encoder and checking reader.
 //! - [`pipeline`]: serving and reading the `Pipeline` call of `Kv`.
 //! - Header names and limits every crate agrees on.
@@ -39,13 +39,6 @@ pub use generated::replikv::ops::v1 as ops;
 pub use generated::replikv::peer::v1 as peer;
 pub use generated::replikv::v1 as kv;
 
-/// Whether the client-port call `path` (`/package.Service/Method`) is an admin operation:
-/// one that reads or changes the whole cluster rather than keys (docs/design.md §11). Every
-/// call of the `replikv.ops.v1` services is.
-pub fn is_admin_op(path: &str) -> bool {
-    path.starts_with("/replikv.ops.v1.")
-}
-
 /// Metadata header on `UNAVAILABLE` naming the rank of the primary the server
 /// knows of, so a client can go there directly.
 pub const PRIMARY_RANK_HEADER: &str = "replikv-primary";
@@ -72,15 +65,6 @@ pub const SESSION_EXPIRED: &str = "expired";
 /// applied it.
 pub const SESSION_RESULT_UNKNOWN: &str = "result-unknown";
 
-/// gRPC methods of the client port that change the cluster rather than data: membership
-/// changes (docs/design.md §11). The one list an authorization layer gates.
-pub const ADMIN_METHODS: &[&str] = &["/replikv.v1.Members/Add", "/replikv.v1.Members/Remove"];
-
-/// Whether the gRPC method at `path` (`/package.Service/Method`) is an admin operation.
-pub fn is_admin_method(path: &str) -> bool {
-    ADMIN_METHODS.contains(&path)
-}
-
 /// Metadata header naming the user a client call speaks for (docs/security.md "Users").
 pub const USER_HEADER: &str = "replikv-user";
 /// Metadata header carrying the user's token, as `Bearer <token>`.
@@ -94,13 +78,3 @@ pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// gRPC message size limit: the largest value plus room for the envelope.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn every_ops_call_and_no_kv_call_is_an_admin_op() {
-        assert!(super::is_admin_op("/replikv.ops.v1.Backup/Snapshot"));
-        assert!(!super::is_admin_op("/replikv.v1.Kv/Put"));
-        assert!(!super::is_admin_op("/grpc.health.v1.Health/Check"));
-    }
-}

@@ -5,7 +5,7 @@
 //!   up to `A`, every key as of that one point (`storage::snapshot` keeps it while writes go
 //!   on).
 //! - [`BackupService`]: the client-port `Snapshot` call, which streams the file's bytes (an
-//!   admin operation, `replikv_proto::is_admin_op`).
+//!   admin operation: `auth::Users::admin`).
 //! - [`periodic`]: `--backup-dir`: each server writes snapshots of its own committed state
 //!   and keeps the newest `--backup-keep`.
 //! - [`check_restore`] and [`Node::restore`]: `--restore FILE` on a bootstrapping rank 0, which

@@ -33,7 +33,7 @@
 //! [`run`] serves two listeners (docs/design.md §10 "Peer plane"): the client listener serves
 //! the Kv API only, the peer listener the peer protocol and the Admin service only, with
 //! mutual TLS when the server has certificates. The client listener also serves the health
-//! service and the `Backup` service (an admin operation, [`replikv_proto::is_admin_op`]);
+//! service and the `Backup` service (an admin operation);
 //! `--health-listen` and `--metrics-listen` add a plaintext health listener and an HTTP
 //! metrics listener (docs/design.md §12).
 

@@ -533,7 +533,7 @@ impl replikv_proto::pipeline::Extra for KvService {
 }
 
 /// Membership on the client port (docs/design.md §11): list, add, remove. Add and Remove are
-/// admin operations (`replikv_proto::is_admin_method`).
+/// admin operations (`auth::Users::admin`).
 pub struct MembersService {
     node: Arc<Node>,
     users: Arc<Users>,
