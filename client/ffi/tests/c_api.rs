@@ -180,3 +180,61 @@ fn python_ctypes_loads_the_library() {
     );
     assert_program_passed("ctypes", &output);
 }
+
+#[test]
+fn a_wrong_token_or_no_user_reads_and_writes_nothing_within_the_deadline() {
+    const TIMEOUT_MS: u64 = 3000;
+    const INIT_TIMEOUT_MS: u64 = 2000;
+    const SLACK_MS: u64 = 1500;
+    let fixture = Fixture::start(3);
+    let dir = scratch();
+    let exe = compile_test_program("credentials", dir.path());
+    let client = fixture.client();
+    client
+        .put(&b"credentials-key"[..], &b"the admin's"[..])
+        .expect("store the admin's value");
+
+    let wrong_token = |c: &mut std::process::Command| {
+        c.env("REPLIKV_TOKEN", "0".repeat(64));
+    };
+    let no_user = |c: &mut std::process::Command| {
+        c.env_remove("REPLIKV_USER")
+            .env_remove("REPLIKV_TOKEN")
+            .env_remove("REPLIKV_TOKEN_FILE");
+    };
+    for (case, strip) in [
+        (
+            "wrong token",
+            &wrong_token as &dyn Fn(&mut std::process::Command),
+        ),
+        ("no user", &no_user),
+    ] {
+        let mut command = fixture.command(&exe);
+        command
+            .args(fixture.addrs())
+            .env("KV739_TIMEOUT_MS", TIMEOUT_MS.to_string())
+            .env("KV739_INIT_TIMEOUT_MS", INIT_TIMEOUT_MS.to_string());
+        strip(&mut command);
+        let output = run_bounded(&mut command, PROGRAM_TIMEOUT);
+        assert_program_passed("credentials", &output);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        eprintln!("{case}: {}", stdout.trim().replace('\n', "; "));
+        for line in stdout.lines().filter(|l| l.starts_with("elapsed_ms ")) {
+            let mut parts = line.split_whitespace().skip(1);
+            let op = parts.next().expect("op");
+            let ms: u64 = parts.next().expect("ms").parse().expect("ms is a number");
+            let bound = if op == "init" {
+                INIT_TIMEOUT_MS + SLACK_MS
+            } else {
+                TIMEOUT_MS + SLACK_MS
+            };
+            assert!(ms <= bound, "{case}: {op} took {ms} ms (bound {bound} ms)");
+        }
+        let value = client.get(&b"credentials-key"[..]).expect("read it back");
+        assert_eq!(
+            value.as_deref(),
+            Some(&b"the admin's"[..]),
+            "{case}: the write without valid credentials changed the admin's key"
+        );
+    }
+}
