@@ -119,8 +119,15 @@ struct Loadgen {
 
 impl Loadgen {
     fn start(args: &[&str]) -> Self {
+        Self::start_with(args, Vec::new())
+    }
+
+    /// [`Loadgen::start`] with `env` set: how a run against servers it did not spawn gets
+    /// their CA and credentials (`REPLIKV_CA`, `REPLIKV_USER`, `REPLIKV_TOKEN`).
+    fn start_with(args: &[&str], env: Vec<(String, String)>) -> Self {
         let child = Command::new(LOADGEN)
             .args(args)
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -385,7 +392,8 @@ async fn a_dead_server_in_the_list_does_not_stop_the_run() {
         &out_dir,
         "--quiet",
     ];
-    let run = Loadgen::start(&args);
+    let env = cluster.client_env(cluster.admin_credentials().as_ref());
+    let run = Loadgen::start_with(&args, env);
     let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run.finish(RUN_TIMEOUT))
         .await
         .unwrap();
