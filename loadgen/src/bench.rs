@@ -43,6 +43,10 @@ pub struct RunArgs {
     /// Durability mode of a spawned cluster.
     #[arg(long, value_enum, default_value = "always")]
     pub sync: SyncMode,
+    /// Start the spawned cluster with `--no-auth` (no users; clients send no token), to
+    /// measure what authentication costs. TLS stays on.
+    #[arg(long, requires = "spawn")]
+    pub no_auth: bool,
 
     /// Key popularity.
     #[arg(long, value_enum, default_value = "uniform")]
@@ -265,6 +269,7 @@ async fn run_with(
                 extra_args: Vec::new(),
                 command: Some(server),
                 base_dir: None,
+                auth: !args.no_auth,
                 ..ClusterOptions::default()
             })
             .map_err(BenchError::Spawn)?;
