@@ -42,6 +42,11 @@ pub struct Config {
     /// Stop adding to the trace after this simulated time (the culprit of a
     /// linearizability violation found at the end), so the trace shows what led to it.
     pub trace_until: Option<Duration>,
+    /// A retrying proxy on the append stream: a message whose receiver is paused past
+    /// [`PROXY_RETRY_AFTER`] after it arrived is sent again, and the copy waits behind the
+    /// original until the receiver resumes (docs/simulator.md, "Retried appends"). Off by
+    /// default, so every seed of the default fault model replays as before.
+    pub proxy_retries: bool,
 }
 
 impl Config {
@@ -53,9 +58,14 @@ impl Config {
             duration: Duration::from_secs(60),
             trace: false,
             trace_until: None,
+            proxy_retries: false,
         }
     }
 }
+
+/// How long the retrying proxy ([`Config::proxy_retries`]) waits for an answer before it
+/// sends an append again: under the primary's ack timeout (250 ms), as a per-try timeout is.
+pub const PROXY_RETRY_AFTER: Duration = Duration::from_millis(200);
 
 /// How long the cluster is left without faults at the end before convergence is checked.
 pub const HEAL: Duration = Duration::from_secs(15);
@@ -79,10 +89,14 @@ pub struct Report {
     pub trace: Vec<String>,
     /// When the culprit of a linearizability violation completed.
     pub culprit_at: Option<Duration>,
+    /// Appends the retrying proxy sent again ([`Config::proxy_retries`]).
+    pub proxy_retries: u64,
 }
 
 enum Ev {
     Deliver(Rank, Rank, Msg),
+    /// The retrying proxy's copy of an append (never retried itself).
+    Retried(Rank, Rank, Msg),
     Timer(Rank, u64, TimerKind),
     ClientNext(usize),
     ClientAnswer(usize, u64, Answer),
@@ -438,20 +452,8 @@ impl Sim {
 
     fn handle(&mut self, ev: Ev) {
         match ev {
-            Ev::Deliver(from, to, m) => {
-                self.mix(((from as u64) << 8 | to as u64) << 8 | m.kind().len() as u64);
-                let s = &self.servers[to as usize];
-                if s.node.is_none() {
-                    return;
-                }
-                if s.paused_until > self.now {
-                    let t = s.paused_until;
-                    self.at(t, Ev::Deliver(from, to, m));
-                    return;
-                }
-                self.note(|| format!("n{from}->n{to} {m:?}").chars().take(240).collect());
-                self.step(to, |n, cx| n.on_msg(cx, from, m));
-            }
+            Ev::Deliver(from, to, m) => self.deliver(from, to, m, false),
+            Ev::Retried(from, to, m) => self.deliver(from, to, m, true),
             Ev::Timer(r, inc, k) => {
                 self.mix(r as u64 | 0x100);
                 let s = &self.servers[r as usize];
@@ -496,6 +498,37 @@ impl Sim {
             }
             Ev::End => {}
         }
+    }
+
+    /// A message reaches `to`. A paused receiver handles it when it resumes, after whatever
+    /// reached it before. With [`Config::proxy_retries`], an append whose receiver stays
+    /// paused past the proxy's per-try timeout is sent again (unless it is the copy): the
+    /// copy reaches the receiver while the original still waits, so the receiver handles
+    /// both when it resumes, the copy right after the original.
+    fn deliver(&mut self, from: Rank, to: Rank, m: Msg, retried: bool) {
+        self.mix(((from as u64) << 8 | to as u64) << 8 | m.kind().len() as u64);
+        let s = &self.servers[to as usize];
+        if s.node.is_none() {
+            return;
+        }
+        if s.paused_until > self.now {
+            let t = s.paused_until;
+            let retry_at = self.now + ns(PROXY_RETRY_AFTER);
+            if self.cfg.proxy_retries && !retried && matches!(m, Msg::Append(..)) && t > retry_at {
+                self.report.proxy_retries += 1;
+                self.note(|| format!("n{from}->n{to} append unanswered: the proxy sends it again"));
+                self.at(retry_at, Ev::Retried(from, to, m.clone()));
+            }
+            let again = if retried {
+                Ev::Retried(from, to, m)
+            } else {
+                Ev::Deliver(from, to, m)
+            };
+            self.at(t, again);
+            return;
+        }
+        self.note(|| format!("n{from}->n{to} {m:?}").chars().take(240).collect());
+        self.step(to, |n, cx| n.on_msg(cx, from, m));
     }
 
     // ----------------------------------------------------------------- faults

@@ -28,6 +28,10 @@ struct Opt {
     /// Worker threads, each running whole seeds (a seed itself is single-threaded).
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+    /// Add the retrying proxy on the append stream: an append whose receiver stays paused
+    /// past the proxy's per-try timeout is sent again (docs/simulator.md).
+    #[arg(long)]
+    proxy_retries: bool,
     /// Turn one safety rule off (built with `--features rule-switches`): quorum,
     /// consecutive-lease, pending-read, install-wait, history-check, amnesia,
     /// session-dedup, commit-all-members.
@@ -54,14 +58,22 @@ fn config(opt: &Opt, seed: u64) -> Config {
         servers: opt.servers,
         clients: opt.clients,
         duration: Duration::from_secs(opt.duration),
+        proxy_retries: opt.proxy_retries,
         ..Config::new(seed)
     }
 }
 
 fn repro(opt: &Opt, seed: u64) -> String {
     format!(
-        "replikv-sim --seed {seed} --servers {} --clients {} --duration {}",
-        opt.servers, opt.clients, opt.duration
+        "replikv-sim --seed {seed} --servers {} --clients {} --duration {}{}",
+        opt.servers,
+        opt.clients,
+        opt.duration,
+        if opt.proxy_retries {
+            " --proxy-retries"
+        } else {
+            ""
+        }
     )
 }
 
@@ -91,12 +103,17 @@ fn main() -> ExitCode {
     if let Some(seed) = opt.seed {
         let r = run(config(&opt, seed));
         println!(
-            "seed {seed} trace hash {:016x} events {} ops {} acked writes {} simulated {:.1} s{}",
+            "seed {seed} trace hash {:016x} events {} ops {} acked writes {} simulated {:.1} s{}{}",
             r.trace_hash,
             r.events,
             r.ops,
             r.acked_writes,
             r.simulated.as_secs_f64(),
+            if opt.proxy_retries {
+                format!(" proxy retries {}", r.proxy_retries)
+            } else {
+                String::new()
+            },
             if r.unsettled {
                 " (unsettled at the end)"
             } else {
