@@ -3,8 +3,9 @@
 # given wall time has passed, then prints the totals. Every seed is five servers and eight
 # clients for 60 simulated seconds of faults plus 15 s of healing, checked for
 # linearizability, lost acknowledged writes, two primaries in one epoch, epochs going back
-# and divergence after healing (docs/simulator.md). A failing seed prints the command that
-# replays it and the events before the violation.
+# and divergence after healing (docs/simulator.md). Every other batch adds the retrying
+# proxy (--proxy-retries). A failing seed prints the command that replays it and the events
+# before the violation.
 #
 #   scripts/sim-soak.sh 10m
 #   START=50000 BATCH=5000 scripts/sim-soak.sh 1h
@@ -37,9 +38,15 @@ deadline=$(( $(date +%s) + SECS ))
 seed=$START
 total=0
 failed=0
+batch=0
 while [ "$(date +%s)" -lt "$deadline" ]; do
+  # Every other batch also runs the retrying proxy on the append stream (docs/simulator.md
+  # "Retried appends"), a fault that changes the runs it fires in, so it is kept apart.
+  proxy=()
+  [ $(( batch % 2 )) -eq 1 ] && proxy=(--proxy-retries)
+  batch=$(( batch + 1 ))
   # shellcheck disable=SC2086
-  if ! "$BIN" --seeds "$BATCH" --start "$seed" --jobs "$JOBS" ${ARGS:-}; then
+  if ! "$BIN" --seeds "$BATCH" --start "$seed" --jobs "$JOBS" "${proxy[@]}" ${ARGS:-}; then
     failed=$(( failed + 1 ))
   fi
   seed=$(( seed + BATCH ))
