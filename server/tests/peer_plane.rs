@@ -2,18 +2,26 @@
 //! client connection, from a connection without a node certificate, with a client
 //! certificate, with a certificate of another CA, or with a node certificate naming
 //! another rank than the one it claims, are all refused; the cluster keeps one primary and
-//! its data.
+//! its data. A server dialling a peer takes only that rank's certificate for an answer: one
+//! holding another rank's certificate on a dead member's address is not that member.
 
 mod common;
 
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::bytes;
+use futures::{Stream, StreamExt};
 use replikv_proto::kv::View;
 use replikv_proto::peer::peer_client::PeerClient;
+use replikv_proto::peer::peer_server::{Peer, PeerServer};
 use replikv_proto::peer::*;
 use replikv_testkit::LocalCluster;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
+};
+use tonic::{Request, Response, Status, Streaming};
 
 const CALL: Duration = Duration::from_secs(3);
 
@@ -240,4 +248,218 @@ fn a_public_address_without_certificates_needs_insecure() {
         err.contains("without TLS") && err.contains("--insecure"),
         "{err}"
     );
+}
+
+/// What an impostor on a member's peer address was asked, by method.
+type Calls = Arc<Mutex<Vec<&'static str>>>;
+
+/// A peer server holding a valid node certificate of another rank of the cluster, on the
+/// peer address of a member that died. It says yes to everything as a healthy member
+/// would: promises, accepts, installs, acknowledges every append. A dialer that took its
+/// answers for the dead member's would make it a member, and commit writes on its acks.
+#[derive(Clone)]
+struct Impostor {
+    calls: Calls,
+}
+
+type ImpostorStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl Impostor {
+    fn note(&self, method: &'static str) {
+        self.calls.lock().expect("calls lock").push(method);
+    }
+
+    /// Serves on `addr` (freed by the dead member: retried for up to 5 s) with the node
+    /// certificate of `rank` from `certs`, asking callers for a certificate of the CA as a
+    /// real member does.
+    async fn start(
+        addr: &str,
+        certs: &std::path::Path,
+        rank: usize,
+    ) -> (Calls, tokio::task::JoinHandle<()>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("impostor: {addr} not free yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the impostor cannot listen on {addr}: {e}"),
+            }
+        };
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read(certs.join(format!("node-{rank}.pem"))),
+                read(certs.join(format!("node-{rank}-key.pem"))),
+            ))
+            .client_ca_root(Certificate::from_pem(read(certs.join("ca.pem"))));
+        let calls = Calls::default();
+        let service = PeerServer::new(Impostor {
+            calls: calls.clone(),
+        });
+        let server = Server::builder()
+            .tls_config(tls)
+            .expect("impostor TLS settings")
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let task = tokio::spawn(async move {
+            let _ = server.await;
+        });
+        (calls, task)
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for Impostor {
+    async fn forward(&self, _: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        self.note("forward");
+        Err(Status::unavailable("not the primary"))
+    }
+
+    type AppendStream = ImpostorStream<AppendResponse>;
+
+    async fn append(
+        &self,
+        req: Request<Streaming<AppendRequest>>,
+    ) -> Result<Response<Self::AppendStream>, Status> {
+        self.note("append");
+        let acks = req.into_inner().map(|m| {
+            m.map(|m| AppendResponse {
+                status: AppendStatus::Ok as i32,
+                applied: m.records.last().map_or(m.prev_lsn, |r| r.lsn),
+                view: None,
+                promised: 0,
+            })
+        });
+        Ok(Response::new(Box::pin(acks)))
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<PrepareRequest>,
+    ) -> Result<Response<PrepareResponse>, Status> {
+        self.note("prepare");
+        let req = req.into_inner();
+        Ok(Response::new(PrepareResponse {
+            promised: true,
+            view: req.view,
+            promised_ballot: req.ballot,
+            ..Default::default()
+        }))
+    }
+
+    async fn accept(
+        &self,
+        req: Request<AcceptRequest>,
+    ) -> Result<Response<AcceptResponse>, Status> {
+        self.note("accept");
+        Ok(Response::new(AcceptResponse {
+            accepted: true,
+            promised_ballot: req.into_inner().ballot,
+            view: None,
+        }))
+    }
+
+    async fn install(
+        &self,
+        _: Request<InstallRequest>,
+    ) -> Result<Response<InstallResponse>, Status> {
+        self.note("install");
+        Ok(Response::new(InstallResponse {
+            ok: true,
+            ..Default::default()
+        }))
+    }
+
+    type SyncStream = ImpostorStream<SyncChunk>;
+
+    async fn sync(&self, _: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
+        self.note("sync");
+        Err(Status::unavailable("nothing to send"))
+    }
+
+    async fn join(&self, _: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        self.note("join");
+        Err(Status::unavailable("not the primary"))
+    }
+
+    async fn discover(
+        &self,
+        _: Request<DiscoverRequest>,
+    ) -> Result<Response<DiscoverResponse>, Status> {
+        self.note("discover");
+        Err(Status::unavailable("busy"))
+    }
+}
+
+/// The primary and one member die, and a server holding the dead primary's (valid) node
+/// certificate takes the member's peer address. The heir, dialling that address for the
+/// member's promise, refuses the certificate in the handshake: it never counts the impostor
+/// as the member, so alone it cannot take over. Once the old primary is back, the two real
+/// servers form a view without the dead member, and every acknowledged write is on both.
+#[test]
+fn a_dead_members_address_answered_with_another_ranks_certificate_is_not_that_member() {
+    common::run_for(Duration::from_secs(120), async {
+        let (mut cluster, primary) = common::start_healthy(3, &[]).await;
+        let certs = cluster.certs_dir().expect("a secure cluster by default");
+        let client = common::client(&cluster).await;
+        let mut expected = common::Expected::new();
+        common::put_fresh(&client, "before", 20, &mut expected).await;
+        cluster
+            .wait_converged(common::BOOT_TIMEOUT)
+            .await
+            .expect("every member holds the writes");
+        let (_, before) = cluster.wait_for_primary(CALL).await.expect("a primary");
+        let epoch_before = common::epoch(&before);
+
+        // The next rank after the primary takes over first (docs/design.md §5); the third
+        // dies with the primary, before either backup notices the primary is gone.
+        let heir = (primary + 1) % cluster.len();
+        let victim = (primary + 2) % cluster.len();
+        cluster.kill(primary).expect("kill the primary");
+        cluster.kill(victim).expect("kill a member");
+        let (calls, impostor) = Impostor::start(&cluster.peer_addr(victim), &certs, primary).await;
+
+        // Several lease periods and takeover attempts: the heir alone is no quorum of the
+        // view, and the impostor must not make it one.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(s) = cluster.status(heir).await {
+                let reached = calls.lock().unwrap().clone();
+                assert!(
+                    !(s.role == "primary" || common::epoch(&s) > epoch_before),
+                    "server {heir} made a view with the impostor as rank {victim}: {:?} (calls \
+                     that reached the impostor: {reached:?})",
+                    s.view,
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // The old primary comes back: the view goes on without the dead member.
+        cluster.restart(primary).expect("restart the primary");
+        let (now, status) = cluster
+            .wait_for_primary(common::BOOT_TIMEOUT)
+            .await
+            .expect("a primary once a quorum is back");
+        let view = status.view.expect("the primary's view");
+        assert!(
+            !view.members.contains(&(victim as u32)),
+            "server {now}'s view {view:?} counts the impostor as rank {victim}"
+        );
+        common::put_fresh(&client, "after", 20, &mut expected).await;
+        common::assert_every_server_reads(&cluster, [primary, heir], &expected).await;
+
+        // No peer call ever reached the impostor: the handshake was refused, and said why.
+        assert_eq!(*calls.lock().unwrap(), Vec::<&str>::new());
+        impostor.abort();
+        let log = std::fs::read_to_string(cluster.log_path(heir)).expect("the heir's log");
+        let want = format!("expected=replikv://local/rank/{victim}");
+        let got = format!("presented=replikv://local/rank/{primary}");
+        assert!(
+            log.lines().any(|l| l.contains(&want) && l.contains(&got)),
+            "server {heir}'s log names neither the rank it dialled nor the one it got"
+        );
+    });
 }

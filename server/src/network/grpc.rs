@@ -62,7 +62,7 @@ impl GrpcNetwork {
         let channels = seed
             .servers
             .iter()
-            .map(|(&r, s)| Ok((r, (s.peer.clone(), channel(&s.peer, tls)?))))
+            .map(|(&r, s)| Ok((r, (s.peer.clone(), channel(&s.peer, r, tls)?))))
             .collect::<Result<BTreeMap<_, _>, String>>()?;
         Ok(GrpcNetwork {
             me,
@@ -110,31 +110,38 @@ impl GrpcNetwork {
     }
 }
 
-/// A lazily connected channel to the peer address `p`.
-fn channel(p: &str, tls: Option<&NodeTls>) -> Result<Channel, String> {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let endpoint =
-        Endpoint::from_shared(format!("{scheme}://{p}")).map_err(|e| format!("peer {p}: {e}"))?;
-    // Mutual TLS (docs/design.md §10 "Peer plane"): the peer proves it holds a certificate of
-    // the cluster CA for its address, and this server presents the certificate naming its
-    // own rank.
-    let endpoint = match tls {
-        Some(tls) => {
-            let host = p.rsplit_once(':').map_or(p, |(h, _)| h);
-            endpoint
-                .tls_config(tls.peer_client(host))
-                .map_err(|e| format!("peer {p}: {e}"))?
-        }
-        None => endpoint,
-    };
-    Ok(endpoint
-        .connect_timeout(Duration::from_millis(300))
-        .tcp_nodelay(true)
+/// Bound on opening a TCP connection to a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// Bound on the TLS handshake that follows (a handshake takes milliseconds). Calls keep their
+/// own deadlines; this one frees the channel to dial again when a peer takes the connection
+/// and then stalls, where an unbounded handshake would hold it until TCP gave up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A lazily connected channel to rank `rank` at the peer address `p`.
+fn channel(p: &str, rank: Rank, tls: Option<&NodeTls>) -> Result<Channel, String> {
+    // `http://` in both cases: with TLS the connector speaks it, and tonic must add none.
+    let endpoint = Endpoint::from_shared(format!("http://{p}"))
+        .map_err(|e| format!("peer {p}: {e}"))?
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(match tls {
+        // Mutual TLS (docs/design.md §10 "Peer plane"): the peer proves it holds the
+        // certificate of the cluster CA naming rank `rank` (and its address), and this server
+        // presents the certificate naming its own rank. The connector bounds the TCP connect
+        // and the handshake itself, separately.
+        Some(tls) => {
+            let connector = tls
+                .peer_connector(p, rank, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT)
+                .map_err(|e| format!("peer {p}: {e}"))?;
+            endpoint.connect_with_connector_lazy(connector)
+        }
+        None => endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    })
 }
 
 /// Names the sender and, once it has one, its cluster (docs/design.md §10) on a peer request.
@@ -190,7 +197,7 @@ impl PeerNetwork for GrpcNetwork {
             if channels.get(&r).is_some_and(|(addr, _)| *addr == s.peer) {
                 continue;
             }
-            match channel(&s.peer, self.tls.as_ref()) {
+            match channel(&s.peer, r, self.tls.as_ref()) {
                 Ok(ch) => {
                     channels.insert(r, (s.peer.clone(), ch));
                 }
