@@ -388,6 +388,7 @@ impl Sim {
         let n = self.cfg.servers;
         let s = &mut self.servers[r as usize];
         let Some(disk) = s.disk.take() else { return };
+        let incarnation = s.incarnation;
         let mut cx = Ctx {
             now,
             rng: &mut self.rng,
@@ -395,7 +396,7 @@ impl Sim {
             out: Vec::new(),
             obs: Vec::new(),
         };
-        let node = Node::boot(r, n, timing, disk, &mut cx);
+        let node = Node::boot(r, n, timing, disk, incarnation, &mut cx);
         s.last_epoch = node.st.view.epoch;
         s.node = Some(node);
         let out = cx.out;

@@ -340,7 +340,17 @@ pub struct Stop;
 
 impl Node {
     /// A server starting from what its disk holds (§7: never a member after a restart).
-    pub fn boot(me: Rank, n: usize, timing: Timing, disk: Disk, cx: &mut Ctx) -> Node {
+    /// `incarnation` counts the server's restarts: call ids of each incarnation are its own,
+    /// as a real server's calls ride connections that end with its process, so a reply to a
+    /// call of an earlier incarnation can never be taken for the answer to a new one.
+    pub fn boot(
+        me: Rank,
+        n: usize,
+        timing: Timing,
+        disk: Disk,
+        incarnation: u64,
+        cx: &mut Ctx,
+    ) -> Node {
         let img = &disk.current;
         let view = img.view.clone().unwrap_or_else(View::bootstrap);
         let st = State::restarted(
@@ -362,7 +372,7 @@ impl Node {
             disk,
             in_cluster,
             max_ballot,
-            next_call: 1,
+            next_call: (incarnation << 32) + 1,
             calls: BTreeMap::new(),
             streams: BTreeMap::new(),
             proposal: None,
