@@ -135,7 +135,7 @@ unsafe fn get(key: *const c_char, value: *mut c_char) -> c_int {
         Ok(Some(found)) if unsafe { args::write_value(value, &found) } => OK,
         Ok(Some(_)) => FAILED,
         Ok(None) => NOT_FOUND,
-        Err(_) => FAILED,
+        Err(e) => failed("get", &e),
     }
 }
 
@@ -197,6 +197,19 @@ unsafe fn put(key: *const c_char, value: *const c_char, old_value: *mut c_char) 
         Ok(Some(old)) if unsafe { args::write_value(old_value, &old) } => OK,
         Ok(Some(_)) => FAILED,
         Ok(None) => NOT_FOUND,
-        Err(_) => FAILED,
+        Err(e) => failed("put", &e),
     }
+}
+
+/// -1 for a get or put the client gave up on. With `KV739_DEBUG` set (to anything but
+/// empty or 0) the reason goes to stderr, one line per call: the return code alone cannot
+/// tell a deadline from an unknown outcome or a refused user.
+fn failed(op: &str, e: &replikv_client::Error) -> c_int {
+    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *DEBUG
+        .get_or_init(|| std::env::var("KV739_DEBUG").is_ok_and(|v| !v.is_empty() && v != "0"));
+    if on {
+        eprintln!("kv739: {op} failed: {e}");
+    }
+    FAILED
 }

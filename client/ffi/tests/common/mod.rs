@@ -68,6 +68,8 @@ impl Fixture {
             self.cluster
                 .client_env(self.cluster.admin_credentials().as_ref()),
         );
+        // A -1 says why on stderr, which a failed test shows.
+        command.env("KV739_DEBUG", "1");
         command
     }
 
