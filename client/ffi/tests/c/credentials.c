@@ -10,16 +10,9 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
-#include <time.h>
-
 #include "check.h"
+#include "elapsed.h"
 #include "lib739kv.h"
-
-static long now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 int main(int argc, char **argv) {
     if (argc < 2) {
