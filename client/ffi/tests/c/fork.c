@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "elapsed.h"
 #include "lib739kv.h"
 
 #define WORKERS 10
@@ -43,12 +44,6 @@
 
 static const char *tag;
 static long call_bound_ms, init_bound_ms;
-
-static long now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static long env_ms(const char *name, long fallback) {
     const char *v = getenv(name);
