@@ -3,8 +3,10 @@
 //! with a deliberately broken copy rejected to show the check bites; and deploy/compose.yaml
 //! as docker compose reads it.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use replikv_deploytest::docker::{self, check, repo_dir};
@@ -16,18 +18,30 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `kubernetes-validate`, installed into a virtual environment under target/ on first use
-/// (from PyPI; the schemas ship inside the package, so validating needs no network).
+/// (from PyPI; the schemas ship inside the package, so validating needs no network). The
+/// tests of this file run in parallel and other test processes may share target/, so the
+/// install happens once per process and under a file lock across processes; an install cut
+/// short earlier is redone from scratch (`venv --clear`).
 fn validator() -> PathBuf {
+    static VALIDATOR_BIN: OnceLock<PathBuf> = OnceLock::new();
+    VALIDATOR_BIN.get_or_init(install_validator).clone()
+}
+
+fn install_validator() -> PathBuf {
     let target = profile_dir()
         .parent()
         .expect("target/<profile> has a parent")
         .to_path_buf();
     let venv = target.join("kubernetes-validate-venv");
     let bin = venv.join("bin/kubernetes-validate");
+    let lock_path = target.join("kubernetes-validate.lock");
+    let lock = File::create(&lock_path).unwrap_or_else(|e| panic!("{}: {e}", lock_path.display()));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
     if !bin.is_file() {
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
         let made = Command::new(&python)
-            .args(["-m", "venv"])
+            .args(["-m", "venv", "--clear"])
             .arg(&venv)
             .status();
         assert!(
