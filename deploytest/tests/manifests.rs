@@ -3,7 +3,6 @@
 //! with a deliberately broken copy rejected to show the check bites; and deploy/compose.yaml
 //! as docker compose reads it.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -19,9 +18,8 @@ const VALIDATE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `kubernetes-validate`, installed into a virtual environment under target/ on first use
 /// (from PyPI; the schemas ship inside the package, so validating needs no network). The
-/// tests of this file run in parallel and other test processes may share target/, so the
-/// install happens once per process and under a file lock across processes; an install cut
-/// short earlier is redone from scratch (`venv --clear`).
+/// tests of this file run in parallel, so the install happens once, behind a `OnceLock`; an
+/// install cut short earlier is redone from scratch (`venv --clear`).
 fn validator() -> PathBuf {
     static VALIDATOR_BIN: OnceLock<PathBuf> = OnceLock::new();
     VALIDATOR_BIN.get_or_init(install_validator).clone()
@@ -34,10 +32,6 @@ fn install_validator() -> PathBuf {
         .to_path_buf();
     let venv = target.join("kubernetes-validate-venv");
     let bin = venv.join("bin/kubernetes-validate");
-    let lock_path = target.join("kubernetes-validate.lock");
-    let lock = File::create(&lock_path).unwrap_or_else(|e| panic!("{}: {e}", lock_path.display()));
-    lock.lock()
-        .unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
     if !bin.is_file() {
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
         let made = Command::new(&python)
