@@ -16,6 +16,9 @@
 #   VALUE_BYTES  bytes per value (default 100)
 #   BASE_KEYS    keys written before the baseline and kept (default 0)
 #   TOLERANCE    allowed growth over the baseline (default 0.2)
+#   CYCLES       times the keys are written and deleted (default 1); with more, the check
+#                also prints each cycle's memory after deletes + GC, to tell the allocator's
+#                retained pages (reused by the next cycle) from growth
 #   RELEASE      1: run a release build of the server
 #   MIMALLOC_*   mimalloc's options, passed on to the servers: MIMALLOC_ALLOW_THP=0 keeps the
 #                allocator off transparent huge pages, which otherwise make up most of an idle
@@ -29,6 +32,7 @@ export REPLIKV_GC_CHECK_KEYS="${KEYS:-1000000}"
 export REPLIKV_GC_CHECK_VALUE_BYTES="${VALUE_BYTES:-100}"
 export REPLIKV_GC_CHECK_BASE_KEYS="${BASE_KEYS:-0}"
 export REPLIKV_GC_CHECK_TOLERANCE="${TOLERANCE:-0.2}"
+export REPLIKV_GC_CHECK_CYCLES="${CYCLES:-1}"
 
 if [[ "${RELEASE:-0}" == 1 ]]; then
     CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \

@@ -5,7 +5,8 @@
 //! `REPLIKV_GC_CHECK_KEYS` sets the number of keys (default 1 000 000),
 //! `REPLIKV_GC_CHECK_VALUE_BYTES` the value size (default 100),
 //! `REPLIKV_GC_CHECK_BASE_KEYS` keys written before the baseline and kept (default 0),
-//! `REPLIKV_GC_CHECK_TOLERANCE` the allowed growth (default 0.2, i.e. 20 %).
+//! `REPLIKV_GC_CHECK_TOLERANCE` the allowed growth (default 0.2, i.e. 20 %),
+//! `REPLIKV_GC_CHECK_CYCLES` how many times the keys are written and deleted (default 1).
 //!
 //! A smaller run, with fewer but larger values, checks the data directories within a minute
 //! on every `cargo test`.
@@ -335,6 +336,7 @@ fn writing_then_deleting_many_keys_leaves_memory_and_disk_where_they_were() {
     let value_bytes: usize = env_or("REPLIKV_GC_CHECK_VALUE_BYTES", 100);
     let base: usize = env_or("REPLIKV_GC_CHECK_BASE_KEYS", 0);
     let tolerance: f64 = env_or("REPLIKV_GC_CHECK_TOLERANCE", 0.2);
+    let cycles: usize = env_or("REPLIKV_GC_CHECK_CYCLES", 1).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -372,34 +374,35 @@ fn writing_then_deleting_many_keys_leaves_memory_and_disk_where_they_were() {
             // Let the servers settle (sled's flush, a checkpoint) before the baseline.
             tokio::time::sleep(Duration::from_secs(5)).await;
             let before = measure(&cluster, "before");
-            for_keys("puts", 0, keys, put).await;
-            cluster.wait_converged(Duration::from_secs(60)).await.unwrap();
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            let written = measure(&cluster, "after the puts");
-            let delete = write_op(&client, None);
-            for_keys("deletes", 0, keys, delete).await;
-            cluster.wait_converged(Duration::from_secs(60)).await.unwrap();
-            // The last write was a delete: once every server's horizon reaches it, every
-            // tombstone of the run is gone (collected, or never sent by a full transfer).
-            let (_, status) = cluster.wait_for_primary(Duration::from_secs(30)).await.unwrap();
-            let last = status.applied;
-            let started = Instant::now();
-            loop {
-                let horizons: Vec<u64> = (0..cluster.len())
-                    .map(|r| horizon_reported(&cluster.log_path(r)))
-                    .collect();
-                if horizons.iter().all(|&h| h >= last) {
-                    println!("every server collected its tombstones after {:.1?}", started.elapsed());
-                    break;
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(300),
-                    "collection horizons {horizons:?}, want {last}"
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            // Each cycle writes and deletes the same keys again: memory that a cycle leaves
+            // behind and the next one reuses is the allocator's, memory that grows with every
+            // cycle would be a leak.
+            let mut written = None;
+            let mut afters = Vec::new();
+            for cycle in 1..=cycles {
+                let label = |what: &str| match cycles {
+                    1 => what.to_string(),
+                    _ => format!("{what} ({cycle})"),
+                };
+                for_keys("puts", 0, keys, put.clone()).await;
+                cluster.wait_converged(Duration::from_secs(60)).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let w = measure(&cluster, &label("after the puts"));
+                written.get_or_insert(w);
+                let delete = write_op(&client, None);
+                for_keys("deletes", 0, keys, delete).await;
+                cluster.wait_converged(Duration::from_secs(60)).await.unwrap();
+                // The last write was a delete: once every server's horizon reaches it, every
+                // tombstone of the run is gone (collected, or never sent by a full transfer).
+                let (_, status) = cluster.wait_for_primary(Duration::from_secs(30)).await.unwrap();
+                let started = Instant::now();
+                wait_collected(&cluster, status.applied, Duration::from_secs(300)).await;
+                println!("every server collected its tombstones after {:.1?}", started.elapsed());
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                afters.push(measure(&cluster, &label("after deletes + GC")));
             }
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            let after = measure(&cluster, "after deletes + GC");
+            let written = written.expect("at least one cycle");
+            let after = afters.last().expect("at least one cycle");
             // What a fresh process needs for the same data: tells caches and the allocator's
             // retained memory from what the server actually holds.
             for rank in 0..cluster.len() {
@@ -427,6 +430,17 @@ fn writing_then_deleting_many_keys_leaves_memory_and_disk_where_they_were() {
                     if ratio > 1.0 + tolerance {
                         over.push(format!("server {rank} {what} {:+.0} %", (ratio - 1.0) * 100.0));
                     }
+                }
+            }
+            if cycles > 1 {
+                for rank in 0..cluster.len() {
+                    let rss: Vec<String> = afters.iter().map(|f| mib(f.rss[rank])).collect();
+                    let (first, last) = (afters[0].rss[rank], after.rss[rank]);
+                    println!(
+                        "server {rank} rss after deletes+GC, cycle by cycle: {} ({:+.0} % from the first cycle to the last)",
+                        rss.join(", "),
+                        (last as f64 / first as f64 - 1.0) * 100.0
+                    );
                 }
             }
             assert!(
