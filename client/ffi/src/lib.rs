@@ -46,6 +46,7 @@ fn guarded(body: impl FnOnce() -> c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn kv739_init(server_list: *mut *mut c_char) -> c_int {
     guarded(|| {
+        init_debug_log();
         if server_list.is_null() {
             return FAILED;
         }
@@ -201,14 +202,31 @@ unsafe fn put(key: *const c_char, value: *const c_char, old_value: *mut c_char) 
     }
 }
 
-/// -1 for a get or put the client gave up on. With `KV739_DEBUG` set (to anything but
-/// empty or 0) the reason goes to stderr, one line per call: the return code alone cannot
-/// tell a deadline from an unknown outcome or a refused user.
-fn failed(op: &str, e: &replikv_client::Error) -> c_int {
+/// Whether `KV739_DEBUG` is set (to anything but empty or 0).
+fn debug_on() -> bool {
     static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *DEBUG
-        .get_or_init(|| std::env::var("KV739_DEBUG").is_ok_and(|v| !v.is_empty() && v != "0"));
-    if on {
+    *DEBUG.get_or_init(|| std::env::var("KV739_DEBUG").is_ok_and(|v| !v.is_empty() && v != "0"))
+}
+
+/// With `KV739_DEBUG` on, the client's own account of each failed attempt (which server,
+/// what error) goes to stderr too: a call that returns -1 after many attempts can then be
+/// followed attempt by attempt. Installed once; a program with its own tracing subscriber
+/// keeps it.
+fn init_debug_log() {
+    if debug_on() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("replikv_client=debug"))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .try_init();
+    }
+}
+
+/// -1 for a get or put the client gave up on. With `KV739_DEBUG` on the reason goes to
+/// stderr, one line per call: the return code alone cannot tell a deadline from an unknown
+/// outcome or a refused user.
+fn failed(op: &str, e: &replikv_client::Error) -> c_int {
+    if debug_on() {
         eprintln!("kv739: {op} failed: {e}");
     }
     FAILED
