@@ -309,3 +309,79 @@ async fn a_member_whose_install_failed_never_serves_a_stale_read() {
     let value = read_eventually(&nodes[2], b"k").await;
     assert_eq!(value.as_deref(), Some(&b"v2"[..]));
 }
+
+/// A backup's handling of an append does not stop halfway when the primary's stream goes
+/// away (its process died, its connection broke): the server drops the stream's future at
+/// whatever await it is at, and a handler stopped between applying its records to the
+/// store and counting them in its position left records in the store that its position
+/// does not hold. That backup, made primary, then answered a retried write from a
+/// result recorded at an lsn it had not reached and waited for that lsn to commit, and a
+/// new write reused the lsn (found by the kv739 driver test killing the primary).
+///
+/// Here one append is polled until it is inside its flush, then dropped: the records must
+/// still be counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_dropped_mid_flush_is_applied_to_the_end() {
+    use replikv_server::engine::append::AppendHeader;
+    use replikv_server::message::Append;
+    use replikv_server::types::{Item, Record};
+
+    let dir = tempfile::tempdir().unwrap();
+    let router = MemoryRouter::new();
+    let nodes = start(dir.path(), &router).await;
+    wait_for("every replica to be a member", || {
+        nodes.iter().all(|n| {
+            let s = n.status();
+            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
+        })
+    })
+    .await;
+    // A write of the current view, so that every member's last record has its epoch.
+    nodes[0].write(put("k", "v1")).await.unwrap();
+    let primary = nodes[0].status();
+    let backup = &nodes[1];
+    wait_for("the backup to hold the write", || {
+        backup.status().applied == primary.applied
+    })
+    .await;
+    // The primary sends nothing more (no writes), and its heartbeats carry no records.
+    router.isolate(0, N);
+
+    let applied = backup.status().applied;
+    let view = backup.status().view;
+    let append = Append {
+        header: AppendHeader {
+            epoch: view.epoch,
+            primary: view.primary,
+            // No newer than what the stream sent: this message moves no lease mark.
+            msg_seq: 0,
+            committed: 0,
+            lease_ms: 0,
+            prev_lsn: applied,
+            prev_epoch: view.epoch,
+            gc_horizon: 0,
+        },
+        records: vec![Record {
+            lsn: applied + 1,
+            epoch: view.epoch,
+            items: vec![Item {
+                key: Bytes::from_static(b"dropped-mid-flush"),
+                value: Some(Bytes::from_static(b"x")),
+            }],
+        }],
+    };
+    {
+        let handling = backup.on_append(append);
+        tokio::pin!(handling);
+        // One poll takes the data lock, applies the record and starts the flush, which
+        // waits for the disk.
+        assert!(
+            futures::poll!(handling.as_mut()).is_pending(),
+            "the append finished in one poll: nothing was dropped mid-way"
+        );
+    }
+    wait_for("the dropped append's record to be counted", || {
+        backup.status().applied == applied + 1
+    })
+    .await;
+}

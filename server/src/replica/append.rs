@@ -46,6 +46,12 @@ impl Node {
     /// admits it ([`appending::admit`]), this applies and flushes its records, then the
     /// engine takes its commit point and lease ([`appending::accepted`]).
     pub async fn on_append(self: &Arc<Self>, req: Append) -> AppendReply {
+        let node = self.clone();
+        super::to_the_end(async move { node.handle_append(req).await }).await
+    }
+
+    /// [`Node::on_append`] itself, run to its end whatever happens to the request.
+    async fn handle_append(self: &Arc<Self>, req: Append) -> AppendReply {
         let reject = |st: &State, why: appending::AppendReject| AppendReply {
             result: Err(why),
             applied: st.pos.applied,

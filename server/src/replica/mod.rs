@@ -567,3 +567,24 @@ impl Node {
         }
     }
 }
+
+/// Runs a peer request's handler on a task of its own, to its end, and returns its answer.
+/// The server drops a request's future at whatever await it is at when the sender goes
+/// away (its process died, its connection or stream broke), and the handlers change stored
+/// data and state in steps: an append stopped between applying its records and counting
+/// them in the position left records in the store beyond the position, so a new primary
+/// answered a retried write from a result at an lsn it had not reached, and reused that lsn
+/// for a new write. Run this way, a request once taken is handled whole; only its answer
+/// may be lost, as any answer may.
+pub(crate) async fn to_the_end<T: Send + 'static>(
+    handler: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    match tokio::spawn(handler).await {
+        Ok(answer) => answer,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // The runtime is shutting down: no one is left to answer.
+            Err(_) => std::future::pending().await,
+        },
+    }
+}
