@@ -570,12 +570,16 @@ impl Node {
 
 /// Runs a peer request's handler on a task of its own, to its end, and returns its answer.
 /// The server drops a request's future at whatever await it is at when the sender goes
-/// away (its process died, its connection or stream broke), and the handlers change stored
-/// data and state in steps: an append stopped between applying its records and counting
-/// them in the position left records in the store beyond the position, so a new primary
-/// answered a retried write from a result at an lsn it had not reached, and reused that lsn
-/// for a new write. Run this way, a request once taken is handled whole; only its answer
-/// may be lost, as any answer may.
+/// away (its process died, its connection or stream broke). An append stopped between
+/// applying its records and counting them in the position left records in the store beyond
+/// the position, so a new primary answered a retried write from a result at an lsn it had
+/// not reached, and reused that lsn for a new write. Run this way, an append once taken is
+/// handled whole; only its answer may be lost, as any answer may.
+///
+/// Only for handlers whose every wait is bounded without their caller: an append waits
+/// for the data lock and the disk. A handler that waits on a peer while it holds the data
+/// lock (an install's transfer) is bounded by its caller's deadline, and must stay
+/// cancellable.
 pub(crate) async fn to_the_end<T: Send + 'static>(
     handler: impl std::future::Future<Output = T> + Send + 'static,
 ) -> T {

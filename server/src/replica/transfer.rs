@@ -208,12 +208,6 @@ impl Node {
 
     /// On the primary: add a caught-up server to the view (§7).
     pub async fn on_join(self: &Arc<Self>, req: Join) -> JoinReply {
-        let node = self.clone();
-        super::to_the_end(async move { node.handle_join(req).await }).await
-    }
-
-    /// [`Node::on_join`] itself, run to its end whatever happens to the request.
-    async fn handle_join(self: &Arc<Self>, req: Join) -> JoinReply {
         let (verdict, applied, view) = {
             let st = self.st();
             let verdict = installing::check_join(

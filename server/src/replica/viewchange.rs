@@ -254,12 +254,6 @@ impl Node {
     /// Acceptor, phase 1 (see [`paxos::prepare`]): the promise is persisted before the reply
     /// (§10).
     pub async fn on_prepare(self: &Arc<Self>, req: Prepare) -> PrepareReply {
-        let node = self.clone();
-        super::to_the_end(async move { node.handle_prepare(req).await }).await
-    }
-
-    /// [`Node::on_prepare`] itself, run to its end whatever happens to the request.
-    async fn handle_prepare(self: &Arc<Self>, req: Prepare) -> PrepareReply {
         let refuse = |st: &super::State, why: PrepareRefusal| PrepareReply {
             result: Err(PrepareRefused::Known(why)),
             view: Some(st.view.clone()),
@@ -301,12 +295,6 @@ impl Node {
 
     /// Acceptor, phase 2 (see [`paxos::accept`]): persisted before the reply (§10).
     pub async fn on_accept(self: &Arc<Self>, req: Accept) -> AcceptReply {
-        let node = self.clone();
-        super::to_the_end(async move { node.handle_accept(req).await }).await
-    }
-
-    /// [`Node::on_accept`] itself, run to its end whatever happens to the request.
-    async fn handle_accept(self: &Arc<Self>, req: Accept) -> AcceptReply {
         let accepted = {
             let mut st = self.st();
             let views = (req.from_view, req.view);
@@ -450,12 +438,6 @@ impl Node {
     /// Install on a member (from the decided view's primary), or on the decided primary
     /// (from the proposer, with the promisers' states).
     pub async fn on_install(self: &Arc<Self>, req: Install) -> InstallReply {
-        let node = self.clone();
-        super::to_the_end(async move { node.handle_install(req).await }).await
-    }
-
-    /// [`Node::on_install`] itself, run to its end whatever happens to the request.
-    async fn handle_install(self: &Arc<Self>, req: Install) -> InstallReply {
         let refuse = |node: &Node, reason: String| {
             let st = node.st();
             InstallReply {
