@@ -64,6 +64,17 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until every replica is a member of an `N`-server view, as primary or backup.
+async fn wait_formed(nodes: &[Arc<Node>]) {
+    wait_for("every replica to be a member", || {
+        nodes.iter().all(|n| {
+            let s = n.status();
+            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
+        })
+    })
+    .await;
+}
+
 /// Reads `key` at `node` until it answers with a value, for at most [`WAIT`]; `None` if it
 /// never did.
 async fn read_eventually(node: &Arc<Node>, key: &[u8]) -> Option<Bytes> {
@@ -93,13 +104,7 @@ async fn a_write_commits_and_a_cut_off_primary_is_replaced() {
     let router = MemoryRouter::new();
     let nodes = start(dir.path(), &router).await;
 
-    wait_for("every replica to be a member", || {
-        nodes.iter().all(|n| {
-            let s = n.status();
-            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
-        })
-    })
-    .await;
+    wait_formed(&nodes).await;
     let first = nodes[1].status().view;
     assert_eq!(first.primary, 0);
 
@@ -153,13 +158,7 @@ async fn a_cut_off_backup_is_dropped_and_rejoins_after_healing() {
     let dir = tempfile::tempdir().unwrap();
     let router = MemoryRouter::new();
     let nodes = start(dir.path(), &router).await;
-    wait_for("every replica to be a member", || {
-        nodes.iter().all(|n| {
-            let s = n.status();
-            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
-        })
-    })
-    .await;
+    wait_formed(&nodes).await;
     let primary = &nodes[0];
     primary.write(put("a", "1")).await.unwrap();
 
@@ -194,13 +193,7 @@ async fn a_replica_that_lost_its_disk_rejoins_the_cluster_it_belonged_to() {
     let dir = tempfile::tempdir().unwrap();
     let router = MemoryRouter::new();
     let nodes = start(dir.path(), &router).await;
-    wait_for("every replica to be a member", || {
-        nodes.iter().all(|n| {
-            let s = n.status();
-            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
-        })
-    })
-    .await;
+    wait_formed(&nodes).await;
     nodes[0].write(put("k", "kept")).await.unwrap();
 
     // Rank 2 stops, and comes back with an empty data directory (docs/design.md §10).
@@ -236,13 +229,7 @@ async fn a_member_whose_install_failed_never_serves_a_stale_read() {
     let dir = tempfile::tempdir().unwrap();
     let router = MemoryRouter::new();
     let nodes = start(dir.path(), &router).await;
-    wait_for("every replica to be a member", || {
-        nodes.iter().all(|n| {
-            let s = n.status();
-            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
-        })
-    })
-    .await;
+    wait_formed(&nodes).await;
     let first = nodes[0].status().view;
     nodes[0].write(put("k", "v1")).await.unwrap();
 
@@ -329,13 +316,7 @@ async fn an_append_dropped_mid_flush_is_applied_to_the_end() {
     let dir = tempfile::tempdir().unwrap();
     let router = MemoryRouter::new();
     let nodes = start(dir.path(), &router).await;
-    wait_for("every replica to be a member", || {
-        nodes.iter().all(|n| {
-            let s = n.status();
-            s.view.members.len() == N && (s.role == "primary" || s.role == "backup")
-        })
-    })
-    .await;
+    wait_formed(&nodes).await;
     // A write of the current view, so that every member's last record has its epoch.
     nodes[0].write(put("k", "v1")).await.unwrap();
     let primary = nodes[0].status();
